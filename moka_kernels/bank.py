@@ -1,0 +1,223 @@
+"""Per-slot factor buffers for one linear layer: the data every MoKA kernel reads.
+
+A serving engine keeps a fixed number of adapter *slots* per layer (vLLM's ``max_loras``). Each
+slot holds the folded Kronecker factors of one adapter for this layer: a list of *entries*, one
+per (output slice, component). Buffers are preallocated once and written in place, so that a
+CUDA graph captured over the kernel stays valid when adapters are swapped.
+
+Layout (S slots, E entries per slot):
+
+* ``a``: ``(S, E, max_a_numel)``, entry e's A factor flattened row-major, zero padded.
+* ``b``: ``(S, E, max_b_numel)``, entry e's B factor flattened row-major, zero padded.
+* ``table``: int32 ``(S, E, NUM_FIELDS)``, one row per entry: the fields named below. ``M1 == 0``
+  marks an unused entry.
+
+The layer's output is split into *slices* (one slice for a plain linear layer; q, k and v of a
+fused qkv projection), fixed when the bank is built. One entry adds ``kron(A, B) @ x`` (or
+``kron(I_k, B) @ x`` when A is the identity) into its whole slice, so ``m1*m2`` equals the slice
+width. The components of a mixture are several entries on the same slice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+# Column indices of ``MokaBank.table``.
+M1, N1, M2, N2, IDENTITY_A, A_FIRST, OUT_OFFSET, SLICE = range(8)
+NUM_FIELDS = 8
+
+
+@dataclass(frozen=True)
+class KronEntry:
+    """One folded Kronecker term of one output slice: ``y[:, slice] += kron(A, B) @ x``.
+
+    ``a is None`` means A is the identity ``I_k`` with ``k = in_features // b.shape[1]``
+    (the MoKAs variant); the identity is never materialised.
+    """
+
+    b: torch.Tensor
+    a: torch.Tensor | None = None
+    slice: int = 0
+
+
+@dataclass(frozen=True)
+class EntryShape:
+    """Host-side copy of one table row, so CPU code never syncs on ``table``."""
+
+    m1: int
+    n1: int
+    m2: int
+    n2: int
+    identity_a: bool
+    a_first: bool
+    out_offset: int
+    slice: int
+
+
+def choose_a_first(m1: int, n1: int, m2: int, n2: int, identity_a: bool) -> bool:
+    """Pick the cheaper association of ``A @ X @ B.T`` for one token.
+
+    ``(X @ B.T)`` first costs ``n1*n2*m2 + m1*n1*m2`` multiply-adds, ``(A @ X)`` first costs
+    ``m1*n1*n2 + m1*n2*m2``. For balanced factors they tie; for lopsided ones (``1 x n``
+    factors) the wrong order is as expensive as the dense layer.
+    """
+    if identity_a:
+        return False
+    return m1 * n2 * (n1 + m2) < n1 * m2 * (n2 + m1)
+
+
+class MokaBank:
+    """Preallocated, in-place-updated factor buffers for ``num_slots`` adapters of one layer."""
+
+    def __init__(
+        self,
+        num_slots: int,
+        max_entries: int,
+        max_a_numel: int,
+        max_b_numel: int,
+        in_features: int,
+        out_features: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        slice_widths: Sequence[int] | None = None,
+    ) -> None:
+        if min(num_slots, max_entries, max_b_numel, in_features, out_features) < 1:
+            raise ValueError("MokaBank sizes must be positive")
+        widths = list(slice_widths) if slice_widths is not None else [out_features]
+        if sum(widths) != out_features or min(widths) < 1:
+            raise ValueError(f"slice widths {widths} do not add up to out_features {out_features}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.slice_widths = widths
+        self.slice_offsets = [sum(widths[:i]) for i in range(len(widths))]
+        self.a = torch.zeros(
+            num_slots, max_entries, max(max_a_numel, 1), dtype=dtype, device=device
+        )
+        self.b = torch.zeros(num_slots, max_entries, max_b_numel, dtype=dtype, device=device)
+        self.table = torch.zeros(
+            num_slots, max_entries, NUM_FIELDS, dtype=torch.int32, device=device
+        )
+        self.entries: list[list[EntryShape]] = [[] for _ in range(num_slots)]
+
+    @property
+    def num_slots(self) -> int:
+        return self.a.shape[0]
+
+    @property
+    def max_entries(self) -> int:
+        return self.a.shape[1]
+
+    @property
+    def num_slices(self) -> int:
+        return len(self.slice_widths)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.a.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.a.device
+
+    def check_entries(self, entries: Sequence[KronEntry]) -> list[EntryShape]:
+        """Validate entries against this bank's limits; return their table rows.
+
+        Raises ``ValueError`` naming the entry and the limit, so a loader can reject an adapter
+        before anything is written.
+        """
+        if len(entries) > self.max_entries:
+            raise ValueError(
+                f"{len(entries)} Kronecker terms exceed this layer's limit of {self.max_entries}"
+            )
+        shapes = []
+        for i, e in enumerate(entries):
+            if e.b.dim() != 2:
+                raise ValueError(f"entry {i}: B must be 2-D, got shape {tuple(e.b.shape)}")
+            m2, n2 = e.b.shape
+            if self.in_features % n2:
+                raise ValueError(
+                    f"entry {i}: n2={n2} does not divide in_features={self.in_features}"
+                )
+            if e.a is None:
+                m1 = n1 = self.in_features // n2
+            else:
+                if e.a.dim() != 2:
+                    raise ValueError(f"entry {i}: A must be 2-D, got shape {tuple(e.a.shape)}")
+                m1, n1 = e.a.shape
+            if n1 * n2 != self.in_features:
+                raise ValueError(f"entry {i}: n1*n2 = {n1}*{n2} != in_features {self.in_features}")
+            if e.a is not None and m1 * n1 > self.a.shape[2]:
+                raise ValueError(
+                    f"entry {i}: A has {m1 * n1} elements, buffer holds {self.a.shape[2]}"
+                )
+            if m2 * n2 > self.b.shape[2]:
+                raise ValueError(
+                    f"entry {i}: B has {m2 * n2} elements, buffer holds {self.b.shape[2]}"
+                )
+            if not 0 <= e.slice < self.num_slices:
+                raise ValueError(
+                    f"entry {i}: slice {e.slice} does not exist ({self.num_slices} slices)"
+                )
+            if m1 * m2 != self.slice_widths[e.slice]:
+                raise ValueError(
+                    f"entry {i}: m1*m2 = {m1}*{m2} != width {self.slice_widths[e.slice]} "
+                    f"of output slice {e.slice}"
+                )
+            ident = e.a is None
+            a_first = choose_a_first(m1, n1, m2, n2, ident)
+            offset = self.slice_offsets[e.slice]
+            shapes.append(EntryShape(m1, n1, m2, n2, ident, a_first, offset, e.slice))
+        return shapes
+
+    @torch.no_grad()
+    def write_slot(self, slot: int, entries: Sequence[KronEntry]) -> None:
+        """Write an adapter's folded factors into ``slot`` in place (nothing is reallocated)."""
+        shapes = self.check_entries(entries)
+        self.clear_slot(slot)
+        rows = []
+        for i, (e, s) in enumerate(zip(entries, shapes, strict=True)):
+            if e.a is not None:
+                self.a[slot, i, : s.m1 * s.n1].copy_(e.a.reshape(-1))
+            self.b[slot, i, : s.m2 * s.n2].copy_(e.b.reshape(-1))
+            rows.append(
+                [s.m1, s.n1, s.m2, s.n2, int(s.identity_a), int(s.a_first), s.out_offset, s.slice]
+            )
+        if rows:
+            self.table[slot, : len(rows)].copy_(torch.tensor(rows, dtype=torch.int32))
+        self.entries[slot] = shapes
+
+    @torch.no_grad()
+    def clear_slot(self, slot: int) -> None:
+        self.a[slot].zero_()
+        self.b[slot].zero_()
+        self.table[slot].zero_()
+        self.entries[slot] = []
+
+    def factors(
+        self, slot: int, index: int
+    ) -> tuple[torch.Tensor | None, torch.Tensor, EntryShape]:
+        """Views of entry ``index`` of ``slot``: ``(A or None, B, shape)``."""
+        s = self.entries[slot][index]
+        a = None if s.identity_a else self.a[slot, index, : s.m1 * s.n1].view(s.m1, s.n1)
+        b = self.b[slot, index, : s.m2 * s.n2].view(s.m2, s.n2)
+        return a, b, s
+
+
+def check_apply_args(
+    x: torch.Tensor, y: torch.Tensor, token_slots: torch.Tensor, bank: MokaBank
+) -> None:
+    """Argument checks shared by every implementation of ``moka_apply``."""
+    if x.dim() != 2 or y.dim() != 2 or token_slots.dim() != 1:
+        raise ValueError("expected x (T, in), y (T, out) and token_slots (T,)")
+    if not (x.shape[0] == y.shape[0] == token_slots.shape[0]):
+        raise ValueError(
+            f"token counts differ: x {x.shape[0]}, y {y.shape[0]}, token_slots {token_slots.shape[0]}"
+        )
+    if x.shape[1] != bank.in_features or y.shape[1] != bank.out_features:
+        raise ValueError(
+            f"x/y widths ({x.shape[1]}, {y.shape[1]}) do not match the bank "
+            f"({bank.in_features}, {bank.out_features})"
+        )

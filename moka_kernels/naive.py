@@ -1,0 +1,38 @@
+"""The ground truth: materialise ``kron(A, B)`` per token with ``torch.kron`` and multiply.
+
+Slow on purpose and obviously right. It computes in float64 (or the input's dtype if that is
+wider) and adds the result into ``y`` once, rounded to ``y``'s dtype. Same signature as every
+fast path, so tests can swap one for the other.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .bank import MokaBank, check_apply_args
+
+
+def delta_weight(bank: MokaBank, slot: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Dense ``(out, in)`` update of ``slot``: the sum of ``kron(A, B)`` placed at each offset."""
+    delta = torch.zeros(bank.out_features, bank.in_features, dtype=dtype, device=bank.device)
+    for i in range(len(bank.entries[slot])):
+        a, b, s = bank.factors(slot, i)
+        a = torch.eye(s.m1, dtype=dtype, device=bank.device) if a is None else a.to(dtype)
+        delta[s.out_offset : s.out_offset + s.m1 * s.m2] += torch.kron(a, b.to(dtype))
+    return delta
+
+
+@torch.no_grad()
+def moka_apply_naive(
+    x: torch.Tensor, y: torch.Tensor, token_slots: torch.Tensor, bank: MokaBank
+) -> None:
+    """``y[t] += delta_W[slot[t]] @ x[t]`` for every token whose slot is not -1."""
+    check_apply_args(x, y, token_slots, bank)
+    wide = torch.float64 if x.dtype != torch.float64 else x.dtype
+    deltas: dict[int, torch.Tensor] = {}
+    for t, slot in enumerate(token_slots.tolist()):
+        if slot < 0:
+            continue
+        if slot not in deltas:
+            deltas[slot] = delta_weight(bank, slot, wide)
+        y[t] = (y[t].to(wide) + deltas[slot] @ x[t].to(wide)).to(y.dtype)

@@ -1,0 +1,308 @@
+"""Batched Triton kernel: many heterogeneous MoKA adapters applied to one batch in one launch.
+
+Each program owns one *group* of tokens (up to ``BLOCK_T`` tokens that share an adapter slot,
+consecutive in slot order) and one output slice. It walks every entry (mixture component) of
+that slot on that slice and adds ``A @ X_t @ B.T`` into ``y`` for its tokens. One program owns
+all components of its (tokens, slice) outputs, so no two programs write the same element: no
+atomics, and results are deterministic.
+
+Two forms, chosen from the batch's token->slot grouping (``form="auto"``):
+
+* **decode** (``BLOCK_T = 1``): one program per token, so a batch of tokens that each use a
+  different adapter runs fully in parallel.
+* **prefill** (``BLOCK_T = 16``): a run of tokens sharing an adapter is processed as two GEMMs
+  with the tokens folded into the GEMM dimensions: ``Z = X @ B.T`` with rows ``(token, j1)``,
+  then ``A @ Z`` with columns ``(token, i2)`` (a reshape/permute in registers in between), so
+  each factor tile is read once per 16 tokens.
+
+The association ``A @ (X @ B.T)`` or ``(A @ X) @ B.T`` is chosen per entry when the adapter is
+written (``bank.choose_a_first``); identity A factors (MoKAs) skip the second GEMM.
+
+Under ``TRITON_INTERPRET=1`` (CPU) the interpreter's bf16 ``tl.dot`` returns garbage, so tiles are
+cast to fp32 there. fp32 inputs use IEEE fp32 dots (no TF32) everywhere.
+
+The launch is registered as the custom op ``moka_kernels::moka_apply`` (it mutates ``y``), so
+``torch.compile`` treats it as opaque and CUDA graphs capture it: the grid depends only on the
+number of tokens and slots, never on the data.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .bank import NUM_FIELDS, MokaBank, check_apply_args
+
+DECODE_BLOCK_T = 1
+PREFILL_BLOCK_T = 16
+# (BLOCK_1, BLOCK_2): tile sizes along the A-factor and B-factor dimensions, per form.
+DECODE_BLOCKS = (64, 64)
+PREFILL_BLOCKS = (16, 32)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _dot(a, b, CAST_F32: tl.constexpr):
+    if CAST_F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b.to(a.dtype))
+
+
+@triton.jit
+def _apply_b_first(
+    xr_ptr, tr_mask, yc_ptr, tc_mask, a_base, b_base, m1, n1, m2, n2, ident, off,
+    BLOCK_T: tl.constexpr, BLOCK_1: tl.constexpr, BLOCK_2: tl.constexpr, CAST_F32: tl.constexpr,
+):  # fmt: skip
+    """``Y = A @ (X @ B.T)`` for BLOCK_T tokens; rows of the Z tile are (token, j1)."""
+    r1 = tl.arange(0, BLOCK_1)
+    r2 = tl.arange(0, BLOCK_2)
+    row_j = tl.arange(0, BLOCK_T * BLOCK_1) % BLOCK_1  # Z-tile row -> j1 within the block
+    col_i = tl.arange(0, BLOCK_T * BLOCK_2) % BLOCK_2  # Y-tile column -> i2 within the block
+    for i1_0 in range(0, m1, BLOCK_1):
+        i1 = i1_0 + r1
+        # With an identity A, Y = Z restricted to j1 = i1: one j1 block, no second GEMM.
+        j1_start = tl.where(ident != 0, i1_0, 0)
+        j1_stop = tl.where(ident != 0, i1_0 + 1, n1)
+        for i2_0 in range(0, m2, BLOCK_2):
+            i2 = i2_0 + r2
+            acc = tl.zeros((BLOCK_1, BLOCK_T * BLOCK_2), dtype=tl.float32)
+            for j1_0 in range(j1_start, j1_stop, BLOCK_1):
+                j1 = j1_0 + row_j
+                z = tl.zeros((BLOCK_T * BLOCK_1, BLOCK_2), dtype=tl.float32)
+                for j2_0 in range(0, n2, BLOCK_2):
+                    j2 = j2_0 + r2
+                    x_tile = tl.load(
+                        xr_ptr[:, None] + (j1 * n2)[:, None] + j2[None, :],
+                        mask=(tr_mask & (j1 < n1))[:, None] & (j2 < n2)[None, :],
+                        other=0.0,
+                    )
+                    bt_tile = tl.load(
+                        b_base + i2[None, :] * n2 + j2[:, None],
+                        mask=(j2 < n2)[:, None] & (i2 < m2)[None, :],
+                        other=0.0,
+                    )
+                    z += _dot(x_tile, bt_tile, CAST_F32)
+                z = tl.reshape(z, (BLOCK_T, BLOCK_1, BLOCK_2))
+                z = tl.reshape(tl.permute(z, (1, 0, 2)), (BLOCK_1, BLOCK_T * BLOCK_2))
+                if ident != 0:
+                    acc += z
+                else:
+                    a_tile = tl.load(
+                        a_base + i1[:, None] * n1 + (j1_0 + r1)[None, :],
+                        mask=(i1 < m1)[:, None] & ((j1_0 + r1) < n1)[None, :],
+                        other=0.0,
+                    )
+                    acc += _dot(a_tile, z, CAST_F32)
+            out_i2 = i2_0 + col_i
+            y_ptrs = yc_ptr[None, :] + off + i1[:, None] * m2 + out_i2[None, :]
+            y_mask = (i1 < m1)[:, None] & (tc_mask & (out_i2 < m2))[None, :]
+            y_old = tl.load(y_ptrs, mask=y_mask, other=0.0)
+            tl.store(y_ptrs, (y_old.to(tl.float32) + acc).to(y_old.dtype), mask=y_mask)
+
+
+@triton.jit
+def _apply_a_first(
+    xc_ptr, tc_mask, yr_ptr, tr_mask, a_base, b_base, m1, n1, m2, n2, off,
+    BLOCK_T: tl.constexpr, BLOCK_1: tl.constexpr, BLOCK_2: tl.constexpr, CAST_F32: tl.constexpr,
+):  # fmt: skip
+    """``Y = (A @ X) @ B.T`` for BLOCK_T tokens; columns of the W tile are (token, j2)."""
+    r1 = tl.arange(0, BLOCK_1)
+    r2 = tl.arange(0, BLOCK_2)
+    col_j = tl.arange(0, BLOCK_T * BLOCK_2) % BLOCK_2  # W-tile column -> j2 within the block
+    row_i = tl.arange(0, BLOCK_T * BLOCK_1) % BLOCK_1  # Y-tile row -> i1 within the block
+    for i1_0 in range(0, m1, BLOCK_1):
+        i1 = i1_0 + r1
+        for i2_0 in range(0, m2, BLOCK_2):
+            i2 = i2_0 + r2
+            acc = tl.zeros((BLOCK_T * BLOCK_1, BLOCK_2), dtype=tl.float32)
+            for j2_0 in range(0, n2, BLOCK_2):
+                j2 = j2_0 + col_j
+                w = tl.zeros((BLOCK_1, BLOCK_T * BLOCK_2), dtype=tl.float32)
+                for j1_0 in range(0, n1, BLOCK_1):
+                    j1 = j1_0 + r1
+                    a_tile = tl.load(
+                        a_base + i1[:, None] * n1 + j1[None, :],
+                        mask=(i1 < m1)[:, None] & (j1 < n1)[None, :],
+                        other=0.0,
+                    )
+                    x_tile = tl.load(
+                        xc_ptr[None, :] + (j1 * n2)[:, None] + j2[None, :],
+                        mask=(j1 < n1)[:, None] & (tc_mask & (j2 < n2))[None, :],
+                        other=0.0,
+                    )
+                    w += _dot(a_tile, x_tile, CAST_F32)
+                w = tl.reshape(w, (BLOCK_1, BLOCK_T, BLOCK_2))
+                w = tl.reshape(tl.permute(w, (1, 0, 2)), (BLOCK_T * BLOCK_1, BLOCK_2))
+                bt_tile = tl.load(
+                    b_base + i2[None, :] * n2 + (j2_0 + r2)[:, None],
+                    mask=((j2_0 + r2) < n2)[:, None] & (i2 < m2)[None, :],
+                    other=0.0,
+                )
+                acc += _dot(w.to(bt_tile.dtype), bt_tile, CAST_F32)
+            out_i1 = i1_0 + row_i
+            y_ptrs = yr_ptr[:, None] + off + (out_i1 * m2)[:, None] + i2[None, :]
+            y_mask = (tr_mask & (out_i1 < m1))[:, None] & (i2 < m2)[None, :]
+            y_old = tl.load(y_ptrs, mask=y_mask, other=0.0)
+            tl.store(y_ptrs, (y_old.to(tl.float32) + acc).to(y_old.dtype), mask=y_mask)
+
+
+@triton.jit
+def _moka_kernel(
+    x_ptr, y_ptr, sorted_tok_ptr, sorted_slot_ptr, group_start_ptr,
+    a_ptr, b_ptr, table_ptr, num_tokens,
+    stride_xt, stride_yt, stride_as, stride_ae, stride_bs, stride_be, stride_ts, stride_te,
+    NUM_ENTRIES: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_1: tl.constexpr,
+    BLOCK_2: tl.constexpr, CAST_F32: tl.constexpr,
+):  # fmt: skip
+    start = tl.load(group_start_ptr + tl.program_id(0))
+    slice_id = tl.program_id(1)
+    if start >= num_tokens:
+        return
+    slot = tl.load(sorted_slot_ptr + start).to(tl.int64)
+    if slot < 0:
+        return
+    # Per-row and per-column views of the group's tokens: tile rows are (token, BLOCK_1 index),
+    # tile columns are (token, BLOCK_2 index). A position belongs to this group while it is
+    # inside the batch and still carries this slot.
+    rt = start + tl.arange(0, BLOCK_T * BLOCK_1) // BLOCK_1
+    tr_in = rt < num_tokens
+    tr_mask = tr_in & (tl.load(sorted_slot_ptr + rt, mask=tr_in, other=-1) == slot)
+    tok_r = tl.load(sorted_tok_ptr + rt, mask=tr_mask, other=0).to(tl.int64)
+    ct = start + tl.arange(0, BLOCK_T * BLOCK_2) // BLOCK_2
+    tc_in = ct < num_tokens
+    tc_mask = tc_in & (tl.load(sorted_slot_ptr + ct, mask=tc_in, other=-1) == slot)
+    tok_c = tl.load(sorted_tok_ptr + ct, mask=tc_mask, other=0).to(tl.int64)
+
+    for e in range(NUM_ENTRIES):
+        row = table_ptr + slot * stride_ts + e * stride_te
+        m1 = tl.load(row + 0)
+        if (m1 > 0) & (tl.load(row + 7) == slice_id):
+            n1 = tl.load(row + 1)
+            m2 = tl.load(row + 2)
+            n2 = tl.load(row + 3)
+            ident = tl.load(row + 4)
+            a_first = tl.load(row + 5)
+            off = tl.load(row + 6)
+            a_base = a_ptr + slot * stride_as + e * stride_ae
+            b_base = b_ptr + slot * stride_bs + e * stride_be
+            if a_first != 0:
+                _apply_a_first(
+                    x_ptr + tok_c * stride_xt, tc_mask, y_ptr + tok_r * stride_yt, tr_mask,
+                    a_base, b_base, m1, n1, m2, n2, off, BLOCK_T, BLOCK_1, BLOCK_2, CAST_F32,
+                )  # fmt: skip
+            else:
+                _apply_b_first(
+                    x_ptr + tok_r * stride_xt, tr_mask, y_ptr + tok_c * stride_yt, tc_mask,
+                    a_base, b_base, m1, n1, m2, n2, ident, off,
+                    BLOCK_T, BLOCK_1, BLOCK_2, CAST_F32,
+                )  # fmt: skip
+
+
+def group_starts(
+    token_slots: torch.Tensor, block_t: int, num_slots: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sort tokens by slot and cut each slot's run into groups of at most ``block_t`` tokens.
+
+    Returns ``(sorted_token_ids, sorted_slots, group_starts)``. ``group_starts`` has a fixed
+    length that depends only on the token count and ``num_slots`` (a bound on the number of
+    groups); unused entries hold ``num_tokens``, and their programs exit at once. Nothing here
+    synchronises with the device, so the whole op can be captured in a CUDA graph.
+    """
+    n = token_slots.shape[0]
+    sorted_slots, order = torch.sort(token_slots, stable=True)
+    order = order.to(torch.int32)
+    if block_t == 1:
+        return order, sorted_slots, torch.arange(n, dtype=torch.int32, device=token_slots.device)
+    pos = torch.arange(n, device=token_slots.device)
+    new_run = torch.ones(n, dtype=torch.bool, device=token_slots.device)
+    new_run[1:] = sorted_slots[1:] != sorted_slots[:-1]
+    run_start = torch.cummax(torch.where(new_run, pos, 0), 0).values
+    is_start = (pos - run_start) % block_t == 0
+    group_index = torch.cumsum(is_start, 0) - 1
+    # Each distinct slot value (at most num_slots, plus -1) adds at most one partial group.
+    max_groups = triton.cdiv(n, block_t) + num_slots + 1
+    starts = torch.full((max_groups + 1,), n, dtype=torch.int32, device=token_slots.device)
+    starts.scatter_(0, torch.where(is_start, group_index, max_groups), pos.to(torch.int32))
+    return order, sorted_slots, starts[:max_groups]
+
+
+def choose_block_t(num_tokens: int, num_slots: int) -> int:
+    """Prefill form when runs are long even if every slot is in use, else decode form.
+
+    Depends only on sizes, never on data, so the choice is stable under CUDA-graph capture.
+    """
+    if num_tokens >= 2 * PREFILL_BLOCK_T * (num_slots + 1):
+        return PREFILL_BLOCK_T
+    return DECODE_BLOCK_T
+
+
+@torch.library.custom_op("moka_kernels::moka_apply", mutates_args={"y"})
+def _moka_apply_op(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    token_slots: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    table: torch.Tensor,
+    num_slices: int,
+    block_t: int,
+    block_1: int,
+    block_2: int,
+) -> None:
+    n = x.shape[0]
+    if n == 0:
+        return
+    order, sorted_slots, starts = group_starts(token_slots, block_t, a.shape[0])
+    cast_f32 = interpreting() or x.dtype == torch.float32 or a.dtype == torch.float32
+    grid = (starts.shape[0], num_slices)
+    _moka_kernel[grid](
+        x, y, order, sorted_slots, starts, a, b, table, n,
+        x.stride(0), y.stride(0), a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        table.stride(0), table.stride(1),
+        NUM_ENTRIES=a.shape[1], BLOCK_T=block_t, BLOCK_1=block_1, BLOCK_2=block_2,
+        CAST_F32=cast_f32,
+    )  # fmt: skip
+
+
+@_moka_apply_op.register_fake
+def _(x, y, token_slots, a, b, table, num_slices, block_t, block_1, block_2) -> None:
+    return None
+
+
+def moka_apply_triton(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    token_slots: torch.Tensor,
+    bank: MokaBank,
+    form: str = "auto",
+    blocks: tuple[int, int] | None = None,
+) -> None:
+    """``y[t] += delta_W[slot[t]] @ x[t]`` for every token whose slot is not -1.
+
+    ``form`` is ``"auto"``, ``"decode"`` or ``"prefill"``; ``blocks`` overrides the
+    ``(BLOCK_1, BLOCK_2)`` tile sizes (powers of two, at least 16).
+    """
+    check_apply_args(x, y, token_slots, bank)
+    if y.stride(1) != 1:
+        raise ValueError("y must be contiguous along its last dimension (it is written in place)")
+    if form == "auto":
+        block_t = choose_block_t(x.shape[0], bank.num_slots)
+    elif form in ("decode", "prefill"):
+        block_t = DECODE_BLOCK_T if form == "decode" else PREFILL_BLOCK_T
+    else:
+        raise ValueError(f"unknown form {form!r}: use 'auto', 'decode' or 'prefill'")
+    if blocks is None:
+        blocks = DECODE_BLOCKS if block_t == DECODE_BLOCK_T else PREFILL_BLOCKS
+    x = x.to(bank.dtype).contiguous()
+    torch.ops.moka_kernels.moka_apply(
+        x, y, token_slots, bank.a, bank.b, bank.table, bank.num_slices, block_t, *blocks
+    )
+
+
+assert NUM_FIELDS == 8  # the kernel reads table fields 0..7 by position

@@ -1,0 +1,1 @@
+"""moka-serve: serve MoKA adapters in vLLM. Importing this package never imports vLLM."""

@@ -1,0 +1,658 @@
+"""MoKA adapter format v1: a folder with ``adapter_config.json`` and ``adapter_model.safetensors``.
+
+The trainer writes this format and the server reads it, so this module is the single place that
+defines and checks it. It imports only torch, safetensors and the stdlib so that it can be used
+from either side (and from tests) without vLLM or transformers.
+
+Every malformed input is reported as a ``ValueError`` naming the adapter (or module / tensor) and
+the rule that was broken: a server loading adapters at runtime must be able to reject a bad
+upload with a readable message instead of crashing on an obscure json/safetensors/torch error.
+See ``docs/adapter-format.md`` for the specification.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_TYPE = "MOKA"
+VARIANTS = ("moka", "mokas")
+ALLOWED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# An adapter is a few MB; anything near this is a mistake or an attack, so refuse to read it.
+MAX_ADAPTER_BYTES = 4 * 2**30
+# PEFT stores tensors under the wrapper's path; the public API uses the plain module path.
+PEFT_PREFIX = "base_model.model."
+
+# safetensors dtype tag -> (torch dtype, bytes per element), for the allowed dtypes only.
+_ST_DTYPES = {"F32": (torch.float32, 4), "F16": (torch.float16, 2), "BF16": (torch.bfloat16, 2)}
+# Largest header we are willing to parse; a real one is a few hundred bytes per tensor.
+_MAX_HEADER_BYTES = 100 * 2**20
+_KEY_RE = re.compile(
+    r"^(?P<module>.+)\.(?:moka_(?P<kind>A|B)\.(?P<index>0|[1-9][0-9]*)\.weight|moka_gate)$"
+)
+
+
+def _is_int(v: object) -> bool:
+    # bool is an int subclass, but ``true`` is never a valid dimension or version.
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_pos_int(v: object) -> bool:
+    return _is_int(v) and v > 0
+
+
+@dataclass(frozen=True)
+class ComponentShape:
+    """Shapes of one Kronecker component: A is (m1, n1), B is (m2, n2)."""
+
+    m1: int
+    n1: int
+    m2: int
+    n2: int
+
+    @property
+    def out_features(self) -> int:
+        return self.m1 * self.m2
+
+    @property
+    def in_features(self) -> int:
+        return self.n1 * self.n2
+
+    def num_params(self, identity_a: bool) -> int:
+        """Stored parameters; ``identity_a`` (variant mokas) means A is not stored."""
+        return (0 if identity_a else self.m1 * self.n1) + self.m2 * self.n2
+
+    def as_list(self) -> list[int]:
+        return [self.m1, self.n1, self.m2, self.n2]
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """Dimensions of the base linear layers named by one target, and its components."""
+
+    in_features: int
+    out_features: int
+    components: tuple[ComponentShape, ...]
+
+
+@dataclass
+class MokaConfig:
+    """Contents of ``adapter_config.json``. Build with ``from_dict`` to get it validated."""
+
+    target_modules: list[str]
+    targets: dict[str, TargetSpec]
+    gating: bool = True
+    scaling: float = 1.0
+    variant: str = "moka"
+    base_model_name_or_path: str = ""
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def identity_a(self) -> bool:
+        """True for variant mokas, whose A_i are all the identity and are not stored."""
+        return self.variant == "mokas"
+
+    def to_dict(self) -> dict:
+        return {
+            "peft_type": PEFT_TYPE,
+            "moka_format_version": self.format_version,
+            "base_model_name_or_path": self.base_model_name_or_path,
+            "target_modules": list(self.target_modules),
+            "targets": {
+                name: {
+                    "in_features": spec.in_features,
+                    "out_features": spec.out_features,
+                    "components": [c.as_list() for c in spec.components],
+                }
+                for name, spec in self.targets.items()
+            },
+            "gating": self.gating,
+            "scaling": self.scaling,
+            "variant": self.variant,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> MokaConfig:
+        """Parse the JSON object of ``adapter_config.json`` and validate it.
+
+        Keys other than the documented ones (PEFT writes e.g. ``task_type``) are ignored.
+        """
+        if not isinstance(d, dict):
+            raise ValueError(f"config must be a JSON object, got {type(d).__name__}")
+        if "peft_type" not in d:
+            raise ValueError(f"peft_type is missing, expected {PEFT_TYPE!r}")
+        if d["peft_type"] != PEFT_TYPE:
+            raise ValueError(f"peft_type is {d['peft_type']!r}, expected {PEFT_TYPE!r}")
+        # Check the version before anything else: a future version may change the other fields.
+        if "moka_format_version" not in d:
+            raise ValueError("moka_format_version is missing")
+        version = d["moka_format_version"]
+        if not _is_int(version) or version != FORMAT_VERSION:
+            raise ValueError(
+                f"unsupported moka_format_version {version!r} (this reader supports "
+                f"{FORMAT_VERSION})"
+            )
+        raw_targets = d.get("targets")
+        if not isinstance(raw_targets, dict):
+            raise ValueError("targets must be an object mapping each target module to its dims")
+        target_modules = d.get("target_modules")
+        cfg = cls(
+            target_modules=list(target_modules)
+            if isinstance(target_modules, list)
+            else target_modules,
+            targets={name: _parse_target(name, spec) for name, spec in raw_targets.items()},
+            gating=d.get("gating", True),
+            scaling=d.get("scaling", 1.0),
+            variant=d.get("variant", "moka"),
+            base_model_name_or_path=d.get("base_model_name_or_path", ""),
+            format_version=version,
+        )
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        """Check every config rule; raise ValueError naming the rule and the target."""
+        if not _is_int(self.format_version) or self.format_version != FORMAT_VERSION:
+            raise ValueError(f"unsupported moka_format_version {self.format_version!r}")
+        tm = self.target_modules
+        if not (isinstance(tm, list) and tm and all(isinstance(t, str) and t for t in tm)):
+            raise ValueError(f"target_modules must be a non-empty list of strings, got {tm!r}")
+        if len(set(tm)) != len(tm):
+            raise ValueError(f"target_modules has duplicates: {tm!r}")
+        for t in tm:
+            if "." in t:
+                raise ValueError(f"target module {t!r} must be a single name (no dots)")
+        if not isinstance(self.targets, dict) or set(self.targets) != set(tm):
+            keys = sorted(self.targets) if isinstance(self.targets, dict) else self.targets
+            raise ValueError(f"targets keys {keys!r} differ from target_modules {sorted(tm)!r}")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant is {self.variant!r}, expected one of {list(VARIANTS)}")
+        if not isinstance(self.gating, bool):
+            raise ValueError(f"gating must be true or false, got {self.gating!r}")
+        s = self.scaling
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
+            raise ValueError(f"scaling must be a finite number, got {s!r}")
+        if not isinstance(self.base_model_name_or_path, str):
+            raise ValueError("base_model_name_or_path must be a string")
+        for name in tm:
+            _validate_target(name, self.targets[name], self.identity_a)
+
+    def target_for(self, module_path: str) -> str | None:
+        """The target a module path belongs to: its last dotted part, if that is a target."""
+        suffix = module_path.rsplit(".", 1)[-1]
+        return suffix if suffix in self.targets else None
+
+    def check_base_dims(self, base_dims: Mapping[str, tuple[int, int]]) -> None:
+        """Check each target's dims against the base layer's ``(out_features, in_features)``."""
+        for name, spec in self.targets.items():
+            if name not in base_dims:
+                raise ValueError(
+                    f"target {name!r} is not a layer of the base model "
+                    f"(base_dims has {sorted(base_dims)})"
+                )
+            out_f, in_f = tuple(base_dims[name])
+            if (spec.out_features, spec.in_features) != (out_f, in_f):
+                raise ValueError(
+                    f"target {name!r}: adapter dims (out={spec.out_features}, "
+                    f"in={spec.in_features}) differ from the base layer's (out={out_f}, in={in_f})"
+                )
+
+
+def _parse_target(name: str, spec: object) -> TargetSpec:
+    """JSON -> TargetSpec, checking only what construction needs; ``validate`` does the rest."""
+    if not isinstance(spec, dict):
+        raise ValueError(f"target {name!r} must be an object, got {spec!r}")
+    for key in ("in_features", "out_features", "components"):
+        if key not in spec:
+            raise ValueError(f"target {name!r} lacks {key!r}")
+    comps = spec["components"]
+    if not isinstance(comps, list):
+        raise ValueError(f"target {name!r}: components must be a list of [m1, n1, m2, n2]")
+    shapes = []
+    for i, c in enumerate(comps):
+        if not (isinstance(c, list) and len(c) == 4 and all(_is_pos_int(v) for v in c)):
+            raise ValueError(
+                f"target {name!r} component {i}: {c!r} is not 4 positive integers [m1, n1, m2, n2]"
+            )
+        shapes.append(ComponentShape(*c))
+    return TargetSpec(spec["in_features"], spec["out_features"], tuple(shapes))
+
+
+def _validate_target(name: str, spec: TargetSpec, identity_a: bool) -> None:
+    if not isinstance(spec, TargetSpec):
+        raise ValueError(f"target {name!r} must be a TargetSpec, got {type(spec).__name__}")
+    if not (_is_pos_int(spec.in_features) and _is_pos_int(spec.out_features)):
+        raise ValueError(
+            f"target {name!r}: in_features and out_features must be positive integers, "
+            f"got {spec.in_features!r}, {spec.out_features!r}"
+        )
+    if not spec.components:
+        raise ValueError(f"target {name!r}: components is empty")
+    for i, c in enumerate(spec.components):
+        vals = [c.m1, c.n1, c.m2, c.n2]
+        if not all(_is_pos_int(v) for v in vals):
+            raise ValueError(
+                f"target {name!r} component {i}: {vals!r} is not 4 positive integers "
+                "[m1, n1, m2, n2]"
+            )
+        if c.m1 * c.m2 != spec.out_features:
+            raise ValueError(
+                f"target {name!r} component {i} {vals}: m1*m2 = {c.m1}*{c.m2} = "
+                f"{c.m1 * c.m2} != out_features {spec.out_features}"
+            )
+        if c.n1 * c.n2 != spec.in_features:
+            raise ValueError(
+                f"target {name!r} component {i} {vals}: n1*n2 = {c.n1}*{c.n2} = "
+                f"{c.n1 * c.n2} != in_features {spec.in_features}"
+            )
+        if identity_a and c.m1 != c.n1:
+            raise ValueError(
+                f"target {name!r} component {i} {vals}: variant mokas needs a square identity "
+                f"A (m1 == n1), got m1={c.m1}, n1={c.n1}"
+            )
+
+
+@dataclass
+class MokaModuleWeights:
+    """Trained tensors of one adapted module; ``A[i]`` is None when it is the identity (mokas)."""
+
+    A: list[torch.Tensor | None]
+    B: list[torch.Tensor]
+    gate: torch.Tensor | None
+
+
+@dataclass
+class FoldedModule:
+    """Inference form: gates and scaling folded into constants, c_i = scaling*alpha_i.
+
+    The serving kernels then compute ``sum_i kron(A_i', B_i') x`` with no softmax or scaling.
+    The constant goes into A_i (usually the smaller factor); when A_i is the identity it is not
+    stored, so the constant goes into B_i instead.
+    """
+
+    shapes: tuple[ComponentShape, ...]
+    A: list[torch.Tensor | None]
+    B: list[torch.Tensor]
+
+    def delta_weight(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """Dense (out_features, in_features) update, for reference and tests."""
+        out = None
+        for shape, a, b in zip(self.shapes, self.A, self.B, strict=True):
+            a = torch.eye(shape.m1, dtype=dtype) if a is None else a.to(dtype)
+            term = torch.kron(a, b.to(dtype))
+            out = term if out is None else out + term
+        return out
+
+
+@dataclass
+class MokaAdapter:
+    """A whole adapter in memory: config plus weights keyed by module path (no PEFT prefix)."""
+
+    config: MokaConfig
+    modules: dict[str, MokaModuleWeights]
+
+    def validate(self) -> None:
+        """Run the config and tensor rules (the same ones ``load_adapter`` applies)."""
+        for path, w in self.modules.items():
+            if len(w.A) != len(w.B):
+                raise ValueError(f"module {path!r}: {len(w.A)} A entries but {len(w.B)} B entries")
+        adapter_from_tensors(self.config, tensors_from_adapter(self))
+
+    def num_parameters(self) -> int:
+        """Number of stored (trainable) scalars, gates included."""
+        n = 0
+        for w in self.modules.values():
+            n += sum(t.numel() for t in (*w.A, *w.B) if t is not None)
+            n += w.gate.numel() if w.gate is not None else 0
+        return n
+
+    def _constants(self, w: MokaModuleWeights) -> torch.Tensor:
+        """c_i = scaling * alpha_i in float64, alpha = softmax(gate) or ones."""
+        if self.config.gating:
+            if w.gate is None:
+                raise ValueError("gating is true but a module has no gate")
+            alpha = torch.softmax(w.gate.to(torch.float64), dim=0)
+        else:
+            alpha = torch.ones(len(w.B), dtype=torch.float64)
+        return self.config.scaling * alpha
+
+    def _module(self, module_path: str) -> tuple[MokaModuleWeights, TargetSpec]:
+        if module_path not in self.modules:
+            raise ValueError(f"module {module_path!r} is not in this adapter")
+        target = self.config.target_for(module_path)
+        if target is None:
+            raise ValueError(f"module {module_path!r} does not match any target module")
+        return self.modules[module_path], self.config.targets[target]
+
+    def delta_weight(self, module_path: str, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """Dense (out, in) update scaling * sum_i alpha_i kron(A_i, B_i): the reference math."""
+        w, spec = self._module(module_path)
+        c = self._constants(w)
+        out = torch.zeros(spec.out_features, spec.in_features, dtype=dtype)
+        for i, (shape, a, b) in enumerate(zip(spec.components, w.A, w.B, strict=True)):
+            a = torch.eye(shape.m1, dtype=dtype) if a is None else a.to(dtype)
+            out += c[i].to(dtype) * torch.kron(a, b.to(dtype))
+        return out
+
+    def fold(self, dtype: torch.dtype | None = None) -> dict[str, FoldedModule]:
+        """Fold gates and scaling into the factors for inference.
+
+        The products are formed in float64 and cast to ``dtype`` (default: each tensor's own
+        dtype, which is what a server wants; pass float64 for an exact reference).
+        """
+        folded = {}
+        for path in self.modules:
+            w, spec = self._module(path)
+            c = self._constants(w)
+            a_out: list[torch.Tensor | None] = []
+            b_out: list[torch.Tensor] = []
+            for i, (a, b) in enumerate(zip(w.A, w.B, strict=True)):
+                if a is None:
+                    a_out.append(None)
+                    b_out.append((c[i] * b.to(torch.float64)).to(dtype or b.dtype))
+                else:
+                    a_out.append((c[i] * a.to(torch.float64)).to(dtype or a.dtype))
+                    b_out.append(b.to(dtype or b.dtype))
+            folded[path] = FoldedModule(spec.components, a_out, b_out)
+        return folded
+
+
+# --------------------------------------------------------------------------- tensors <-> adapter
+
+
+def tensors_from_adapter(adapter: MokaAdapter) -> dict[str, torch.Tensor]:
+    """Flatten an adapter to the safetensors naming scheme (with the PEFT prefix)."""
+    tensors = {}
+    for path, w in adapter.modules.items():
+        base = PEFT_PREFIX + path
+        for i, a in enumerate(w.A):
+            if a is not None:
+                tensors[f"{base}.moka_A.{i}.weight"] = a
+        for i, b in enumerate(w.B):
+            tensors[f"{base}.moka_B.{i}.weight"] = b
+        if w.gate is not None:
+            tensors[f"{base}.moka_gate"] = w.gate
+    return tensors
+
+
+def _expected_shapes(config: MokaConfig, target: str) -> dict[str, tuple[int, ...]]:
+    """Slot ("A.0", "B.0", "gate") -> shape, for one module of ``target``."""
+    comps = config.targets[target].components
+    slots: dict[str, tuple[int, ...]] = {}
+    for i, c in enumerate(comps):
+        if not config.identity_a:
+            slots[f"A.{i}"] = (c.m1, c.n1)
+        slots[f"B.{i}"] = (c.m2, c.n2)
+    if config.gating:
+        slots["gate"] = (len(comps),)
+    return slots
+
+
+def _index_tensors(config: MokaConfig, shapes: Mapping[str, tuple[int, ...]]) -> dict:
+    """Map stored tensor names to modules, checking names, completeness and shapes.
+
+    Works on shapes alone so that a file's header can be checked before any data is read.
+    Returns module path -> {slot: stored name}.
+    """
+    modules: dict[str, dict[str, str]] = {}
+    for key in sorted(shapes):
+        name = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
+        m = _KEY_RE.match(name)
+        if m is None:
+            raise ValueError(
+                f"unknown tensor {key!r}: expected <module>.moka_A.<i>.weight, "
+                "<module>.moka_B.<i>.weight or <module>.moka_gate"
+            )
+        module = m["module"]
+        target = config.target_for(module)
+        if target is None:
+            raise ValueError(
+                f"unknown tensor {key!r}: module {module!r} does not end in one of "
+                f"target_modules {config.target_modules}"
+            )
+        slot = "gate" if m["kind"] is None else f"{m['kind']}.{m['index']}"
+        expected = _expected_shapes(config, target)
+        if slot not in expected:
+            if slot == "gate":
+                why = "a gate tensor is present but gating is false"
+            elif slot.startswith("A.") and config.identity_a:
+                why = "variant mokas stores no A tensors (A is the identity)"
+            else:
+                why = f"target {target!r} has only {len(config.targets[target].components)} components"
+            raise ValueError(f"unexpected tensor {key!r}: {why}")
+        got = modules.setdefault(module, {})
+        if slot in got:
+            raise ValueError(f"tensor {key!r} duplicates {got[slot]!r}")
+        if tuple(shapes[key]) != expected[slot]:
+            raise ValueError(
+                f"tensor {key!r} has shape {list(shapes[key])}, expected {list(expected[slot])}"
+            )
+        got[slot] = key
+    if not modules:
+        raise ValueError("adapter has no modules (no tensors)")
+    for module, got in modules.items():
+        missing = [s for s in _expected_shapes(config, config.target_for(module)) if s not in got]
+        if "gate" in missing:
+            raise ValueError(f"module {module!r}: gating is true but its moka_gate is missing")
+        if missing:
+            raise ValueError(f"module {module!r} is missing tensors {missing}")
+    return modules
+
+
+def adapter_from_tensors(
+    config: MokaConfig, tensors: Mapping[str, torch.Tensor], *, where: str = "MoKA adapter"
+) -> MokaAdapter:
+    """Build a validated adapter from named tensors (with or without the PEFT prefix).
+
+    ``load_adapter`` and ``MokaAdapter.validate`` both come through here, so in-memory and
+    on-disk adapters obey the same rules.
+    """
+    try:
+        config.validate()
+        for key, t in tensors.items():
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"tensor {key!r} is a {type(t).__name__}, not a torch.Tensor")
+        index = _index_tensors(config, {k: tuple(t.shape) for k, t in tensors.items()})
+        for key, t in tensors.items():
+            if t.dtype not in ALLOWED_DTYPES:
+                raise ValueError(
+                    f"tensor {key!r} has dtype {t.dtype}; allowed dtypes are "
+                    f"{[str(d) for d in ALLOWED_DTYPES]}"
+                )
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"tensor {key!r} has non-finite values (NaN or Inf)")
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    modules = {}
+    for module, slots in index.items():
+        r = len(config.targets[config.target_for(module)].components)
+        modules[module] = MokaModuleWeights(
+            A=[None if config.identity_a else tensors[slots[f"A.{i}"]] for i in range(r)],
+            B=[tensors[slots[f"B.{i}"]] for i in range(r)],
+            gate=tensors[slots["gate"]] if "gate" in slots else None,
+        )
+    return MokaAdapter(config, modules)
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _where(path: str | os.PathLike) -> str:
+    return f"MoKA adapter {os.fspath(path)!r}"
+
+
+def is_moka_adapter_dir(path: str | os.PathLike) -> bool:
+    """True if ``path`` holds an adapter_config.json with peft_type MOKA. Never raises."""
+    try:
+        with open(Path(path) / CONFIG_NAME, encoding="utf-8") as f:
+            d = json.load(f)
+        return isinstance(d, dict) and d.get("peft_type") == PEFT_TYPE
+    except Exception:
+        return False
+
+
+def read_adapter_config(path: str | os.PathLike) -> MokaConfig:
+    """Read and validate ``<path>/adapter_config.json``."""
+    cfg_path = Path(path) / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise ValueError(f"{_where(path)}: missing {CONFIG_NAME}")
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{_where(path)}: {CONFIG_NAME} is not valid JSON: {e}") from None
+    try:
+        return MokaConfig.from_dict(d)
+    except ValueError as e:
+        raise ValueError(f"{_where(path)}: {CONFIG_NAME}: {e}") from None
+
+
+def _read_header(file: Path) -> dict[str, tuple[int, ...]]:
+    """Parse and check a safetensors header without reading the data.
+
+    Checks the file size limit, that the dtypes are allowed, that each tensor's byte range
+    matches its shape and dtype, and that the ranges tile the data exactly up to the end of the
+    file (so truncated or padded files are caught here). Returns name -> shape.
+    """
+    size = file.stat().st_size
+    if size > MAX_ADAPTER_BYTES:
+        raise ValueError(f"{WEIGHTS_NAME} is {size} bytes, over the {MAX_ADAPTER_BYTES} limit")
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{WEIGHTS_NAME} is {size} bytes: truncated or not safetensors")
+        n = int.from_bytes(head, "little")
+        if n > min(size - 8, _MAX_HEADER_BYTES):
+            raise ValueError(
+                f"{WEIGHTS_NAME} header length {n} does not fit the {size}-byte file: "
+                "truncated or not safetensors"
+            )
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{WEIGHTS_NAME} header is not valid JSON (corrupt file): {e}") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{WEIGHTS_NAME} header is not a JSON object (corrupt file)")
+    header.pop("__metadata__", None)
+    shapes, spans = {}, []
+    for name, info in header.items():
+        ok = (
+            isinstance(info, dict)
+            and isinstance(info.get("dtype"), str)
+            and isinstance(info.get("shape"), list)
+            and all(_is_int(d) and d >= 0 for d in info["shape"])
+            and isinstance(info.get("data_offsets"), list)
+            and len(info["data_offsets"]) == 2
+            and all(_is_int(o) for o in info["data_offsets"])
+        )
+        if not ok:
+            raise ValueError(f"{WEIGHTS_NAME} header entry {name!r} is malformed: {info!r}")
+        if info["dtype"] not in _ST_DTYPES:
+            raise ValueError(
+                f"tensor {name!r} has dtype {info['dtype']}; allowed dtypes are "
+                f"{list(_ST_DTYPES)} (float32, float16, bfloat16)"
+            )
+        begin, end = info["data_offsets"]
+        nbytes = math.prod(info["shape"]) * _ST_DTYPES[info["dtype"]][1]
+        if not 0 <= begin <= end or end - begin != nbytes:
+            raise ValueError(
+                f"tensor {name!r}: data_offsets {info['data_offsets']} do not match its "
+                f"shape and dtype ({nbytes} bytes): corrupt file"
+            )
+        shapes[name] = tuple(info["shape"])
+        spans.append((begin, end))
+    pos = 0
+    for begin, end in sorted(spans):
+        if begin != pos:
+            raise ValueError(f"{WEIGHTS_NAME} tensor data overlaps or has holes: corrupt file")
+        pos = end
+    if 8 + n + pos != size:
+        raise ValueError(
+            f"{WEIGHTS_NAME} is {size} bytes but its header describes {8 + n + pos}: "
+            "truncated or corrupt file"
+        )
+    return shapes
+
+
+def load_adapter(
+    path: str | os.PathLike,
+    *,
+    base_dims: Mapping[str, tuple[int, int]] | None = None,
+    dtype: torch.dtype | None = None,
+) -> MokaAdapter:
+    """Read and fully validate an adapter folder.
+
+    ``base_dims`` maps a target name to the base layer's ``(out_features, in_features)``; when
+    given the config's dims must agree with it. ``dtype`` (one of ALLOWED_DTYPES) casts all
+    tensors after validation.
+    """
+    where = _where(path)
+    if dtype is not None and dtype not in ALLOWED_DTYPES:
+        raise ValueError(f"{where}: cannot load as {dtype}; allowed dtypes are {ALLOWED_DTYPES}")
+    config = read_adapter_config(path)
+    if base_dims is not None:
+        try:
+            config.check_base_dims(base_dims)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+    file = Path(path) / WEIGHTS_NAME
+    if not file.is_file():
+        raise ValueError(f"{where}: missing {WEIGHTS_NAME}")
+    try:
+        _index_tensors(config, _read_header(file))  # reject bad files before reading data
+        tensors = load_file(file)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    except Exception as e:  # safetensors/OS errors: report as a corrupt file
+        raise ValueError(f"{where}: cannot read {WEIGHTS_NAME} (corrupt file?): {e}") from None
+    adapter = adapter_from_tensors(config, tensors, where=where)
+    if dtype is not None:
+        for w in adapter.modules.values():
+            w.A = [None if a is None else a.to(dtype) for a in w.A]
+            w.B = [b.to(dtype) for b in w.B]
+            w.gate = None if w.gate is None else w.gate.to(dtype)
+            for t in (*w.A, *w.B, w.gate):
+                if t is not None and not bool(torch.isfinite(t).all()):
+                    raise ValueError(f"{where}: values overflow when cast to {dtype}")
+    return adapter
+
+
+def _atomic_write(target: Path, write) -> None:
+    """Write via a temp file + rename so a server never sees a half-written file."""
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        write(str(tmp))
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_adapter(adapter: MokaAdapter, path: str | os.PathLike) -> None:
+    """Validate ``adapter`` and write it as a v1 folder (created if needed)."""
+    try:
+        adapter.validate()
+    except ValueError as e:
+        raise ValueError(f"refusing to save {_where(path)}: {e}") from None
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    # safetensors wants contiguous CPU tensors that share no storage.
+    tensors = {
+        k: t.detach().to("cpu").clone(memory_format=torch.contiguous_format)
+        for k, t in tensors_from_adapter(adapter).items()
+    }
+    _atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    text = json.dumps(adapter.config.to_dict(), indent=2) + "\n"
+    _atomic_write(folder / CONFIG_NAME, lambda p: Path(p).write_text(text, encoding="utf-8"))

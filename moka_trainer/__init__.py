@@ -1,0 +1,1 @@
+"""moka-train: train MoKA adapters over a 4-bit base model."""

@@ -1,0 +1,257 @@
+"""Every MoKA kernel against the float64 ``torch.kron`` reference, on fresh random inputs.
+
+Shapes include SmolLM2's odd widths (576 = 24x24, 192 = 12x16), ``1 x n`` factors, identity
+(MoKAs) factors and fused multi-slice outputs; mappings mix adapters with -1 (no adapter) tokens.
+Outputs start poisoned: rows of -1 tokens and slices no adapter touches must come back
+bit-identical (NaN included), and adapted rows must equal ``y0 + delta`` (added exactly once).
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+from moka_kernels import KronEntry, MokaBank, delta_weight, moka_apply_naive, moka_apply_torch
+
+triton_ops = pytest.importorskip("moka_kernels.triton_ops")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# (in_features, slice widths, {slice: [(m1, n1, m2, n2, identity_a), ...]})
+LAYERS = {
+    "mixed-48x40": (
+        48,
+        [40],
+        {
+            0: [
+                (5, 6, 8, 8, False),
+                (1, 48, 40, 1, False),
+                (40, 1, 1, 48, False),
+                (4, 4, 10, 12, True),
+            ]
+        },
+    ),
+    "qkv-slices": (
+        48,
+        [24, 8, 8],
+        {0: [(4, 6, 6, 8, False), (2, 2, 12, 24, True)], 2: [(2, 4, 4, 12, False)]},
+    ),
+    "smollm-v_proj": (576, [192], {0: [(12, 24, 16, 24, False), (16, 36, 12, 16, False)]}),
+    "smollm-q_proj": (576, [576], {0: [(24, 24, 24, 24, False), (24, 24, 24, 24, True)]}),
+}
+
+
+def random_entries(
+    spec: dict, gen: torch.Generator, dtype: torch.dtype, variant: int
+) -> list[KronEntry]:
+    """Random factors; `variant` drops or reorders components so slots differ in shape."""
+    entries = []
+    for slice_id, comps in spec.items():
+        comps = comps[variant % len(comps) :] + comps[: variant % len(comps)]
+        comps = comps[: max(1, len(comps) - variant % 2)]
+        for m1, n1, m2, n2, ident in comps:
+            b = torch.randn(m2, n2, generator=gen, dtype=torch.float64) / n2**0.5
+            a = None if ident else torch.randn(m1, n1, generator=gen, dtype=torch.float64) / n1**0.5
+            entries.append(
+                KronEntry(b=b.to(dtype), a=None if a is None else a.to(dtype), slice=slice_id)
+            )
+    return entries
+
+
+def make_bank(layer: str, num_slots: int, dtype: torch.dtype, seed: int) -> MokaBank:
+    in_features, widths, spec = LAYERS[layer]
+    max_entries = sum(len(c) for c in spec.values())
+    max_a = max(m1 * n1 for comps in spec.values() for m1, n1, *_ in comps)
+    max_b = max(m2 * n2 for comps in spec.values() for _, _, m2, n2, _ in comps)
+    bank = MokaBank(
+        num_slots, max_entries, max_a, max_b, in_features, sum(widths), dtype, DEVICE, widths
+    )
+    gen = torch.Generator().manual_seed(seed)
+    for slot in range(num_slots - 1):  # the last slot stays empty
+        bank.write_slot(slot, random_entries(spec, gen, dtype, variant=slot))
+    # Poison everything a kernel must never read: padding past each factor, unused entries.
+    for slot in range(num_slots):
+        for e in range(bank.max_entries):
+            if e < len(bank.entries[slot]):
+                s = bank.entries[slot][e]
+                bank.a[slot, e, 0 if s.identity_a else s.m1 * s.n1 :] = float("nan")
+                bank.b[slot, e, s.m2 * s.n2 :] = float("nan")
+            else:
+                bank.a[slot, e] = float("nan")
+                bank.b[slot, e] = float("nan")
+    return bank
+
+
+MAPPINGS = {
+    "distinct": lambda n, s: torch.arange(n) % s,
+    "mixed-with-none": lambda n, s: torch.tensor([(i * 7) % (s + 1) - 1 for i in range(n)]),
+    "identical": lambda n, s: torch.zeros(n, dtype=torch.long),
+    "all-none": lambda n, s: torch.full((n,), -1),
+    "runs": lambda n, s: torch.arange(n) * s // max(n, 1) - (torch.arange(n) < n // 5).long(),
+}
+
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+def reference(x, y0, slots, bank):
+    """Naive result in float64: y0 + delta for adapted tokens."""
+    y = y0.to(torch.float64).clone()
+    moka_apply_naive(x.to(torch.float64), y, slots, bank)
+    return y
+
+
+def check(y, y0, ref, slots, bank, dtype):
+    untouched = slots < 0
+    # rows without an adapter and the empty slot's rows come back bit for bit, poison included
+    untouched |= slots == bank.num_slots - 1
+    assert torch.equal(y[untouched].isnan(), y0[untouched].isnan())
+    assert torch.equal(y[untouched].nan_to_num(), y0[untouched].nan_to_num())
+    # slices that no entry of the token's slot touches are untouched too
+    for slot in slots.unique().tolist():
+        if slot < 0:
+            continue
+        covered = torch.zeros(bank.out_features, dtype=torch.bool)
+        for s in bank.entries[slot]:
+            covered[s.out_offset : s.out_offset + s.m1 * s.m2] = True
+        rows = slots == slot
+        assert torch.equal(
+            y[rows][:, ~covered].nan_to_num(nan=7.0), y0[rows][:, ~covered].nan_to_num(nan=7.0)
+        )
+    adapted = ~untouched
+    if adapted.any():
+        got = y[adapted].to(torch.float64)
+        want = ref[adapted]
+        scale = want.abs().max().clamp_min(1.0)
+        err = (got - want).abs().max() / scale
+        assert err <= TOL[dtype], f"max relative error {err:.3g} > {TOL[dtype]}"
+
+
+def run_case(impl, layer, mapping, num_tokens, dtype, seed, num_slots=4):
+    bank = make_bank(layer, num_slots, dtype, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    slots = MAPPINGS[mapping](num_tokens, num_slots).long()
+    x = torch.randn(num_tokens, bank.in_features, generator=gen).to(dtype)
+    y0 = torch.randn(num_tokens, bank.out_features, generator=gen).to(dtype)
+    # poison: inputs of tokens without adapter, and outputs of untouched rows
+    x[slots < 0] = float("nan")
+    y0[slots < 0] = float("nan")
+    ref = reference(x.nan_to_num(), y0, slots, bank)
+    y = y0.clone().to(DEVICE)
+    impl(x.to(DEVICE), y, slots.to(DEVICE), bank)
+    check(y.cpu(), y0, ref, slots, bank, dtype)
+
+
+@pytest.mark.parametrize("layer", list(LAYERS))
+@pytest.mark.parametrize("mapping", list(MAPPINGS))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_torch_path_matches_kron_reference(layer, mapping, dtype):
+    run_case(
+        moka_apply_torch,
+        layer,
+        mapping,
+        num_tokens=13,
+        dtype=dtype,
+        seed=zlib.crc32(f"{layer}/{mapping}".encode()) % 1000,
+    )
+
+
+def _triton(form):
+    def impl(x, y, slots, bank):
+        triton_ops.moka_apply_triton(
+            x, y, slots, bank, form=form, blocks=(16, 16) if form == "prefill" else None
+        )
+
+    return impl
+
+
+@pytest.mark.parametrize("layer", ["mixed-48x40", "qkv-slices", "smollm-v_proj"])
+@pytest.mark.parametrize("mapping", ["mixed-with-none", "runs", "all-none"])
+@pytest.mark.parametrize("form", ["decode", "prefill"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_matches_kron_reference(layer, mapping, form, dtype):
+    run_case(
+        _triton(form), layer, mapping, num_tokens=9 if form == "decode" else 37, dtype=dtype, seed=7
+    )
+
+
+@pytest.mark.parametrize("form", ["decode", "prefill"])
+def test_triton_bf16_and_identity_only_layer(form):
+    run_case(
+        _triton(form), "smollm-q_proj", "identical", num_tokens=5, dtype=torch.bfloat16, seed=3
+    )
+
+
+@pytest.mark.parametrize(
+    "impl", [moka_apply_naive, moka_apply_torch, _triton("decode"), _triton("prefill")]
+)
+def test_empty_batch(impl):
+    bank = make_bank("mixed-48x40", 2, torch.float32, 0)
+    y = torch.empty(0, 40, device=DEVICE)
+    impl(
+        torch.empty(0, 48, device=DEVICE), y, torch.empty(0, dtype=torch.long, device=DEVICE), bank
+    )
+    assert y.shape == (0, 40)
+
+
+def test_group_starts_partition_each_slot_run():
+    slots = torch.tensor([2, -1, 0, 2, 2, 0, -1, 2, 2, 2, 1, 2, 2, 2, 2])
+    order, sorted_slots, starts = triton_ops.group_starts(slots, block_t=4, num_slots=3)
+    assert torch.equal(slots[order.long()], sorted_slots)
+    starts = [s for s in starts.tolist() if s < len(slots)]
+    # groups start where a slot's run starts, then every 4 tokens within the run
+    assert starts == [0, 2, 4, 5, 9, 13]
+
+
+def test_delta_weight_is_sum_of_krons():
+    bank = make_bank("qkv-slices", 2, torch.float64, 1)
+    delta = delta_weight(bank, 0)
+    want = torch.zeros(40, 48, dtype=torch.float64)
+    for i, s in enumerate(bank.entries[0]):
+        a = (
+            torch.eye(s.m1, dtype=torch.float64)
+            if s.identity_a
+            else bank.a[0, i, : s.m1 * s.n1].view(s.m1, s.n1)
+        )
+        b = bank.b[0, i, : s.m2 * s.n2].view(s.m2, s.n2)
+        for i1 in range(s.m1):  # the definition, element by element
+            for j1 in range(s.n1):
+                want[
+                    s.out_offset + i1 * s.m2 : s.out_offset + (i1 + 1) * s.m2,
+                    j1 * s.n2 : (j1 + 1) * s.n2,
+                ] += a[i1, j1] * b
+    assert torch.allclose(delta, want, atol=1e-12)
+
+
+def test_bank_rejects_entries_that_do_not_fit():
+    bank = MokaBank(2, 2, 32, 64, 48, 40)
+    with pytest.raises(ValueError, match="n1\\*n2"):
+        bank.write_slot(0, [KronEntry(a=torch.ones(5, 5), b=torch.ones(8, 8))])
+    with pytest.raises(ValueError, match="width 40"):
+        bank.write_slot(0, [KronEntry(a=torch.ones(4, 6), b=torch.ones(8, 8))])
+    with pytest.raises(ValueError, match="limit of 2"):
+        bank.write_slot(0, [KronEntry(a=torch.ones(5, 6), b=torch.ones(8, 8))] * 3)
+    with pytest.raises(ValueError, match="buffer holds"):
+        bank.write_slot(
+            0,
+            [
+                KronEntry(a=torch.ones(1, 48), b=torch.ones(40, 1)),
+                KronEntry(a=torch.ones(40, 1), b=torch.ones(1, 48)),
+            ],
+        )
+
+
+def test_custom_op_under_torch_compile():
+    bank = make_bank("mixed-48x40", 3, torch.float32, 5)
+    slots = torch.tensor([0, -1, 1, 1, 0], device=DEVICE)
+    x = torch.randn(5, 48, device=DEVICE)
+
+    def layer(x, y):
+        y = y * 1.0
+        triton_ops.moka_apply_triton(x, y, slots, bank, form="decode")
+        return y + 0.0
+
+    y0 = torch.randn(5, 40, device=DEVICE)
+    want = layer(x, y0.clone())
+    got = torch.compile(layer, backend="aot_eager", fullgraph=True)(x, y0.clone())
+    assert torch.equal(got, want)
