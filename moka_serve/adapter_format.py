@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from moka_kernels import KronEntry
+
 FORMAT_VERSION = 1
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -284,6 +286,10 @@ class FoldedModule:
     shapes: tuple[ComponentShape, ...]
     A: list[torch.Tensor | None]
     B: list[torch.Tensor]
+
+    def kron_entries(self, slice: int = 0) -> list[KronEntry]:
+        """The folded components as kernel entries (``moka_kernels.MokaBank.write_slot``)."""
+        return [KronEntry(b=b, a=a, slice=slice) for a, b in zip(self.A, self.B, strict=True)]
 
     def delta_weight(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """Dense (out_features, in_features) update, for reference and tests."""

@@ -586,3 +586,31 @@ def test_validate_catches_a_in_mokas():
 def test_delta_weight_unknown_module():
     with pytest.raises(ValueError, match="not in this adapter"):
         make_adapter().delta_weight("model.layers.9.self_attn.q_proj")
+
+
+# --------------------------------------------------------------------------- format -> kernels
+
+
+@pytest.mark.parametrize("variant", ["moka", "mokas"])
+def test_loaded_adapter_through_kernel_bank_equals_merged_delta(tmp_path, variant):
+    """save -> load -> fold -> MokaBank -> moka_apply_torch equals delta_W @ x (float64)."""
+    from moka_kernels import MokaBank, moka_apply_torch
+
+    save_adapter(make_adapter(variant, gating=True), tmp_path / "a")
+    loaded = load_adapter(tmp_path / "a", base_dims=DIMS)
+    folded = loaded.fold(dtype=torch.float64)
+    for path in MODULES:
+        target = loaded.config.target_for(path)
+        out_f, in_f = DIMS[target]
+        shapes = loaded.config.targets[target].components
+        bank = MokaBank(
+            2, len(shapes), max(c.m1 * c.n1 for c in shapes), max(c.m2 * c.n2 for c in shapes),
+            in_f, out_f, torch.float64,
+        )  # fmt: skip
+        bank.write_slot(1, folded[path].kron_entries())
+        x = torch.randn(4, in_f, dtype=torch.float64)
+        y = torch.zeros(4, out_f, dtype=torch.float64)
+        moka_apply_torch(x, y, torch.tensor([1, -1, 1, 0]), bank)
+        want = x @ loaded.delta_weight(path).T
+        assert torch.allclose(y[[0, 2]], want[[0, 2]], atol=1e-10)
+        assert torch.equal(y[[1, 3]], torch.zeros(2, out_f, dtype=torch.float64))

@@ -255,3 +255,38 @@ def test_custom_op_under_torch_compile():
     want = layer(x, y0.clone())
     got = torch.compile(layer, backend="aot_eager", fullgraph=True)(x, y0.clone())
     assert torch.equal(got, want)
+
+
+def test_moka_kernels_imports_with_torch_alone():
+    """The kernels package must not pull in vLLM, transformers or triton at import."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, moka_kernels; "
+        "bad = [m for m in ('vllm', 'transformers', 'triton', 'safetensors') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_custom_op_under_cuda_graph_capture_and_replay():
+    bank = make_bank("smollm-v_proj", 4, torch.bfloat16, 11)
+    x = torch.randn(8, 576, device="cuda", dtype=torch.bfloat16)
+    y = torch.zeros(8, 192, device="cuda", dtype=torch.bfloat16)
+    slots = torch.tensor([0, 1, -1, 2, 0, 0, 1, -1], device="cuda")
+    triton_ops.moka_apply_triton(x, y, slots, bank)  # warm-up compiles outside the graph
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y.zero_()
+        triton_ops.moka_apply_triton(x, y, slots, bank)
+    for step in range(3):  # new inputs, new mapping and a rewritten slot, all in place
+        x.copy_(torch.randn_like(x))
+        slots.copy_(torch.tensor([step % 3, -1, 1, 2, 0, step % 3, 1, 0]))
+        gen = torch.Generator().manual_seed(step)
+        bank.write_slot(1, random_entries(LAYERS["smollm-v_proj"][2], gen, torch.bfloat16, step))
+        graph.replay()
+        want = torch.zeros(8, 192, dtype=torch.float64, device="cuda")
+        moka_apply_naive(x.double(), want, slots, bank)
+        assert (y.double() - want).abs().max() / want.abs().max() < 2e-2
