@@ -39,11 +39,21 @@ def group_tokens(token_slots: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
 
 @torch.no_grad()
 def moka_apply_torch(
-    x: torch.Tensor, y: torch.Tensor, token_slots: torch.Tensor, bank: MokaBank
+    x: torch.Tensor,
+    y: torch.Tensor,
+    token_slots: torch.Tensor,
+    bank: MokaBank,
+    groups: list[tuple[int, torch.Tensor]] | None = None,
 ) -> None:
-    """``y[t] += delta_W[slot[t]] @ x[t]`` for every token whose slot is not -1."""
+    """``y[t] += delta_W[slot[t]] @ x[t]`` for every token whose slot is not -1.
+
+    ``groups`` is ``group_tokens(token_slots)``, computed once per model step by a caller that
+    applies many layers to the same batch; computed here when omitted.
+    """
     check_apply_args(x, y, token_slots, bank)
-    for slot, idx in group_tokens(token_slots):
+    if groups is None:
+        groups = group_tokens(token_slots)
+    for slot, idx in groups:
         whole = idx.numel() == x.shape[0]  # avoid gather/scatter when one adapter has it all
         xs = x if whole else x.index_select(0, idx)
         xs = xs.to(bank.dtype)

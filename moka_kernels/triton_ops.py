@@ -29,6 +29,7 @@ number of tokens and slots, never on the data.
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -204,6 +205,26 @@ def _moka_kernel(
                 )  # fmt: skip
 
 
+class TritonPlan(NamedTuple):
+    """The token grouping of one batch, shared by every layer of a model step."""
+
+    sorted_token_ids: torch.Tensor
+    sorted_slots: torch.Tensor
+    group_starts: torch.Tensor
+    block_t: int
+
+
+def make_plan(token_slots: torch.Tensor, num_slots: int, form: str = "auto") -> TritonPlan:
+    """Group a batch's tokens for the kernel; ``form`` is "auto", "decode" or "prefill"."""
+    if form == "auto":
+        block_t = choose_block_t(token_slots.shape[0], num_slots)
+    elif form in ("decode", "prefill"):
+        block_t = DECODE_BLOCK_T if form == "decode" else PREFILL_BLOCK_T
+    else:
+        raise ValueError(f"unknown form {form!r}: use 'auto', 'decode' or 'prefill'")
+    return TritonPlan(*group_starts(token_slots, block_t, num_slots), block_t)
+
+
 def group_starts(
     token_slots: torch.Tensor, block_t: int, num_slots: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -246,7 +267,9 @@ def choose_block_t(num_tokens: int, num_slots: int) -> int:
 def _moka_apply_op(
     x: torch.Tensor,
     y: torch.Tensor,
-    token_slots: torch.Tensor,
+    order: torch.Tensor,
+    sorted_slots: torch.Tensor,
+    starts: torch.Tensor,
     a: torch.Tensor,
     b: torch.Tensor,
     table: torch.Tensor,
@@ -258,7 +281,6 @@ def _moka_apply_op(
     n = x.shape[0]
     if n == 0:
         return
-    order, sorted_slots, starts = group_starts(token_slots, block_t, a.shape[0])
     cast_f32 = interpreting() or x.dtype == torch.float32 or a.dtype == torch.float32
     grid = (starts.shape[0], num_slices)
     _moka_kernel[grid](
@@ -271,7 +293,7 @@ def _moka_apply_op(
 
 
 @_moka_apply_op.register_fake
-def _(x, y, token_slots, a, b, table, num_slices, block_t, block_1, block_2) -> None:
+def _(x, y, order, sorted_slots, starts, a, b, table, num_slices, block_t, block_1, block_2):
     return None
 
 
@@ -282,26 +304,25 @@ def moka_apply_triton(
     bank: MokaBank,
     form: str = "auto",
     blocks: tuple[int, int] | None = None,
+    plan: TritonPlan | None = None,
 ) -> None:
     """``y[t] += delta_W[slot[t]] @ x[t]`` for every token whose slot is not -1.
 
     ``form`` is ``"auto"``, ``"decode"`` or ``"prefill"``; ``blocks`` overrides the
-    ``(BLOCK_1, BLOCK_2)`` tile sizes (powers of two, at least 16).
+    ``(BLOCK_1, BLOCK_2)`` tile sizes (powers of two, at least 16). ``plan`` is
+    ``make_plan(token_slots, bank.num_slots, form)``, computed once per model step by a caller
+    that applies many layers to one batch; computed here when omitted.
     """
     check_apply_args(x, y, token_slots, bank)
     if y.stride(1) != 1:
         raise ValueError("y must be contiguous along its last dimension (it is written in place)")
-    if form == "auto":
-        block_t = choose_block_t(x.shape[0], bank.num_slots)
-    elif form in ("decode", "prefill"):
-        block_t = DECODE_BLOCK_T if form == "decode" else PREFILL_BLOCK_T
-    else:
-        raise ValueError(f"unknown form {form!r}: use 'auto', 'decode' or 'prefill'")
+    if plan is None:
+        plan = make_plan(token_slots, bank.num_slots, form)
     if blocks is None:
-        blocks = DECODE_BLOCKS if block_t == DECODE_BLOCK_T else PREFILL_BLOCKS
+        blocks = DECODE_BLOCKS if plan.block_t == DECODE_BLOCK_T else PREFILL_BLOCKS
     x = x.to(bank.dtype).contiguous()
     torch.ops.moka_kernels.moka_apply(
-        x, y, token_slots, bank.a, bank.b, bank.table, bank.num_slices, block_t, *blocks
+        x, y, *plan[:3], bank.a, bank.b, bank.table, bank.num_slices, plan.block_t, *blocks
     )
 
 
