@@ -101,6 +101,11 @@ class MokaBank:
             num_slots, max_entries, NUM_FIELDS, dtype=torch.int32, device=device
         )
         self.entries: list[list[EntryShape]] = [[] for _ in range(num_slots)]
+        # Views of each slot's factors, built once at write time: the CPU path reads them on
+        # every forward, and rebuilding views costs more than the tiny matmuls they feed.
+        self.views: list[list[tuple[torch.Tensor | None, torch.Tensor, EntryShape]]] = [
+            [] for _ in range(num_slots)
+        ]
 
     @property
     def num_slots(self) -> int:
@@ -188,6 +193,7 @@ class MokaBank:
         if rows:
             self.table[slot, : len(rows)].copy_(torch.tensor(rows, dtype=torch.int32))
         self.entries[slot] = shapes
+        self.views[slot] = [self._view(slot, i, s) for i, s in enumerate(shapes)]
 
     @torch.no_grad()
     def clear_slot(self, slot: int) -> None:
@@ -195,15 +201,19 @@ class MokaBank:
         self.b[slot].zero_()
         self.table[slot].zero_()
         self.entries[slot] = []
+        self.views[slot] = []
+
+    def _view(
+        self, slot: int, index: int, s: EntryShape
+    ) -> tuple[torch.Tensor | None, torch.Tensor, EntryShape]:
+        a = None if s.identity_a else self.a[slot, index, : s.m1 * s.n1].view(s.m1, s.n1)
+        return a, self.b[slot, index, : s.m2 * s.n2].view(s.m2, s.n2), s
 
     def factors(
         self, slot: int, index: int
     ) -> tuple[torch.Tensor | None, torch.Tensor, EntryShape]:
         """Views of entry ``index`` of ``slot``: ``(A or None, B, shape)``."""
-        s = self.entries[slot][index]
-        a = None if s.identity_a else self.a[slot, index, : s.m1 * s.n1].view(s.m1, s.n1)
-        b = self.b[slot, index, : s.m2 * s.n2].view(s.m2, s.n2)
-        return a, b, s
+        return self.views[slot][index]
 
 
 def check_apply_args(

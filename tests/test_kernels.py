@@ -59,7 +59,9 @@ def random_entries(
     return entries
 
 
-def make_bank(layer: str, num_slots: int, dtype: torch.dtype, seed: int) -> MokaBank:
+def make_bank(
+    layer: str, num_slots: int, dtype: torch.dtype, seed: int, same_shapes: bool = False
+) -> MokaBank:
     in_features, widths, spec = LAYERS[layer]
     max_entries = sum(len(c) for c in spec.values())
     max_a = max(m1 * n1 for comps in spec.values() for m1, n1, *_ in comps)
@@ -69,7 +71,8 @@ def make_bank(layer: str, num_slots: int, dtype: torch.dtype, seed: int) -> Moka
     )
     gen = torch.Generator().manual_seed(seed)
     for slot in range(num_slots - 1):  # the last slot stays empty
-        bank.write_slot(slot, random_entries(spec, gen, dtype, variant=slot))
+        variant = 0 if same_shapes else slot
+        bank.write_slot(slot, random_entries(spec, gen, dtype, variant=variant))
     # Poison everything a kernel must never read: padding past each factor, unused entries.
     for slot in range(num_slots):
         for e in range(bank.max_entries):
@@ -127,8 +130,8 @@ def check(y, y0, ref, slots, bank, dtype):
         assert err <= TOL[dtype], f"max relative error {err:.3g} > {TOL[dtype]}"
 
 
-def run_case(impl, layer, mapping, num_tokens, dtype, seed, num_slots=4):
-    bank = make_bank(layer, num_slots, dtype, seed)
+def run_case(impl, layer, mapping, num_tokens, dtype, seed, num_slots=4, same_shapes=False):
+    bank = make_bank(layer, num_slots, dtype, seed, same_shapes)
     gen = torch.Generator().manual_seed(seed + 1)
     slots = MAPPINGS[mapping](num_tokens, num_slots).long()
     x = torch.randn(num_tokens, bank.in_features, generator=gen).to(dtype)
@@ -154,6 +157,13 @@ def test_torch_path_matches_kron_reference(layer, mapping, dtype):
         dtype=dtype,
         seed=zlib.crc32(f"{layer}/{mapping}".encode()) % 1000,
     )
+
+
+@pytest.mark.parametrize("layer", list(LAYERS))
+@pytest.mark.parametrize("mapping", ["distinct", "mixed-with-none", "runs"])
+def test_torch_path_slots_with_same_shapes_gathered(layer, mapping):
+    """Adapters with identical component shapes take the gathered (BGMV-like) branch."""
+    run_case(moka_apply_torch, layer, mapping, 13, torch.float64, seed=5, same_shapes=True)
 
 
 def _triton(form):
