@@ -30,6 +30,7 @@ from vllm.lora.layers.column_parallel_linear import (
 from vllm.lora.layers.row_parallel_linear import RowParallelLinearWithLoRA
 
 from moka_kernels import KronEntry, MokaBank, moka_apply
+from moka_kernels.torch_ops import group_tokens, moka_apply_torch
 
 DEFAULT_MAX_COMPONENTS = 4
 DEFAULT_MAX_FACTOR_NUMEL = 4096
@@ -120,15 +121,37 @@ class MokaLayerMixin:
             return output
         x2 = x.reshape(-1, x.shape[-1])
         y2 = output.view(-1, output.shape[-1])
-        slots = self.punica_wrapper.token_lora_indices
+        step_slots = self.punica_wrapper.token_lora_indices
+        slots = step_slots
         n = x2.shape[0]
         if slots.shape[0] != n:  # padded batches: extra rows get no adapter
             padded = torch.full((n,), -1, dtype=slots.dtype, device=slots.device)
             m = min(n, slots.shape[0])
             padded[:m] = slots[:m]
             slots = padded
-        moka_apply(x2, y2, slots, self.moka_bank)
+        if x.is_cuda:
+            moka_apply(x2, y2, slots, self.moka_bank)
+        else:
+            # Groups of vLLM's own buffer stay right when rows were padded with -1 (no adapter).
+            groups = self._moka_groups(step_slots) if step_slots.shape[0] <= n else None
+            moka_apply_torch(x2, y2, slots, self.moka_bank, groups=groups)
         return output
+
+    def _moka_groups(self, slots: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+        """Token groups of this step, computed once and shared by every layer.
+
+        All layers of a step read the same ``token_lora_indices`` buffer, which vLLM rewrites
+        in place each step (bumping its version counter), so (address, version, length) keys
+        the step. Grouping costs a host sync and a sort: once per step, not once per layer.
+        Only vLLM's long-lived buffer may be passed here: a temporary tensor could reuse a
+        freed address with the same version and length in a later step.
+        """
+        key = (slots.data_ptr(), slots._version, slots.shape[0])
+        cached = getattr(self.punica_wrapper, "_moka_groups", None)
+        if cached is None or cached[0] != key:
+            cached = (key, group_tokens(slots))
+            self.punica_wrapper._moka_groups = cached
+        return cached[1]
 
 
 class MokaColumnParallelLinearWithLoRA(MokaLayerMixin, ColumnParallelLinearWithLoRA):
