@@ -93,10 +93,18 @@ class MokaLayerMixin:
             slice_widths=widths,
         )
         self._moka_slots = set()
+        # Slots holding LoRA weights in this layer (set_lora), so the CPU forward can skip
+        # vLLM's LoRA ops when no token of a step needs them.
+        self._lora_slots: set[int] = set()
         self.moka_max_components = max_components
+
+    def set_lora(self, index: int, *args, **kwargs) -> None:
+        super().set_lora(index, *args, **kwargs)
+        self._lora_slots.add(index)
 
     def reset_lora(self, index: int) -> None:
         super().reset_lora(index)
+        self._lora_slots.discard(index)
         self.reset_moka(index)
 
     def reset_moka(self, index: int) -> None:
@@ -113,27 +121,31 @@ class MokaLayerMixin:
             self._moka_slots.discard(index)
 
     def _apply_lora_to_output(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        output = super()._apply_lora_to_output(x, output)
-        # The host-side early exit is for eager CPU only: on CUDA the forward may be captured in
-        # a CUDA graph (during warm-up, with no MoKA adapter loaded), so the kernel must always
-        # be part of it; it skips slots without entries and tokens of slot -1 itself.
-        if not self._moka_slots and not x.is_cuda:
-            return output
         x2 = x.reshape(-1, x.shape[-1])
-        y2 = output.view(-1, output.shape[-1])
+        n = x2.shape[0]
         step_slots = self.punica_wrapper.token_lora_indices
         slots = step_slots
-        n = x2.shape[0]
         if slots.shape[0] != n:  # padded batches: extra rows get no adapter
             padded = torch.full((n,), -1, dtype=slots.dtype, device=slots.device)
             m = min(n, slots.shape[0])
             padded[:m] = slots[:m]
             slots = padded
         if x.is_cuda:
-            moka_apply(x2, y2, slots, self.moka_bank)
-        else:
-            # Groups of vLLM's own buffer stay right when rows were padded with -1 (no adapter).
-            groups = self._moka_groups(step_slots) if step_slots.shape[0] <= n else None
+            # No host-side shortcuts: the forward may be captured in a CUDA graph (during
+            # warm-up, with no adapter loaded), so both kernels are always part of it; the MoKA
+            # kernel skips empty slots and tokens of slot -1 itself.
+            output = super()._apply_lora_to_output(x, output)
+            moka_apply(x2, output.view(-1, output.shape[-1]), slots, self.moka_bank)
+            return output
+        # Eager CPU: skip vLLM's LoRA ops unless a token of this step uses a slot that holds
+        # LoRA weights in this layer. MoKA slots hold zero LoRA weights, so for base and MoKA
+        # tokens those ops would only add zeros, at the cost of the whole LoRA path.
+        # Groups of vLLM's own buffer stay right when rows were padded with -1 (no adapter).
+        groups = self._moka_groups(step_slots) if step_slots.shape[0] <= n else group_tokens(slots)
+        if any(slot in self._lora_slots for slot, _ in groups):
+            output = super()._apply_lora_to_output(x, output)
+        if self._moka_slots and groups:
+            y2 = output.view(-1, output.shape[-1])
             moka_apply_torch(x2, y2, slots, self.moka_bank, groups=groups)
         return output
 
