@@ -1,1 +1,15 @@
-"""moka-train: train MoKA adapters over a 4-bit base model."""
+"""moka-train: train MoKA adapters over a 4-bit base model.
+
+Modules (imported on demand, so ``import moka_trainer`` stays cheap):
+
+* ``moka_trainer.train``: ``TrainConfig``, ``train(cfg)`` (the loop behind ``moka-train``),
+  ``load_base_model``, ``evaluate``, ``greedy_completions``.
+* ``moka_trainer.moka_layer``: ``MokaLinear``, ``inject_moka``, ``export_adapter`` (model ->
+  ``MokaAdapter``), ``attach_adapter`` (a loaded adapter onto a model, unmerged), ``remove_moka``.
+* ``moka_trainer.shapes``: exact Kronecker factorisations, ``plan_shapes`` (from a budget or
+  explicit ``--shapes``), ``parse_shapes``, ``parse_budget``, ``lora_params``.
+* ``moka_trainer.data``: JSONL records -> token ids with completion-only labels.
+* ``moka_trainer.models``: the embedded SmolLM2-135M-Instruct base and a tiny test Llama.
+* ``moka_trainer.reference``: merged reference models and greedy generation for serving tests.
+* ``moka_trainer.cli``: the ``moka-train`` command.
+"""

@@ -1,0 +1,393 @@
+"""moka-train end to end on the tiny random Llama with a 4-bit NF4 base (CPU, ~1 minute)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from moka_serve.adapter_format import load_adapter
+from moka_trainer.cli import main as cli_main
+from moka_trainer.data import IGNORE_INDEX, DataError, load_examples
+from moka_trainer.models import tiny_llama_dir
+from moka_trainer.moka_layer import MokaLinear, attach_adapter, inject_moka, target_dims
+from moka_trainer.shapes import plan_shapes
+from moka_trainer.train import TrainConfig, latest_checkpoint, load_base_model, train
+
+CPU = torch.device("cpu")
+WORDS = "red green blue black white water fire earth wind stone tree bird".split()
+
+
+def _write_task(path: Path, n: int, seed: int) -> None:
+    """A copy-twice task: prompt 'Echo: w1 w2' -> 'w1 w2 w1 w2'. Learnable in a few steps."""
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            ws = " ".join(rng.choice(WORDS) for _ in range(2))
+            f.write(json.dumps({"prompt": f"Echo: {ws}\n", "completion": f"{ws} {ws}"}) + "\n")
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Path:
+    return tiny_llama_dir()
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("task")
+    _write_task(d / "train.jsonl", 32, 0)
+    _write_task(d / "eval.jsonl", 6, 1)
+    return {"train": d / "train.jsonl", "eval": d / "eval.jsonl", "dir": d}
+
+
+def _cfg(tiny: Path, task: dict, out: Path, **kw) -> TrainConfig:
+    base = dict(
+        data=str(task["train"]),
+        out=str(out),
+        base=str(tiny),
+        max_steps=4,
+        batch_size=8,
+        micro_batch_size=4,
+        lr=1e-2,
+        warmup_ratio=0.0,
+        quiet=True,
+        progress=False,
+        max_eval_examples=4,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny, task, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("run") / "moka"
+    return train(_cfg(tiny, task, out, eval_data=str(task["eval"]), save_every=2))
+
+
+def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+IDS = torch.tensor([[5, 17, 300, 42, 7, 99, 512, 3], [8, 1, 2, 3, 4, 5, 6, 7]])
+
+
+def test_training_lowers_loss_on_a_4bit_base(trained):
+    out = Path(trained["config"]["out"])
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    steps = [e for e in log if "loss" in e]
+    assert [e["step"] for e in steps] == [1, 2, 3, 4]
+    assert all({"step", "loss", "lr", "tokens_per_s"} <= set(e) for e in steps)
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    evals = [e for e in log if "eval_loss" in e]
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == 4
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    assert "eval_exact_match" in evals[-1]
+    # the base really is 4-bit, and only the MoKA factors trained
+    model = trained["model"]
+    mods = [m for m in model.modules() if isinstance(m, MokaLinear)]
+    assert len(mods) == 8 and all(type(m.base).__name__ == "Linear4bit" for m in mods)
+    info = json.loads((out / "train_info.json").read_text())
+    assert info["trainable_params"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert info["quantized_4bit"] and info["lora_params_same_targets"]["rank8"] > 0
+
+
+def test_delta_w_is_zero_at_step_0(tiny):
+    model, _ = load_base_model(str(tiny), quantize=True, device=CPU, dtype=torch.float32)
+    before = _logits(model, IDS)
+    dims, counts = target_dims(model, ["q_proj", "v_proj"])
+    shapes, _ = plan_shapes(dims, counts, num_components=3, budget=None)
+    wrapped = inject_moka(model, shapes)
+    assert all(torch.count_nonzero(m.delta_weight()) == 0 for m in wrapped.values())
+    assert torch.equal(_logits(model, IDS), before)
+
+
+def test_saved_adapter_reproduces_logits_unmerged_and_merged(trained, tiny):
+    out = Path(trained["config"]["out"])
+    trained["model"].eval()
+    want = _logits(trained["model"], IDS)
+    fresh, _ = load_base_model(str(tiny), quantize=True, device=CPU, dtype=torch.float32)
+    base_logits = _logits(fresh, IDS)
+    dims, _ = target_dims(fresh, ["q_proj", "v_proj"])
+    adapter = load_adapter(out, base_dims=dims)
+    assert adapter.config.gating and len(adapter.modules) == 8
+    assert (want - base_logits).abs().max() > 1e-3, "the adapter should change the model"
+    # the gates moved away from uniform during training
+    gates = [w.gate for w in adapter.modules.values()]
+    assert any(not torch.allclose(g, torch.zeros_like(g)) for g in gates)
+
+    attach_adapter(fresh, adapter)
+    torch.testing.assert_close(_logits(fresh, IDS), want, rtol=0, atol=1e-5)
+
+    reference = pytest.importorskip("moka_trainer.reference")
+    merged, _ = load_base_model(str(tiny), quantize=True, device=CPU, dtype=torch.float32)
+    merged = reference.merge_moka_into_model(merged, adapter) or merged
+    # merged = dequantized NF4 weights + delta_W: same math, another summation order
+    torch.testing.assert_close(_logits(merged, IDS), want, rtol=1e-4, atol=2e-4)
+
+
+def test_resume_continues_exactly(trained, tiny, task, tmp_path):
+    out = Path(trained["config"]["out"])
+    ckpt = latest_checkpoint(out)
+    assert ckpt is not None and ckpt.name == "step-2"
+    assert (ckpt / "adapter" / "adapter_config.json").is_file()
+    resumed = train(_cfg(tiny, task, tmp_path / "resumed", resume=str(ckpt)))
+    assert resumed["resumed_from_step"] == 2
+    a = load_adapter(out)
+    b = load_adapter(tmp_path / "resumed")
+    for path, wa in a.modules.items():
+        wb = b.modules[path]
+        for x, y in zip([*wa.A, *wa.B, wa.gate], [*wb.A, *wb.B, wb.gate], strict=True):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_lora_baseline_saves_a_peft_folder(tiny, task, tmp_path):
+    from peft import PeftModel
+
+    out = tmp_path / "lora"
+    res = train(_cfg(tiny, task, out, method="lora", rank=4, max_steps=2))
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 4
+    assert sorted(cfg["target_modules"]) == ["q_proj", "v_proj"]
+    assert res["trainable_params"] == 4 * 4 * ((256 + 256) + (256 + 128))
+    res["model"].eval()
+    want = _logits(res["model"], IDS)
+    base, _ = load_base_model(str(tiny), quantize=True, device=CPU, dtype=torch.float32)
+    loaded = PeftModel.from_pretrained(base, str(out))
+    torch.testing.assert_close(_logits(loaded, IDS), want, rtol=0, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def test_loss_only_on_completion_and_assistant_tokens(tiny, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny)
+    f = tmp_path / "mixed.jsonl"
+    rows = [
+        {"prompt": "Echo: red\n", "completion": "red red"},
+        {
+            "messages": [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": "hello"},
+                {"role": "assistant", "content": "world"},
+                {"role": "user", "content": "again"},
+                {"role": "assistant", "content": "model adapter"},
+            ]
+        },
+        {"text": "the capital of France"},
+    ]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pc, msg, text = load_examples(f, tok)
+    labelled = [t for t in pc.labels if t != IGNORE_INDEX]
+    assert tok.decode(labelled) == "red red" + tok.eos_token
+    assert pc.labels[: len(pc.prompt_ids)] == [IGNORE_INDEX] * len(pc.prompt_ids)
+    spans, cur = [], []
+    for t, lab in zip(msg.input_ids, msg.labels, strict=True):
+        if lab != IGNORE_INDEX:
+            cur.append(t)
+        elif cur:
+            spans.append(cur)
+            cur = []
+    spans += [cur] if cur else []
+    assert [tok.decode(s).strip() for s in spans] == ["world<|im_end|>", "model adapter<|im_end|>"]
+    assert text.labels == text.input_ids
+    chat = load_examples(f, tok, prompt_format="chat")[0]
+    assert tok.decode(chat.prompt_ids).startswith("<|im_start|>user\nEcho: red")
+
+
+@pytest.mark.parametrize(
+    "line,msg",
+    [
+        ('{"prompt": "a"}', "no 'completion'"),
+        ('{"prompt": 1, "completion": "b"}', "'prompt' must be a string"),
+        ('{"messages": [{"role": "user", "content": "hi"}]}', "no assistant message"),
+        ('{"messages": [{"role": "robot", "content": "hi"}]}', "role 'robot'"),
+        ('{"foo": 1}', "unknown record"),
+        ('{"text": ""}', "non-empty"),
+        ("not json", "not valid JSON"),
+    ],
+)
+def test_bad_data_lines_name_the_line(tiny, tmp_path, line, msg):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny)
+    f = tmp_path / "bad.jsonl"
+    f.write_text('{"text": "fine"}\n' + line + "\n")
+    with pytest.raises(DataError, match=msg) as e:
+        load_examples(f, tok)
+    assert "bad.jsonl:2:" in str(e.value)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _run_cli(capsys, *argv: str) -> tuple[int, str]:
+    try:
+        rc = cli_main(list(argv))
+    except SystemExit as e:  # argparse
+        rc = e.code
+    return rc, capsys.readouterr().err
+
+
+def test_cli_rejects_bad_options_clearly(tiny, task, tmp_path, capsys):
+    common = ["--base", str(tiny), "--data", str(task["train"]), "--out", str(tmp_path / "o")]
+    cases = [
+        (["--batch-size", "30", "--micro-batch-size", "8"], "multiple of --micro-batch-size"),
+        (["--lr", "-1"], "--lr must be positive"),
+        (["--shapes", "q_proj=24x24"], "M1xN1xM2xN2"),
+        (["--budget", "lots"], "--budget"),
+        (["--method", "lora", "--budget", "1%"], "apply to --method moka only"),
+        (["--method", "dora"], "invalid choice"),
+        (["--no-such-flag"], "unrecognized arguments"),
+        (["--warmup-ratio", "1.5"], "--warmup-ratio"),
+    ]
+    for extra, msg in cases:
+        rc, err = _run_cli(capsys, *common, *extra)
+        assert rc == 2, (extra, err)
+        assert msg in err, (extra, err)
+        assert "Traceback" not in err
+    rc, err = _run_cli(
+        capsys,
+        "--base",
+        str(tmp_path / "nope"),
+        "--data",
+        str(task["train"]),
+        "--out",
+        str(tmp_path / "o"),
+    )
+    assert rc == 2 and "no such model folder" in err
+    rc, err = _run_cli(capsys, *common[:2], "--data", str(tmp_path / "x.jsonl"), "--out", "o")
+    assert rc == 2 and "no such file" in err
+    rc, err = _run_cli(capsys, "--data", str(task["train"]))
+    assert rc == 2 and "--out" in err
+
+
+def test_cli_errors_found_after_loading_the_model(tiny, task, tmp_path, capsys):
+    common = ["--base", str(tiny), "--data", str(task["train"]), "--out", str(tmp_path / "o")]
+    rc, err = _run_cli(capsys, *common, "--shapes", "q_proj=16x16x16x15", "--quiet")
+    assert rc == 2 and "n1*n2 must be 256" in err and "valid examples" in err
+    rc, err = _run_cli(capsys, *common, "--targets", "q_proj,wq", "--quiet")
+    assert rc == 2 and "['wq'] match no linear layer" in err
+
+
+def test_cli_subprocess_bad_data_line_no_traceback(tiny, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completon": "b"}\n')
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moka_trainer.cli",
+            "--base",
+            str(tiny),
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "o"),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "d.jsonl:2:" in proc.stderr and "no 'completion'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_help_explains_options():
+    proc = subprocess.run(
+        [sys.executable, "-m", "moka_trainer.cli", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0
+    for opt in [
+        "--base",
+        "--data",
+        "--out",
+        "--budget",
+        "--shapes",
+        "--method",
+        "--rank",
+        "--no-quantize",
+        "--resume",
+        "--save-every",
+        "--gradient-checkpointing",
+    ]:
+        assert opt in proc.stdout
+
+
+def test_mokas_ungated_plain_base_with_gradient_checkpointing(tiny, task, tmp_path):
+    out = tmp_path / "mokas"
+    res = train(
+        _cfg(
+            tiny,
+            task,
+            out,
+            variant="mokas",
+            gating=False,
+            quantize=False,
+            scaling=2.0,
+            gradient_checkpointing=True,
+            max_steps=2,
+            components=2,
+            budget="2k",
+        )
+    )
+    assert res["last_loss"] < res["first_loss"]
+    res["model"].eval()
+    want = _logits(res["model"], IDS)
+    adapter = load_adapter(out)
+    assert adapter.config.variant == "mokas" and not adapter.config.gating
+    assert adapter.config.scaling == 2.0
+    assert all(a is None for w in adapter.modules.values() for a in w.A)
+    assert adapter.num_parameters() == res["trainable_params"]
+    fresh, _ = load_base_model(str(tiny), quantize=False, device=CPU, dtype=torch.float32)
+    attach_adapter(fresh, adapter)
+    torch.testing.assert_close(_logits(fresh, IDS), want, rtol=0, atol=1e-5)
+
+
+def test_cli_resume_latest_rewrites_the_log(trained, tiny, task, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(trained["config"]["out"], out)
+    rc, err = _run_cli(
+        capsys,
+        "--base",
+        str(tiny),
+        "--data",
+        str(task["train"]),
+        "--out",
+        str(out),
+        "--max-steps",
+        "4",
+        "--batch-size",
+        "8",
+        "--micro-batch-size",
+        "4",
+        "--lr",
+        "1e-2",
+        "--warmup-ratio",
+        "0",
+        "--resume",
+        "latest",
+    )
+    assert rc == 0, err
+    assert "resumed from" in err and "at step 2" in err
+    assert "trainable parameters:" in err and "rank-8 LoRA on the same targets" in err
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log if "loss" in e] == [1, 2, 3, 4]
+    a, b = load_adapter(trained["config"]["out"]), load_adapter(out)
+    for path, wa in a.modules.items():
+        torch.testing.assert_close(wa.B[0], b.modules[path].B[0], rtol=1e-5, atol=1e-6)

@@ -1,0 +1,244 @@
+"""Fast unit tests of moka-train's pieces: shapes, the MoKA layer, data parsing (no model load)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from moka_serve.adapter_format import ComponentShape
+from moka_trainer.data import DataError, batches, epoch_order, read_jsonl
+from moka_trainer.moka_layer import MokaLinear, export_adapter, inject_moka, moka_modules
+from moka_trainer.shapes import (
+    all_factorisations,
+    check_shapes,
+    choose_components,
+    divisors,
+    lora_params,
+    module_params,
+    parse_budget,
+    parse_shapes,
+    plan_shapes,
+)
+from moka_trainer.train import lr_factor
+
+# --------------------------------------------------------------------------- shapes
+
+
+@pytest.mark.parametrize(
+    "out_f,in_f",
+    [(576, 576), (192, 576), (576, 1536), (1536, 576), (256, 128), (97, 576), (7, 13), (255, 255)],
+)
+@pytest.mark.parametrize("budget", [None, 2_000, 50_000])
+def test_chosen_shapes_are_exact_distinct_factorisations(out_f, in_f, budget):
+    shapes, notes = plan_shapes(
+        {"t": (out_f, in_f)}, {"t": 3}, num_components=4, budget=budget and 3 * budget
+    )
+    comps = shapes["t"]
+    assert len(comps) == 4
+    assert len(set(comps)) == 4, comps
+    for c in comps:
+        assert c.m1 * c.m2 == out_f and c.n1 * c.n2 == in_f
+    if budget is not None and not notes:
+        assert module_params(comps, "moka", True) <= budget
+
+
+def test_smollm2_dims_and_budget():
+    # SmolLM2-135M: q_proj 576x576, v_proj 192x576 (out x in), 30 layers each.
+    dims, counts = {"q_proj": (576, 576), "v_proj": (192, 576)}, {"q_proj": 30, "v_proj": 30}
+    budget = parse_budget("0.3%", 134_515_008)
+    shapes, notes = plan_shapes(dims, counts, num_components=4, budget=budget)
+    assert not notes
+    total = sum(module_params(shapes[t], "moka", True) * counts[t] for t in dims)
+    assert total <= budget
+    assert total > 0.5 * budget  # the budget is used, not wasted
+    assert total < lora_params(dims, counts, 8)
+    # Too small a budget: the cheapest diverse set, with a note saying so.
+    shapes, notes = plan_shapes(dims, counts, num_components=4, budget=1000)
+    assert notes and "budget too small" in notes[0]
+    assert shapes["q_proj"][0] == ComponentShape(24, 24, 24, 24)
+
+
+def test_mokas_shapes_have_square_identity():
+    for out_f, in_f in [(576, 576), (192, 576), (256, 128)]:
+        comps, _ = choose_components(out_f, in_f, 3, 1e9, variant="mokas")
+        assert all(c.m1 == c.n1 for c in comps)
+        assert all(c.m1 * c.m2 == out_f and c.n1 * c.n2 == in_f for c in comps)
+
+
+def test_divisors_and_factorisations():
+    assert divisors(576)[:6] == [1, 2, 3, 4, 6, 8] and divisors(576)[-1] == 576
+    assert len(divisors(576)) == 21
+    assert all(c.m1 >= 2 and c.n2 >= 2 for c in all_factorisations(576, 192))
+    # a prime has only the trivial split
+    assert {c.m1 for c in all_factorisations(13, 4)} == {1, 13}
+
+
+def test_parse_shapes_and_errors():
+    got = parse_shapes(["q_proj=24x24x24x24,12x48x48x12", "v_proj=12x24x16x24; k_proj=2x2x2x2"])
+    assert got["q_proj"] == [ComponentShape(24, 24, 24, 24), ComponentShape(12, 48, 48, 12)]
+    assert set(got) == {"q_proj", "v_proj", "k_proj"}
+    for bad, msg in [
+        ("q_proj", "TARGET="),
+        ("q_proj=24x24x24", "M1xN1xM2xN2"),
+        ("q_proj=0x1x1x1", "positive"),
+        ("a.b=2x2x2x2", "module name"),
+        ("q_proj=2x2x2x2,2x2x2x2", "twice"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            parse_shapes([bad])
+    with pytest.raises(ValueError, match="m1\\*m2 must be 576"):
+        check_shapes("q_proj", 576, 576, [ComponentShape(24, 24, 23, 24)])
+    with pytest.raises(ValueError, match="not among the targets"):
+        plan_shapes(
+            {"q_proj": (8, 8)},
+            {"q_proj": 1},
+            num_components=1,
+            budget=None,
+            explicit={"o_proj": [ComponentShape(2, 2, 4, 4)]},
+        )
+
+
+def test_parse_budget():
+    assert parse_budget("0.1%", 1_000_000) == pytest.approx(1000)
+    assert parse_budget("250k", 1) == 250_000
+    assert parse_budget("1.5m", 1) == 1_500_000
+    assert parse_budget("1234", 1) == 1234
+    for bad in ["abc", "-1", "0%", "nan"]:
+        with pytest.raises(ValueError, match="--budget"):
+            parse_budget(bad, 100)
+
+
+# --------------------------------------------------------------------------- the layer
+
+
+def _random_factors(m: MokaLinear, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g))
+
+
+@pytest.mark.parametrize("variant", ["moka", "mokas"])
+@pytest.mark.parametrize("gating", [True, False])
+def test_moka_linear_matches_kron_reference(variant, gating):
+    torch.manual_seed(0)
+    base = nn.Linear(576, 192, bias=True)
+    comps, _ = choose_components(192, 576, 3, 1e9 if variant == "mokas" else 5000, variant=variant)
+    m = MokaLinear(base, comps, gating=gating, variant=variant, scaling=0.5)
+    x = torch.randn(2, 5, 576)
+    assert torch.equal(m(x), base(x)), "delta_W must be exactly zero at step 0"
+    assert torch.count_nonzero(m.delta_weight()) == 0
+    _random_factors(m)
+    coeff = (torch.softmax(m.moka_gate.double(), 0) if gating else torch.ones(3)) * 0.5
+    dw = torch.zeros(192, 576, dtype=torch.float64)
+    for i, c in enumerate(comps):
+        a = torch.eye(c.m1, dtype=torch.float64) if variant == "mokas" else m.moka_A[i].double()
+        dw += coeff[i] * torch.kron(a, m.moka_B[i].double())
+    ref = base(x).double() + x.double() @ dw.T
+    torch.testing.assert_close(m(x).double(), ref, rtol=1e-5, atol=1e-4)
+    m.disabled = True
+    assert torch.equal(m(x), base(x))
+
+
+def test_factors_stay_float32_over_bf16_base():
+    base = nn.Linear(64, 32).to(torch.bfloat16)
+    m = MokaLinear(base, [ComponentShape(4, 8, 8, 8), ComponentShape(8, 4, 4, 16)])
+    assert all(p.dtype == torch.float32 for n, p in m.named_parameters() if "moka" in n)
+    y = m(torch.randn(3, 64, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16
+
+
+def test_gates_are_trainable_and_softmax_sums_to_one():
+    torch.manual_seed(0)
+    base = nn.Linear(64, 64)
+    m = MokaLinear(base, [ComponentShape(8, 8, 8, 8), ComponentShape(4, 16, 16, 4)])
+    base.requires_grad_(False)
+    assert m.moka_gate.requires_grad
+    torch.testing.assert_close(m.coefficients().sum(), torch.tensor(1.0))
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+    x, target = torch.randn(16, 64), torch.randn(16, 64)
+    for _ in range(5):
+        opt.zero_grad()
+        ((m(x) - target) ** 2).mean().backward()
+        opt.step()
+    assert m.moka_gate.grad is not None and m.moka_gate.grad.abs().sum() > 0
+    assert not torch.allclose(m.moka_gate, torch.zeros(2))
+    alpha = torch.softmax(m.moka_gate, 0)
+    torch.testing.assert_close(alpha.sum(), torch.tensor(1.0))
+    assert not torch.allclose(alpha, torch.full((2,), 0.5))
+
+
+def test_inject_and_export_on_a_toy_model():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj = nn.Linear(24, 24)
+            self.v_proj = nn.Linear(24, 12)
+            self.o_proj = nn.Linear(24, 24)
+
+    model = nn.Module()
+    model.layers = nn.ModuleList([Block(), Block()])
+    shapes, _ = plan_shapes(
+        {"q_proj": (24, 24), "v_proj": (12, 24)},
+        {"q_proj": 2, "v_proj": 2},
+        num_components=2,
+        budget=None,
+    )
+    wrapped = inject_moka(model, shapes)
+    assert sorted(wrapped) == sorted(moka_modules(model))
+    assert sorted(wrapped) == [
+        "layers.0.q_proj",
+        "layers.0.v_proj",
+        "layers.1.q_proj",
+        "layers.1.v_proj",
+    ]
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert all(".moka_" in n for n in trainable)
+    for m in wrapped.values():
+        _random_factors(m)
+    adapter = export_adapter(model, "toy")
+    assert adapter.num_parameters() == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    for path, m in wrapped.items():
+        torch.testing.assert_close(adapter.delta_weight(path), m.delta_weight())
+    with pytest.raises(ValueError, match="match no linear layer"):
+        inject_moka(model, {"k_proj": [ComponentShape(2, 2, 12, 12)]})
+
+
+# --------------------------------------------------------------------------- data, schedule
+
+
+def test_read_jsonl_errors_name_the_line(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"text": "ok"}\n\n{"text": "ok"\n')
+    with pytest.raises(DataError, match=r"d.jsonl:3: not valid JSON"):
+        read_jsonl(f)
+    f.write_text('{"text": "ok"}\n[1, 2]\n')
+    with pytest.raises(DataError, match=r"d.jsonl:2: expected a JSON object"):
+        read_jsonl(f)
+    f.write_text("")
+    with pytest.raises(DataError, match="empty"):
+        read_jsonl(f)
+    with pytest.raises(DataError, match="no such file"):
+        read_jsonl(tmp_path / "missing.jsonl")
+
+
+def test_batches_are_deterministic_and_resumable():
+    ex = list(range(10))
+    full = [b for _, (s, _, b) in zip(range(7), batches(ex, 4, seed=3), strict=False)]
+    resumed = [
+        b for _, (s, _, b) in zip(range(3), batches(ex, 4, seed=3, start_step=4), strict=False)
+    ]
+    assert full[4:] == resumed
+    assert sorted(epoch_order(10, 3, 0)) == ex
+    assert epoch_order(10, 3, 0) != epoch_order(10, 3, 1)
+    assert all(len(b) == 4 for b in full)
+
+
+def test_lr_schedule_warmup_then_linear_decay():
+    f = [lr_factor(s, 10, 2) for s in range(10)]
+    assert f[0] == pytest.approx(0.5) and f[1] == pytest.approx(1.0)
+    assert f[2] == pytest.approx(1.0) and f[-1] == pytest.approx(1 / 8)
+    assert all(a >= b for a, b in zip(f[1:], f[2:], strict=False))
+    assert lr_factor(0, 5, 0) == 1.0
