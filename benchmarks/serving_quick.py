@@ -1,0 +1,83 @@
+"""Per-token cost of MoKA vs LoRA adapters in one vLLM engine (CPU build), SmolLM2-135M fp32.
+
+A stop-gap until ``moka-bench compare`` (issue #5): one LoRA-enabled engine serves 8 prompts
+at once, 64 greedy tokens each (``ignore_eos``), for three configurations interleaved in every
+repeat so machine drift cancels: base requests, 8 distinct random MoKA adapters (q_proj and
+v_proj, 4 components each) and 8 distinct random rank-16 LoRAs on the same targets. Reports the
+median ms per decode step and each ratio to the base requests.
+
+    .venv/bin/python benchmarks/serving_quick.py [--reps 3] [--tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))  # random adapter writers shared with the engine tests
+
+DIMS = {"q_proj": (576, 576), "v_proj": (192, 576)}
+COMPONENTS = {
+    "q_proj": [[24, 24, 24, 24], [12, 48, 48, 12], [48, 12, 12, 48], [16, 36, 36, 16]],
+    "v_proj": [[12, 24, 16, 24], [16, 16, 12, 36], [8, 48, 24, 12], [24, 12, 8, 48]],
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--adapters-dir", default="/tmp/moka-serving-quick")
+    args = ap.parse_args()
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+    from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
+    from vllm_helpers import random_moka, write_moka, write_random_lora
+
+    from moka_trainer.models import materialize_default_base
+
+    base = materialize_default_base()
+    root = Path(args.adapters_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    mokas, loras = [], []
+    for i in range(8):
+        p, q = root / f"moka{i}", root / f"lora{i}"
+        if not p.exists():
+            write_moka(p, random_moka(COMPONENTS, seed=i, dims=DIMS, layers=30, std=0.05))
+        if not q.exists():
+            write_random_lora(q, list(DIMS), seed=i, r=16, dims=DIMS, layers=30, std=0.02)
+        mokas.append(LoRARequest(f"moka{i}", i + 1, str(p)))
+        loras.append(LoRARequest(f"lora{i}", 100 + i, str(q)))
+
+    llm = LLM(model=str(base), dtype="float32", enable_lora=True, max_loras=8, max_lora_rank=16,
+              max_cpu_loras=16, enforce_eager=True, max_model_len=512, max_num_seqs=8)  # fmt: skip
+    prompts = [f"Write a story about the number {i}." for i in range(8)]
+    configs = {"base": None, "moka x8": mokas, "lora-16 x8": loras}
+    warm = SamplingParams(max_tokens=2, temperature=0)
+    for reqs in configs.values():  # load every adapter into its slot before timing
+        llm.generate(prompts, warm, lora_request=reqs, use_tqdm=False)
+    sp = SamplingParams(max_tokens=args.tokens, temperature=0, ignore_eos=True)
+    times: dict[str, list[float]] = {k: [] for k in configs}
+    for _ in range(args.reps):
+        for name, reqs in configs.items():
+            t = time.perf_counter()
+            llm.generate(prompts, sp, lora_request=reqs, use_tqdm=False)
+            times[name].append((time.perf_counter() - t) / args.tokens * 1000)
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus")
+    print(f"command: {' '.join(sys.argv)}")
+    print("| requests | ms/step (median) | ratio to base | all repeats |")
+    print("|---|---|---|---|")
+    for k, v in med.items():
+        reps = ", ".join(f"{x:.1f}" for x in times[k])
+        print(f"| {k} | {v:.1f} | {v / med['base']:.2f} | {reps} |")
+
+
+if __name__ == "__main__":
+    main()
