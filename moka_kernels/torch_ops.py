@@ -17,6 +17,22 @@ import torch
 from .bank import MokaBank, check_apply_args
 
 
+def kron_matmul(
+    xm: torch.Tensor, a: torch.Tensor | None, b: torch.Tensor, a_first: bool
+) -> torch.Tensor:
+    """``A @ X @ B.T`` for ``X = xm`` of shape ``(T, n1, n2)``: ``(T, m1, m2)``.
+
+    ``a is None`` means A is the identity. ``a``/``b`` are ``(m1, n1)``/``(m2, n2)``, or
+    per-token stacks ``(T, m1, n1)``/``(T, m2, n2)``. ``a_first`` picks the association
+    (``bank.choose_a_first``). Plain matmuls, so autograd flows through it (the trainer uses it).
+    """
+    if a is None:
+        return torch.matmul(xm, b.mT)
+    if a_first:
+        return torch.matmul(torch.matmul(a, xm), b.mT)
+    return torch.matmul(a, torch.matmul(xm, b.mT))
+
+
 def group_tokens(token_slots: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
     """``[(slot, token_indices), ...]`` for every slot >= 0 present, indices ascending."""
     if token_slots.numel() == 0:
@@ -77,13 +93,7 @@ def _apply_one_slot(
     direct = whole and y.dtype == bank.dtype
     out = y if direct else torch.zeros(n, bank.out_features, dtype=bank.dtype, device=x.device)
     for a, b, s in bank.views[slot]:
-        xm = xs.view(n, s.n1, s.n2)
-        if a is None:
-            ym = torch.matmul(xm, b.T)
-        elif s.a_first:
-            ym = torch.matmul(torch.matmul(a, xm), b.T)
-        else:
-            ym = torch.matmul(a, torch.matmul(xm, b.T))
+        ym = kron_matmul(xs.view(n, s.n1, s.n2), a, b, s.a_first)
         out[:, s.out_offset : s.out_offset + s.m1 * s.m2].add_(ym.view(n, -1))
     if direct:
         return
@@ -103,15 +113,8 @@ def _apply_gathered(
     n = xs.shape[0]
     out = torch.zeros(n, bank.out_features, dtype=bank.dtype, device=x.device)
     for e, s in enumerate(bank.entries[groups[0][0]]):
-        xm = xs.view(n, s.n1, s.n2)
         b = bank.b[tok_slots, e, : s.m2 * s.n2].view(n, s.m2, s.n2)
-        if s.identity_a:
-            ym = torch.bmm(xm, b.mT)
-        else:
-            a = bank.a[tok_slots, e, : s.m1 * s.n1].view(n, s.m1, s.n1)
-            if s.a_first:
-                ym = torch.bmm(torch.bmm(a, xm), b.mT)
-            else:
-                ym = torch.bmm(a, torch.bmm(xm, b.mT))
+        a = None if s.identity_a else bank.a[tok_slots, e, : s.m1 * s.n1].view(n, s.m1, s.n1)
+        ym = kron_matmul(xs.view(n, s.n1, s.n2), a, b, s.a_first)
         out[:, s.out_offset : s.out_offset + s.m1 * s.m2].add_(ym.view(n, -1))
     y.index_add_(0, idx, out.to(y.dtype))

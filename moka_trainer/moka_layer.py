@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from moka_kernels import choose_a_first
+from moka_kernels.torch_ops import kron_matmul
 from moka_serve.adapter_format import (
     ComponentShape,
     MokaAdapter,
@@ -122,14 +123,8 @@ class MokaLinear(nn.Module):
         coeff = self.coefficients().to(xf.device)
         out = None
         for i, c in enumerate(self.components):
-            xi = xf.reshape(t, c.n1, c.n2)
-            b = self.moka_B[i]
-            if self.identity_a:
-                y = torch.matmul(xi, b.t())  # (T, n1 = m1, m2)
-            elif self._a_first[i]:
-                y = torch.matmul(torch.matmul(self.moka_A[i], xi), b.t())
-            else:
-                y = torch.matmul(self.moka_A[i], torch.matmul(xi, b.t()))
+            a = None if self.identity_a else self.moka_A[i]
+            y = kron_matmul(xf.reshape(t, c.n1, c.n2), a, self.moka_B[i], self._a_first[i])
             y = y.reshape(t, self.out_features) * coeff[i]
             out = y if out is None else out + y
         return out.reshape(*lead, self.out_features)

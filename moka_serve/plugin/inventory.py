@@ -57,14 +57,7 @@ def _describe_moka(folder: Path) -> dict[str, Any]:
         "kind": "MOKA",
         "base_model": cfg.base_model_name_or_path,
         "variant": cfg.variant,
-        "targets": {
-            t: {
-                "in_features": s.in_features,
-                "out_features": s.out_features,
-                "components": [c.as_list() for c in s.components],
-            }
-            for t, s in cfg.targets.items()
-        },
+        "targets": cfg.to_dict()["targets"],
         "modules": len(adapter.modules),
         "trainable_parameters": adapter.num_parameters(),
         "gating": cfg.gating,
