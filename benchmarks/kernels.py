@@ -597,6 +597,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def case_row(
+    layer, tokens: int, mapping: str, slots_used: int, variant: str, label: str, kind: str
+) -> dict:
+    """The identifying columns of one result row (timings and costs are added by the caller)."""
+    return {
+        "layer": layer.name,
+        "in": layer.in_features,
+        "out": layer.out_features,
+        "tokens": tokens,
+        "mapping": mapping,
+        "slots_used": slots_used,
+        "variant": variant,
+        "variant_label": label,
+        "kind": kind,
+    }
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -763,25 +780,9 @@ def main(argv=None) -> int:
             t_base = timed["time_us"]
             nb, nf = gemm_cost(layer.in_features, layer.out_features, tokens, elt)
             f_us, bound = floor_us(nb, nf, peaks)
-            base_row = {
-                "layer": layer.name,
-                "in": layer.in_features,
-                "out": layer.out_features,
-                "tokens": tokens,
-                "mapping": "-",
-                "slots_used": 0,
-                "variant": "base-gemm",
-                "variant_label": "base-gemm",
-                "kind": "base",
-                **timed,
-                "bytes": nb,
-                "flops": nf,
-                "floor_us": f_us,
-                "bound": bound,
-                "x_floor": t_base / f_us,
-                "x_base": 1.0,
-                "x_lora": None,
-            }
+            base_row = case_row(layer, tokens, "-", 0, "base-gemm", "base-gemm", "base")
+            base_row.update(timed, bytes=nb, flops=nf, floor_us=f_us, bound=bound)
+            base_row.update(x_floor=t_base / f_us, x_base=1.0, x_lora=None)
             result["rows"].append(base_row)
             for mapping, slots_cpu in distinct_mappings(tokens, args.num_slots):
                 t_case = time.perf_counter()
@@ -800,22 +801,8 @@ def main(argv=None) -> int:
                     else:
                         nb, nf = lora_cost(layer.in_features, layer.out_features, slot_list, elt)
                     f_us, bound = floor_us(nb, nf, peaks)
-                    row = {
-                        "layer": layer.name,
-                        "in": layer.in_features,
-                        "out": layer.out_features,
-                        "tokens": tokens,
-                        "mapping": mapping,
-                        "slots_used": len(set(slot_list)),
-                        "variant": name,
-                        "variant_label": label,
-                        "kind": kind,
-                        "bytes": nb,
-                        "flops": nf,
-                        "floor_us": f_us,
-                        "bound": bound,
-                        "base_us": t_base,
-                    }
+                    row = case_row(layer, tokens, mapping, len(set(slot_list)), name, label, kind)
+                    row.update(bytes=nb, flops=nf, floor_us=f_us, bound=bound, base_us=t_base)
                     try:
                         # Check at the timed size too (vs the float64 torch path / LoRA), which
                         # doubles as the warm-up that keeps Triton compilation out of the timing.
