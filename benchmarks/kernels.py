@@ -18,7 +18,14 @@ Variants (rows of the table):
   ``B (out, r)`` by slot, then two ``torch.bmm`` (no host sync; the gather is materialised).
 * ``lora16-grouped``: rank-16 LoRA, tokens grouped by slot on the host, two matmuls per slot
   (the same scheme as the MoKA torch path).
-  The "x LoRA" column divides by the faster of the two LoRA rows of the same case.
+* ``lora16-vllm``: rank-16 LoRA through vLLM's own ops, called as vLLM 0.32's punica wrapper calls
+  them: on CUDA ``lora_shrink`` + ``lora_expand`` (Triton), on the CPU ``bgmv_shrink`` +
+  ``bgmv_expand_slice`` (torch). Absent, with a ``#`` line saying why, when vLLM is not importable.
+  The "x LoRA" column divides by the fastest LoRA row of the same case.
+
+With both Llama-3-8B layers in the run, a last table projects the per-decode-step time the
+adapters add to a Llama-3-8B-shaped model (32 blocks x (q_proj + v_proj)) against the time of all
+its linear-layer GEMMs (``project_llama3_step``).
 
 The floor of each row: bytes (x read once, y read and written once, the factors of the distinct
 slots used read once; for the GEMM the weight read once and y written once) over peak bandwidth,
@@ -237,6 +244,89 @@ def lora_grouped(lora_a: torch.Tensor, lora_b: torch.Tensor) -> Fn:
     return fn
 
 
+def vllm_lora_torch(lora_a: torch.Tensor, lora_b: torch.Tensor) -> Fn:
+    """vLLM's CPU LoRA: ``PunicaWrapperCPU.add_lora_linear`` for one slice, decode path.
+
+    A float32 ``(T, r)`` buffer, ``bgmv_shrink`` (scale 1) into it, ``bgmv_expand_slice`` over
+    all of y with ``add_inputs=True``. The prefill path (``sgmv_*``) is the same bgmv after a
+    ``repeat_interleave`` of the indices, so this times both. The factors are stacked the way
+    vLLM stacks them, ``(max_loras, 1, r, in)`` and ``(max_loras, 1, out, r)``. Slot -1 indexes the
+    last slot, as it does in vLLM; here that slot is the zero adapter.
+    """
+    from vllm.lora.ops.torch_ops import bgmv_expand_slice, bgmv_shrink
+
+    a, b = lora_a.unsqueeze(1), lora_b.unsqueeze(1)
+    rank = lora_a.shape[1]
+
+    def fn(x, y, slots):
+        buffer = torch.zeros((x.shape[0], rank), dtype=torch.float32, device=x.device)
+        bgmv_shrink(x, a, buffer, slots, 1.0)
+        bgmv_expand_slice(buffer, b, y, slots, 0, y.shape[1], True)
+
+    return fn
+
+
+def vllm_lora_triton(lora_a: torch.Tensor, lora_b: torch.Tensor) -> Fn:
+    """vLLM's CUDA LoRA: ``PunicaWrapperGPU.add_lora_linear`` for one slice.
+
+    vLLM prepares the kernel metadata (``LoRAKernelMeta.prepare_tensors``: tokens sorted by slot,
+    counts, active ids) once per step and shares it across every layer, so it is built here the
+    first time a mapping is seen (the untimed check call) and not timed. Each call then does
+    what a layer does: an empty float32 ``(1, T, r)`` buffer, ``lora_shrink`` (scale 1; it
+    zeroes the buffer), ``lora_expand`` with ``add_inputs=True``. The grid covers
+    ``max_loras + 1`` slots, as with vLLM's default ``specialize_active_lora=False``. Factors are
+    stacked as in vLLM, ``(max_loras, 1, r, in)`` and ``(max_loras, 1, out, r)``; slot -1 tokens
+    are skipped by the kernels.
+    """
+    from vllm.lora.ops.triton_ops import LoRAKernelMeta, lora_expand, lora_shrink
+    from vllm.lora.ops.triton_ops import utils as vllm_triton_utils
+
+    # vLLM caches the factors' pointers and strides by data_ptr; this script frees one layer's
+    # factors before building the next, which can land at the same address with other strides.
+    vllm_triton_utils._LORA_A_PTR_DICT.clear()
+    vllm_triton_utils._LORA_B_PTR_DICT.clear()
+    a, b = (lora_a.unsqueeze(1),), (lora_b.unsqueeze(1),)
+    max_loras, rank = lora_a.shape[0], lora_a.shape[1]
+    state: dict = {}
+
+    def fn(x, y, slots):
+        if state.get("slots") is not slots:  # a new mapping: a new step's metadata
+            meta = LoRAKernelMeta.make(max_loras, slots.numel(), x.device)
+            meta.prepare_tensors(slots)
+            state.update(slots=slots, meta=meta.meta_args(slots.numel(), False))
+        buffer = torch.empty((1, x.shape[0], rank), dtype=torch.float32, device=x.device)
+        lora_shrink(x, a, buffer, *state["meta"], 1.0)
+        lora_expand(buffer, b, y, *state["meta"], offset_start=0, add_inputs=True)
+
+    return fn
+
+
+VllmLora = Callable[[torch.Tensor, torch.Tensor], Fn]
+
+
+def find_vllm_lora(device: str, dtype: torch.dtype) -> tuple[VllmLora | None, str]:
+    """The ``lora16-vllm`` builder for this device, or None; and a line saying which or why not.
+
+    Optional by design: the GPU host has no vLLM (there ``lora16-bgmv`` stands in for Punica).
+    """
+    try:
+        import vllm
+
+        if device == "cuda":
+            if dtype not in (torch.float16, torch.bfloat16):
+                return None, f"absent: vLLM's lora_shrink takes fp16/bf16 only, not {dtype}"
+            import vllm.lora.ops.triton_ops  # noqa: F401
+
+            ops = "triton_ops lora_shrink + lora_expand (PunicaWrapperGPU)"
+            return vllm_lora_triton, f"vLLM {vllm.__version__} {ops}"
+        import vllm.lora.ops.torch_ops  # noqa: F401
+
+        ops = "torch_ops bgmv_shrink + bgmv_expand_slice (PunicaWrapperCPU decode)"
+        return vllm_lora_torch, f"vLLM {vllm.__version__} {ops}"
+    except Exception as exc:  # not installed, or a build whose ops do not import here
+        return None, f"absent: vLLM LoRA ops not importable ({type(exc).__name__}: {exc})"
+
+
 def base_gemm(weight: torch.Tensor) -> Fn:
     wt = weight.t()
 
@@ -260,14 +350,26 @@ def moka_variants(data: LayerData, use_triton: bool) -> dict[str, Fn]:
     return out
 
 
-def adapter_variants(data: LayerData, use_triton: bool) -> dict[str, Fn]:
+def adapter_variants(
+    data: LayerData, use_triton: bool, vllm_lora: VllmLora | None
+) -> dict[str, Fn]:
     out = moka_variants(data, use_triton)
     out["lora16-bgmv"] = lora_bgmv(data.lora_a, data.lora_b)
     out["lora16-grouped"] = lora_grouped(data.lora_a, data.lora_b)
+    if vllm_lora is not None:
+        out["lora16-vllm"] = vllm_lora(data.lora_a, data.lora_b)
     return out
 
 
-CAPTURABLE = {"triton-decode", "triton-prefill", "triton-auto", "lora16-bgmv", "base-gemm"}
+# lora16-vllm: vLLM captures these ops in its own decode graphs (metadata prepared outside).
+CAPTURABLE = {
+    "triton-decode",
+    "triton-prefill",
+    "triton-auto",
+    "lora16-bgmv",
+    "lora16-vllm",
+    "base-gemm",
+}
 
 
 def auto_form(num_tokens: int, num_slots: int) -> str:
@@ -427,6 +529,25 @@ def measure_ceilings(device: str, dtype: torch.dtype, quick: bool) -> dict:
     return {"bandwidth_Bps": bw, "flops_per_s": flops, "copy_numel": n_copy, "matmul_n": n_mm}
 
 
+def gemm_timer(
+    timer: Callable[[Callable[[], None], str], dict], device: str, dtype: torch.dtype
+) -> Callable[[int, int, int], float]:
+    """``gemm_us(in, out, T)``: median microseconds of the dense ``x @ W.T`` of that shape, with
+    the run's own timer (so it compares with the rows); each weight is made once and reused."""
+    gen = torch.Generator(device=device).manual_seed(1)
+    weights: dict[tuple[int, int], torch.Tensor] = {}
+
+    def gemm_us(in_f: int, out_f: int, tokens: int) -> float:
+        if (in_f, out_f) not in weights:
+            weights[in_f, out_f] = randn((out_f, in_f), gen, dtype, device) / in_f**0.5
+        x = randn((tokens, in_f), gen, dtype, device)
+        y = torch.empty((tokens, out_f), dtype=dtype, device=device)
+        gemm = base_gemm(weights[in_f, out_f])
+        return timer(lambda: gemm(x, y, None), "base-gemm")["time_us"]
+
+    return gemm_us
+
+
 # --------------------------------------------------------------------------------------------
 # Floors
 
@@ -561,6 +682,91 @@ def summary_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+LLAMA3_8B_BLOCKS = 32
+LLAMA3_8B_MLP = ((4096, 14336), (4096, 14336), (14336, 4096))  # gate, up, down: (in, out)
+PROJECTION_NOTE = (
+    f"Projected per decode step, Llama-3-8B shapes ({LLAMA3_8B_BLOCKS} blocks): time the q_proj + "
+    "v_proj adapters add, against the GEMMs of q+v and of all linear layers (q, k, v, o, gate, "
+    "up, down), all measured at that T with the same timer (q/o and k/v from the q_proj/v_proj "
+    "base-gemm rows, gate/up and down timed after the layers); % = added / all linear GEMMs"
+)
+
+
+def project_llama3_step(rows: list[dict], gemm_us: Callable[[int, int, int], float]) -> list[dict]:
+    """Per (T, mapping): what the adapters add to one decode step of a Llama-3-8B-shaped model.
+
+    The adapters sit on q_proj and v_proj of each of the 32 blocks and run one after another on
+    one stream, so they add 32 x (time(q) + time(v)), taking the fastest MoKA and the fastest
+    rank-16 LoRA variant of each layer. Against that: the measured base GEMMs of those layers
+    (32 x (gemm q + gemm v)) and of all the linear layers of a block (q, k, v, o, gate, up, down),
+    each timed at that T with the same timer: q/o and k/v share shapes with the measured q_proj
+    and v_proj GEMMs, and ``gemm_us(in, out, T)`` times gate/up and down. vLLM fuses qkv and
+    gate/up into one GEMM each (the same FLOPs, a little faster), and the step also runs
+    attention, norms, lm_head and sampling, so the percentage overstates the share of the step.
+    """
+    q, v, n = "llama3-8b.q_proj", "llama3-8b.v_proj", LLAMA3_8B_BLOCKS
+
+    def fastest(layer: str, tokens: int, mapping: str, kind: str) -> dict | None:
+        key = (layer, tokens, mapping, kind)
+        timed = [
+            r
+            for r in rows
+            if (r["layer"], r["tokens"], r["mapping"], r["kind"]) == key and r.get("time_us")
+        ]
+        return min(timed, key=lambda r: r["time_us"], default=None)
+
+    names = lambda a, b: a if a == b else f"{a}/{b}"  # noqa: E731
+    mlp_us: dict[int, float] = {}
+    out = []
+    for tokens, mapping in dict.fromkeys(
+        (r["tokens"], r["mapping"]) for r in rows if r["layer"] == q and r["kind"] != "base"
+    ):
+        picks = [fastest(lay, tokens, mapping, k) for k in ("moka", "lora") for lay in (q, v)]
+        gemms = [fastest(lay, tokens, "-", "base") for lay in (q, v)]
+        if None in picks or None in gemms:
+            continue
+        moka_q, moka_v, lora_q, lora_v = picks
+        gemm_q, gemm_v = (r["time_us"] for r in gemms)
+        if tokens not in mlp_us:
+            mlp_us[tokens] = sum(gemm_us(i, o, tokens) for i, o in LLAMA3_8B_MLP)
+        step_us = n * (2 * gemm_q + 2 * gemm_v + mlp_us[tokens])
+        moka_us = n * (moka_q["time_us"] + moka_v["time_us"])
+        lora_us = n * (lora_q["time_us"] + lora_v["time_us"])
+        out.append(
+            {
+                "tokens": tokens,
+                "mapping": mapping,
+                "moka_variants": names(moka_q["variant_label"], moka_v["variant_label"]),
+                "moka_added_us": moka_us,
+                "lora_variants": names(lora_q["variant"], lora_v["variant"]),
+                "lora_added_us": lora_us,
+                "qv_gemm_us": n * (gemm_q + gemm_v),
+                "mlp_gemm_us": n * mlp_us[tokens],
+                "step_gemm_us": step_us,
+                "moka_pct": 100 * moka_us / step_us,
+                "lora_pct": 100 * lora_us / step_us,
+            }
+        )
+    return out
+
+
+def projection_table(proj: list[dict]) -> str:
+    lines = [
+        "| T | mapping | MoKA (q/v) | MoKA +ms | LoRA-16 (q/v) | LoRA-16 +ms | q+v GEMM ms "
+        "| all linear GEMMs ms | MoKA % | LoRA-16 % |",
+        "|---:|---|---|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for p in proj:
+        lines.append(
+            f"| {p['tokens']} | {p['mapping']} | {p['moka_variants']} "
+            f"| {fmt(p['moka_added_us'] / 1e3, 3)} | {p['lora_variants']} "
+            f"| {fmt(p['lora_added_us'] / 1e3, 3)} | {fmt(p['qv_gemm_us'] / 1e3, 3)} "
+            f"| {fmt(p['step_gemm_us'] / 1e3, 3)} | {fmt(p['moka_pct'], 1)} "
+            f"| {fmt(p['lora_pct'], 1)} |"
+        )
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------------------------
 # Main
 
@@ -670,6 +876,8 @@ def main(argv=None) -> int:
         flush=True,
     )
     print(f"# command: {command}", flush=True)
+    vllm_lora, vllm_note = find_vllm_lora(device, dtype)
+    print(f"# lora16-vllm: {vllm_note}", flush=True)
 
     peaks: dict = {}
     if not args.check_only:
@@ -715,6 +923,7 @@ def main(argv=None) -> int:
         ),
         "num_slots": args.num_slots,
         "lora_rank": LORA_RANK,
+        "lora16_vllm": vllm_note,
         "checks": [],
         "rows": [],
     }
@@ -725,9 +934,10 @@ def main(argv=None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))
         if result["rows"]:
-            args.out.with_suffix(".md").write_text(
-                f"{command}\n\n{markdown_table(result['rows'])}\n\n{summary_table(result['rows'])}\n"
-            )
+            tables = [markdown_table(result["rows"]), summary_table(result["rows"])]
+            if result.get("projection"):
+                tables += [PROJECTION_NOTE, projection_table(result["projection"]["rows"])]
+            args.out.with_suffix(".md").write_text(f"{command}\n\n" + "\n\n".join(tables) + "\n")
 
     def timer(fn: Callable[[], None], variant: str) -> dict:
         if device == "cuda":
@@ -742,7 +952,7 @@ def main(argv=None) -> int:
     for li, layer in enumerate(layers):
         t_layer = time.perf_counter()
         data = build_layer(layer, args.num_slots, dtype, device, args.seed + 1000 * li)
-        variants = adapter_variants(data, use_triton)
+        variants = adapter_variants(data, use_triton, vllm_lora)
         checks = correctness_checks(data, variants, check_tokens, dtype, device, args.seed + li)
         result["checks"].extend(checks)
         bad = [c for c in checks if not c["ok"]]
@@ -859,6 +1069,12 @@ def main(argv=None) -> int:
         save()
         print(f"# {layer.name} done in {time.perf_counter() - t_layer:.1f} s", flush=True)
 
+    if not args.check_only and {"llama3-8b.q_proj", "llama3-8b.v_proj"} <= {x.name for x in layers}:
+        result["projection"] = {
+            "blocks": LLAMA3_8B_BLOCKS,
+            "note": PROJECTION_NOTE,
+            "rows": project_llama3_step(result["rows"], gemm_timer(timer, device, dtype)),
+        }
     save()
     if args.check_only:
         n_ok = sum(c["ok"] for c in result["checks"])
@@ -869,10 +1085,15 @@ def main(argv=None) -> int:
         print()
         print(
             "Summary: fastest MoKA variant per case (x base = time / dense GEMM time, "
-            "x LoRA = time / faster rank-16 LoRA)"
+            "x LoRA = time / fastest rank-16 LoRA)"
         )
         print()
         print(summary_table(result["rows"]))
+    if result.get("projection"):
+        print()
+        print(PROJECTION_NOTE)
+        print()
+        print(projection_table(result["projection"]["rows"]))
     return 1 if failed_any else 0
 
 
