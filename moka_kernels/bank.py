@@ -106,6 +106,16 @@ class MokaBank:
         self.views: list[list[tuple[torch.Tensor | None, torch.Tensor, EntryShape]]] = [
             [] for _ in range(num_slots)
         ]
+        # CPU only: each slot's used factors packed back to back (A0, B0, A1, B1, ...), so the
+        # CPU path gathers all of a token's factors with one copy of exactly the numbers used.
+        # Slots with the same ``shape_key`` have the same packing. Grown on demand: nothing on
+        # the CPU path is captured in a graph.
+        self.packed = torch.zeros(num_slots, 0, dtype=dtype, device=device)
+        self.packed_numel = [0] * num_slots
+        # Slots with identical entry shapes get the same small int, so the CPU path can batch
+        # them without hashing the entry lists on every forward.
+        self.shape_key: list[int] = [-1] * num_slots
+        self._shape_ids: dict[tuple[EntryShape, ...], int] = {}
 
     @property
     def num_slots(self) -> int:
@@ -194,6 +204,23 @@ class MokaBank:
             self.table[slot, : len(rows)].copy_(torch.tensor(rows, dtype=torch.int32))
         self.entries[slot] = shapes
         self.views[slot] = [self._view(slot, i, s) for i, s in enumerate(shapes)]
+        self.shape_key[slot] = self._shape_ids.setdefault(tuple(shapes), len(self._shape_ids))
+        if self.device.type == "cpu":
+            self._pack(slot, entries)
+
+    def _pack(self, slot: int, entries: Sequence[KronEntry]) -> None:
+        parts = []
+        for e in entries:
+            if e.a is not None:
+                parts.append(e.a.reshape(-1))
+            parts.append(e.b.reshape(-1))
+        flat = torch.cat(parts).to(self.dtype) if parts else self.packed.new_zeros(0)
+        if flat.numel() > self.packed.shape[1]:
+            grown = self.packed.new_zeros(self.num_slots, flat.numel())
+            grown[:, : self.packed.shape[1]] = self.packed
+            self.packed = grown
+        self.packed[slot, : flat.numel()] = flat
+        self.packed_numel[slot] = flat.numel()
 
     @torch.no_grad()
     def clear_slot(self, slot: int) -> None:
@@ -202,6 +229,8 @@ class MokaBank:
         self.table[slot].zero_()
         self.entries[slot] = []
         self.views[slot] = []
+        self.shape_key[slot] = -1
+        self.packed_numel[slot] = 0
 
     def _view(
         self, slot: int, index: int, s: EntryShape

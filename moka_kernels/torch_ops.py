@@ -26,11 +26,13 @@ def kron_matmul(
     per-token stacks ``(T, m1, n1)``/``(T, m2, n2)``. ``a_first`` picks the association
     (``bank.choose_a_first``). Plain matmuls, so autograd flows through it (the trainer uses it).
     """
+    # Per-token stacks take torch.bmm: matmul's broadcasting costs as much as these tiny GEMMs.
+    mm = torch.bmm if b.dim() == 3 and xm.dim() == 3 else torch.matmul
     if a is None:
-        return torch.matmul(xm, b.mT)
+        return mm(xm, b.mT)
     if a_first:
-        return torch.matmul(torch.matmul(a, xm), b.mT)
-    return torch.matmul(a, torch.matmul(xm, b.mT))
+        return mm(mm(a, xm), b.mT)
+    return mm(a, mm(xm, b.mT))
 
 
 def group_tokens(token_slots: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
@@ -73,14 +75,16 @@ def moka_apply_torch(
     check_apply_args(x, y, token_slots, bank)
     if groups is None:
         groups = group_tokens(token_slots)
-    by_shapes: dict[tuple, list[tuple[int, torch.Tensor]]] = {}
+    by_shapes: dict[int, list[tuple[int, torch.Tensor]]] = {}
     for slot, idx in groups:
-        by_shapes.setdefault(tuple(bank.entries[slot]), []).append((slot, idx))
+        if bank.entries[slot]:
+            by_shapes.setdefault(bank.shape_key[slot], []).append((slot, idx))
     for same_shapes in by_shapes.values():
-        if len(same_shapes) == 1:
-            _apply_one_slot(x, y, *same_shapes[0], bank)
+        if len(same_shapes) == 1 or bank.device.type != "cpu":
+            for slot, idx in same_shapes:
+                _apply_one_slot(x, y, slot, idx, bank)
         else:
-            _apply_gathered(x, y, same_shapes, bank)
+            _apply_gathered(x, y, token_slots, same_shapes, bank)
 
 
 def _apply_one_slot(
@@ -104,17 +108,48 @@ def _apply_one_slot(
 
 
 def _apply_gathered(
-    x: torch.Tensor, y: torch.Tensor, groups: list[tuple[int, torch.Tensor]], bank: MokaBank
+    x: torch.Tensor,
+    y: torch.Tensor,
+    token_slots: torch.Tensor,
+    groups: list[tuple[int, torch.Tensor]],
+    bank: MokaBank,
 ) -> None:
-    """Several slots with identical component shapes: gather each token's factors, bmm."""
-    idx = torch.cat([i for _, i in groups])
-    tok_slots = torch.cat([torch.full_like(i, slot) for slot, i in groups])
-    xs = x.index_select(0, idx).to(bank.dtype)
+    """Several slots with identical component shapes: gather each token's factors, bmm.
+
+    One copy gathers every factor of every token (``bank.packed``); each entry is then two
+    batched matmuls and one add into the output slice. When these
+    slots cover the whole batch, tokens stay in place: no gather of x, no scatter into y.
+    """
+    n_all = x.shape[0]
+    whole = sum(i.numel() for _, i in groups) == n_all
+    if whole:
+        idx = None
+        tok_slots = token_slots.long()
+        xs = x.to(bank.dtype)
+    else:
+        idx = torch.cat([i for _, i in groups])
+        tok_slots = torch.cat([torch.full_like(i, slot) for slot, i in groups])
+        xs = x.index_select(0, idx).to(bank.dtype)
     n = xs.shape[0]
-    out = torch.zeros(n, bank.out_features, dtype=bank.dtype, device=x.device)
-    for e, s in enumerate(bank.entries[groups[0][0]]):
-        b = bank.b[tok_slots, e, : s.m2 * s.n2].view(n, s.m2, s.n2)
-        a = None if s.identity_a else bank.a[tok_slots, e, : s.m1 * s.n1].view(n, s.m1, s.n1)
-        ym = kron_matmul(xs.view(n, s.n1, s.n2), a, b, s.a_first)
-        out[:, s.out_offset : s.out_offset + s.m1 * s.m2].add_(ym.view(n, -1))
-    y.index_add_(0, idx, out.to(y.dtype))
+    total = bank.packed_numel[groups[0][0]]
+    packed = bank.packed[:, :total].index_select(0, tok_slots)
+    direct = whole and y.dtype == bank.dtype
+    out = y if direct else torch.zeros(n, bank.out_features, dtype=bank.dtype, device=x.device)
+    pos = 0
+    for s in bank.entries[groups[0][0]]:
+        a = None
+        if not s.identity_a:
+            a = packed[:, pos : pos + s.m1 * s.n1].view(n, s.m1, s.n1)
+            pos += s.m1 * s.n1
+        b = packed[:, pos : pos + s.m2 * s.n2].view(n, s.m2, s.n2)
+        pos += s.m2 * s.n2
+        xm = xs.view(n, s.n1, s.n2)
+        dst = out[:, s.out_offset : s.out_offset + s.m1 * s.m2].view(n, s.m1, s.m2)
+        # bmm then add: an in-place baddbmm_ into a strided slice of y loops over the batch.
+        dst.add_(kron_matmul(xm, a, b, s.a_first))
+    if direct:
+        return
+    if idx is None:
+        y.add_(out.to(y.dtype))
+    else:
+        y.index_add_(0, idx, out.to(y.dtype))

@@ -83,6 +83,8 @@ def make_bank(
             else:
                 bank.a[slot, e] = float("nan")
                 bank.b[slot, e] = float("nan")
+        if bank.packed.shape[1]:  # the CPU path's packed copy: past the slot's own factors
+            bank.packed[slot, bank.packed_numel[slot] :] = float("nan")
     return bank
 
 
@@ -90,6 +92,8 @@ MAPPINGS = {
     "distinct": lambda n, s: torch.arange(n) % s,
     "mixed-with-none": lambda n, s: torch.tensor([(i * 7) % (s + 1) - 1 for i in range(n)]),
     "identical": lambda n, s: torch.zeros(n, dtype=torch.long),
+    # every token adapted (the last slot is left empty by make_bank)
+    "all-adapted": lambda n, s: torch.arange(n) % max(s - 1, 1),
     "all-none": lambda n, s: torch.full((n,), -1),
     "runs": lambda n, s: torch.arange(n) * s // max(n, 1) - (torch.arange(n) < n // 5).long(),
 }
@@ -160,10 +164,34 @@ def test_torch_path_matches_kron_reference(layer, mapping, dtype):
 
 
 @pytest.mark.parametrize("layer", list(LAYERS))
-@pytest.mark.parametrize("mapping", ["distinct", "mixed-with-none", "runs"])
-def test_torch_path_slots_with_same_shapes_gathered(layer, mapping):
-    """Adapters with identical component shapes take the gathered (BGMV-like) branch."""
-    run_case(moka_apply_torch, layer, mapping, 13, torch.float64, seed=5, same_shapes=True)
+@pytest.mark.parametrize("mapping", ["distinct", "mixed-with-none", "runs", "all-adapted"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_torch_path_slots_with_same_shapes_gathered(layer, mapping, dtype):
+    """Adapters with identical component shapes take the gathered (BGMV-like) branch: in place
+    when every token is adapted, through index_select / index_add when some are not."""
+    run_case(moka_apply_torch, layer, mapping, 13, dtype, seed=5, same_shapes=True)
+
+
+def test_rewritten_slots_regroup_and_packed_buffer_grows():
+    """A slot rewritten with other shapes leaves its old group; growing the packed buffer for a
+    larger adapter keeps the other slots' factors."""
+    layer = next(iter(LAYERS))
+    in_features, widths, spec = LAYERS[layer]
+    bank = make_bank(layer, 4, torch.float64, seed=9, same_shapes=False)
+    gen = torch.Generator().manual_seed(10)
+    keys = list(bank.shape_key)
+    bank.write_slot(1, random_entries(spec, gen, torch.float64, variant=0))
+    assert bank.shape_key[1] == keys[0] != keys[1]
+    bank.clear_slot(2)
+    assert bank.shape_key[2] == -1 and bank.packed_numel[2] == 0
+    slots = torch.tensor([0, 1, 1, 0, 2, -1, 1])
+    x = torch.randn(7, in_features, generator=gen, dtype=torch.float64)
+    y0 = torch.randn(7, sum(widths), generator=gen, dtype=torch.float64)
+    y = y0.clone()
+    moka_apply_torch(x, y, slots, bank)
+    ref = reference(x, y0, slots, bank)
+    assert torch.allclose(y, ref, rtol=0, atol=1e-10)
+    assert torch.equal(y[4:6], y0[4:6])  # the cleared slot and slot -1: untouched
 
 
 def _triton(form):
