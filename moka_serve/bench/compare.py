@@ -1,0 +1,372 @@
+"""``moka-bench compare``: base vs N MoKA vs N LoRA adapters, one engine, interleaved.
+
+One vLLM server (``moka-serve``, the same engine build and base for every configuration) is
+started with LoRA enabled and the plugin's resolver pointed at a folder of seeded random adapters
+(random weights cost what trained ones cost). Every adapter is requested once before timing, so
+each sits in vLLM's CPU cache (``max_cpu_loras`` holds them all) and timing measures serving, not
+disk. Then, ``--repeats`` times, every configuration runs the same workload in turn (base
+requests first in each block of N, so slow drift of the machine hits all of them alike); each
+configuration's TPOT and TTFT p50 are divided by the base run of the same repeat, and the
+reported ratio is the median over repeats.
+
+Also measured: cold load (TTFT of the first request to never-seen adapters, found on disk by the
+resolver, minus TTFT of the same request once warm), the bytes each adapter holds (parameters x
+dtype size: what the CPU cache keeps and what is copied into a device slot) and what the engine
+reserves per slot for every method (MoKA banks and vLLM's LoRA buffers exist in every slot).
+
+Results: ``<out-dir>/<name>.json`` (everything, including every run's full summary),
+``<name>.md`` (the tables) and ``<name>.png`` (TPOT and TTFT ratio against N, per method).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from .client import run_workload
+from .report import machine, summarize
+from .server import free_port, running_server
+from .workload import WorkloadConfig, build_workload
+
+METHODS = ("base", "moka", "lora8", "lora16")
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def add_compare_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("compare")
+    g.add_argument("--base", default=None, help="base model folder (default: SmolLM2-135M)")
+    g.add_argument("--quantize", choices=["none", "4bit"], default="none")
+    g.add_argument("--dtype", default=None, help="float32 (none) / bfloat16 (4bit) by default")
+    g.add_argument("--methods", default="base,moka,lora8,lora16")
+    g.add_argument("--num-adapters", default="1,8,64", help="comma-separated N")
+    g.add_argument("--popularities", default="distinct,skewed")
+    g.add_argument("--repeats", type=int, default=3)
+    g.add_argument("--targets", default="q_proj,v_proj")
+    g.add_argument("--moka-components", type=int, default=4)
+    g.add_argument("--cold-loads", type=int, default=4, help="never-seen adapters per method")
+    g.add_argument("--adapters-dir", type=Path, default=None, help="default: a cache folder")
+    g.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
+    g.add_argument("--name", default=None, help="file stem (default: compare-<quantize>)")
+    g.add_argument("--max-model-len", type=int, default=512)
+    g.add_argument("--start-timeout", type=float, default=600.0)
+    g.add_argument("--server-arg", action="append", default=[], help="extra vLLM option")
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def moka_shapes(dims: dict, layers: int, targets: list[str], components: int) -> dict:
+    """The cheapest diverse component shapes per target (``moka-train``'s default choice)."""
+    from moka_trainer.shapes import plan_shapes
+
+    shapes, _ = plan_shapes(
+        {t: dims[t] for t in targets},
+        {t: layers for t in targets},
+        num_components=components,
+        budget=None,
+    )
+    return {t: [c.as_list() for c in cs] for t, cs in shapes.items()}
+
+
+def adapter_params(method: str, dims: dict, layers: int, targets: list[str], shapes: dict) -> int:
+    """Trainable parameters of one adapter of ``method`` (gate logits included for MoKA)."""
+    if method == "moka":
+        per = {t: sum(m1 * n1 + m2 * n2 for m1, n1, m2, n2 in shapes[t]) + len(shapes[t])
+               for t in targets}  # fmt: skip
+        return layers * sum(per.values())
+    rank = int(method.removeprefix("lora"))
+    return layers * sum(rank * (dims[t][0] + dims[t][1]) for t in targets)
+
+
+def slot_reservation_bytes(dims: dict, layers: int, max_rank: int, elt: int) -> dict[str, int]:
+    """Bytes the engine keeps per adapter slot in every adapted layer, per method.
+
+    vLLM wraps qkv_proj (3 slices), o_proj, gate_up_proj (2 slices) and down_proj whatever the
+    adapters target, with ``max_lora_rank`` buffers; the plugin adds a MoKA bank to each
+    (``components x slices`` entries of A and B, each capped at ``MOKA_MAX_FACTOR_NUMEL``).
+    """
+    from moka_serve.plugin.layers import bank_limits
+
+    comps, cap_numel = bank_limits()
+    fused = {
+        "qkv_proj": ["q_proj", "k_proj", "v_proj"],
+        "o_proj": ["o_proj"],
+        "gate_up_proj": ["gate_proj", "up_proj"],
+        "down_proj": ["down_proj"],
+    }
+    lora = moka = 0
+    for parts in fused.values():
+        in_f = dims[parts[0]][1]
+        outs = [dims[p][0] for p in parts]
+        lora += max_rank * (len(parts) * in_f + sum(outs))
+        moka += comps * len(parts) * 2 * min(cap_numel, max(outs) * in_f)
+    return {"lora": layers * lora * elt, "moka": layers * moka * elt}
+
+
+def write_adapters(root: Path, base: Path, names: dict[str, str], spec: dict) -> None:
+    """Write every adapter named in ``names`` (name -> method) that is not on disk yet."""
+    from .random_adapters import random_moka, write_moka, write_random_lora
+
+    for i, (name, method) in enumerate(sorted(names.items())):
+        folder = root / name
+        if (folder / "adapter_config.json").is_file():
+            continue
+        seed = 1000 + i
+        tmp = root / f".{name}.tmp"
+        if method == "moka":
+            adapter = random_moka(spec["shapes"], seed=seed, dims=spec["dims"],
+                                  layers=spec["layers"], std=0.05, base_model=str(base))  # fmt: skip
+            write_moka(tmp, adapter)
+        else:
+            write_random_lora(tmp, spec["targets"], seed=seed, dims=spec["dims"],
+                              layers=spec["layers"], r=int(method.removeprefix("lora")),
+                              std=0.02, base_model=str(base))  # fmt: skip
+        tmp.rename(folder)
+
+
+def server_command(args, base: Path, adapters: Path, port: int, max_cpu_loras: int):
+    """The ``moka-serve`` command for the run: no static adapters, the resolver finds them all."""
+    from moka_serve.cli import build_command, build_parser
+
+    dtype = args.dtype or ("bfloat16" if args.quantize == "4bit" else "float32")
+    serve_args = build_parser().parse_args(["--base", str(base), "--quantize", args.quantize])
+    rest = [
+        "--dtype", dtype, "--max-model-len", str(args.max_model_len), "--enforce-eager",
+        "--max-loras", str(args.concurrency), "--max-cpu-loras", str(max_cpu_loras),
+        "--max-lora-rank", "16", "--max-num-seqs", str(args.concurrency),
+        "--seed", "0", "--host", "127.0.0.1", "--port", str(port), *args.server_arg,
+    ]  # fmt: skip
+    cmd, env = build_command(serve_args, rest)
+    env["MOKA_ADAPTER_DIR"] = str(adapters)
+    env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+    return cmd, env, dtype
+
+
+def run_config(url: str, models: list[str], cfg: WorkloadConfig, args) -> dict:
+    specs = build_workload(cfg, models)
+    results, wall = asyncio.run(
+        run_workload(
+            url, specs, concurrency=args.concurrency, progress=False, timeout_s=args.timeout
+        )  # fmt: skip
+    )
+    summary = summarize(results, wall)
+    if summary["requests"]["failed"]:
+        bad = next(r.error for r in results if not r.ok)
+        from .serve import BenchError
+
+        raise BenchError(f"{summary['requests']['failed']} request(s) failed, e.g.: {bad}")
+    return summary
+
+
+def measure_cold_loads(url: str, names: list[str], args) -> dict:
+    """TTFT of a one-token request to each never-seen adapter, then again once it is warm."""
+    cfg = WorkloadConfig(num_requests=1, input_len=args.input_len, output_len="2",
+                         token_range=args.token_range, seed=args.seed)  # fmt: skip
+    cold, warm = [], []
+    for name in names:
+        for into in (cold, warm):
+            s = run_config(url, [name], cfg, args)
+            into.append(s["ttft_ms"]["p50"])
+    return {
+        "adapters": names,
+        "cold_ttft_ms": cold,
+        "warm_ttft_ms": warm,
+        "cold_load_ms_median": statistics.median(c - w for c, w in zip(cold, warm, strict=True)),
+    }
+
+
+def plan_configs(methods: list[str], ns: list[int], pops: list[str]) -> list[tuple]:
+    """``(method, N, popularity)`` per run of one repeat, base first in each block of N.
+
+    With N = 1 every popularity sends all requests to the one adapter, so only the first is run.
+    """
+    runs = []
+    for n in ns:
+        if "base" in methods:
+            runs.append(("base", n, "-"))
+        for pop in pops[:1] if n == 1 else pops:
+            runs += [(m, n, pop) for m in methods if m != "base"]
+    return runs
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from moka_trainer.models import cache_dir, materialize_default_base
+
+    from .plot import plot_ratios
+    from .random_adapters import llama_dims
+    from .serve import BenchError
+
+    methods, pops = _csv(args.methods), _csv(args.popularities)
+    ns = sorted({int(n) for n in _csv(args.num_adapters)})
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not ns or min(ns) < 1 or args.repeats < 1:
+        raise BenchError(f"bad --methods {bad} (choose from {METHODS}), N or --repeats")
+    base = Path(args.base) if args.base else materialize_default_base()
+    dims, layers = llama_dims(base)
+    targets = _csv(args.targets)
+    unknown = [t for t in targets if t not in dims]
+    if unknown:
+        raise BenchError(f"unknown --targets {unknown}; choose from {sorted(dims)}")
+    shapes = moka_shapes(dims, layers, targets, args.moka_components)
+    spec = {"dims": dims, "layers": layers, "targets": targets, "shapes": shapes}
+    adapters = args.adapters_dir or cache_dir() / "bench-adapters" / base.name
+    adapters.mkdir(parents=True, exist_ok=True)
+    adapter_methods = [m for m in methods if m != "base"]
+    names = {f"{m}-{i}": m for m in adapter_methods for i in range(max(ns))}
+    cold = {m: [f"cold-{m}-{time.time_ns()}-{i}" for i in range(args.cold_loads)]
+            for m in adapter_methods}  # fmt: skip
+    print(f"# writing {len(names)} adapters to {adapters} (skipping those already there)")
+    write_adapters(adapters, base, names, spec)
+    write_adapters(adapters, base, {n: m for m, ns_ in cold.items() for n in ns_}, spec)
+
+    port = free_port()
+    log = args.out_dir / f"{args.name or 'compare-' + args.quantize}.server.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    cmd, env, dtype = server_command(args, base, adapters, port, len(names) + 8)
+    runs = plan_configs(methods, ns, pops)
+    base_name = str(base)
+    summaries: dict[tuple, list[dict]] = {r: [] for r in runs}
+    t_start = time.time()
+    try:
+        with running_server(cmd, env, log, port, args.start_timeout) as url:
+            print(f"# server up; warming {len(names)} adapters")
+            warm_cfg = WorkloadConfig(num_requests=len(names) or 1, batch=args.concurrency,
+                                      input_len="8", output_len="2", seed=args.seed)  # fmt: skip
+            run_config(url, sorted(names) or [base_name], warm_cfg, args)
+            cold_loads = {m: measure_cold_loads(url, cold[m], args) for m in adapter_methods}
+            for rep in range(args.repeats):
+                for k, (method, n, pop) in enumerate(runs):
+                    models = (
+                        [base_name] if method == "base" else [f"{method}-{i}" for i in range(n)]
+                    )
+                    cfg = _workload(args, pop if pop != "-" else "identical", rep)
+                    s = run_config(url, models, cfg, args)
+                    summaries[(method, n, pop)].append(s)
+                    print(f"# repeat {rep + 1}/{args.repeats} run {k + 1}/{len(runs)} "
+                          f"{method:6s} N={n:<4d} {pop:8s} TPOT p50 {s['tpot_ms']['p50']:.1f} ms "
+                          f"TTFT p50 {s['ttft_ms']['p50']:.1f} ms", flush=True)  # fmt: skip
+    finally:
+        for names_ in cold.values():  # cold adapters are single-use
+            for n in names_:
+                _rmtree(adapters / n)
+    rows = ratio_rows(summaries, runs, args.repeats)
+    elt = DTYPE_BYTES.get(dtype, 4)
+    memory = {
+        m: {"params": adapter_params(m, dims, layers, targets, shapes),
+            "adapter_bytes": adapter_params(m, dims, layers, targets, shapes) * elt}
+        for m in adapter_methods
+    }  # fmt: skip
+    report = {
+        "kind": "moka-bench compare",
+        "command": shlex.join(["moka-bench", *sys.argv[1:]]),
+        "machine": machine(),
+        "base": base_name,
+        "quantize": args.quantize,
+        "dtype": dtype,
+        "targets": targets,
+        "moka_shapes": shapes,
+        "concurrency": args.concurrency,
+        "workload": _workload(args, "distinct", 0).to_dict(),
+        "repeats": args.repeats,
+        "wall_s": time.time() - t_start,
+        "rows": rows,
+        "cold_loads": cold_loads,
+        "memory_per_adapter": memory,
+        "slot_reservation_bytes": slot_reservation_bytes(dims, layers, 16, elt),
+        "runs": [
+            {"method": m, "n": n, "popularity": p, "summaries": summaries[(m, n, p)]}
+            for m, n, p in runs
+        ],  # fmt: skip
+    }
+    stem = args.out_dir / (args.name or f"compare-{args.quantize}")
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=1), encoding="utf-8")
+    md = compare_markdown(report)
+    stem.with_suffix(".md").write_text(md, encoding="utf-8")
+    plot_ratios(rows, stem.with_suffix(".png"), f"{base.name}, {args.quantize}, {dtype}")
+    print(md)
+    print(f"wrote {stem}.json, .md and .png")
+    return 0
+
+
+def _workload(args, popularity: str, rep: int) -> WorkloadConfig:
+    """The timed workload; the seed changes per repeat (same for every configuration)."""
+    return WorkloadConfig(
+        num_requests=args.num_requests, popularity=popularity, batch=args.concurrency,
+        powerlaw_alpha=args.powerlaw_alpha, input_len=args.input_len, output_len=args.output_len,
+        request_rate=args.request_rate, burstiness_cv=args.burstiness,
+        token_range=args.token_range, seed=args.seed + rep,
+    )  # fmt: skip
+
+
+def _rmtree(p: Path) -> None:
+    import shutil
+
+    shutil.rmtree(p, ignore_errors=True)
+
+
+def ratio_rows(summaries: dict[tuple, list[dict]], runs: list[tuple], repeats: int) -> list[dict]:
+    """Per configuration: median TPOT/TTFT p50 and the median over repeats of its ratio to the
+    base run of the same repeat (base runs of one repeat are pooled by their median)."""
+    base_keys = [r for r in runs if r[0] == "base"]
+    rows = []
+    for key in runs:
+        method, n, pop = key
+        row = {"method": method, "n": n, "popularity": pop}
+        for metric in ("tpot_ms", "ttft_ms"):
+            vals = [s[metric]["p50"] for s in summaries[key]]
+            row[metric] = statistics.median(vals)
+            if base_keys:
+                ratios = []
+                for rep in range(repeats):
+                    b = statistics.median(summaries[k][rep][metric]["p50"] for k in base_keys)
+                    ratios.append(vals[rep] / b)
+                row[metric.replace("_ms", "_ratio")] = statistics.median(ratios)
+        row["output_tok_s"] = statistics.median(
+            s["output_token_throughput"] for s in summaries[key]
+        )
+        rows.append(row)
+    return rows
+
+
+def compare_markdown(report: dict) -> str:
+    """The README table: one row per (popularity, N, method), ratios to base requests."""
+    lines = [
+        f"`{report['command']}`  ",
+        f"{report['machine']['processor']}, {report['machine']['cpus']} cpus; base "
+        f"{Path(report['base']).name}, {report['quantize']}, {report['dtype']}; targets "
+        f"{','.join(report['targets'])}; concurrency {report['concurrency']}; median of "
+        f"{report['repeats']} interleaved repeats",
+        "",
+        "| popularity | N | method | TPOT p50 ms | TPOT ratio | TTFT p50 ms | TTFT ratio | out tok/s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["rows"]:
+        lines.append(
+            f"| {r['popularity']} | {r['n'] if r['method'] != 'base' else '-'} | {r['method']} | "
+            f"{r['tpot_ms']:.1f} | {r.get('tpot_ratio', float('nan')):.2f} | {r['ttft_ms']:.1f} | "
+            f"{r.get('ttft_ratio', float('nan')):.2f} | {r['output_tok_s']:.1f} |"
+        )
+    lines += ["", "| method | params/adapter | bytes/adapter | cold load ms (median) | "
+              "slot reservation (all methods share it) |", "|---|---|---|---|---|"]  # fmt: skip
+    res = report["slot_reservation_bytes"]
+    for m, mem in report["memory_per_adapter"].items():
+        cold = report["cold_loads"].get(m, {}).get("cold_load_ms_median")
+        lines.append(
+            f"| {m} | {mem['params']:,} | {mem['adapter_bytes'] / 1e6:.2f} MB | "
+            f"{'-' if cold is None else f'{cold:.0f}'} | LoRA {res['lora'] / 1e6:.1f} MB + "
+            f"MoKA {res['moka'] / 1e6:.1f} MB |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from .cli import main
+
+    sys.exit(main(["compare", *sys.argv[1:]]))

@@ -1,0 +1,191 @@
+"""``moka-bench`` pieces that need no server: workloads, statistics, report and compare tables."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from moka_serve.bench.client import RequestResult
+from moka_serve.bench.compare import (
+    adapter_params,
+    compare_markdown,
+    plan_configs,
+    ratio_rows,
+)
+from moka_serve.bench.report import markdown, stats, summarize
+from moka_serve.bench.workload import (
+    WorkloadConfig,
+    build_workload,
+    parse_length,
+    zipf_group_sizes,
+)
+
+MODELS = [f"a{i}" for i in range(64)]
+
+
+def _batches(specs, batch):
+    return [specs[i : i + batch] for i in range(0, len(specs), batch)]
+
+
+def test_same_seed_same_workload_other_seed_differs():
+    cfg = WorkloadConfig(num_requests=20, popularity="powerlaw", input_len="uniform:4:40",
+                         output_len="lognormal:16:0.5", request_rate=3.0)  # fmt: skip
+    assert build_workload(cfg, MODELS) == build_workload(cfg, MODELS)
+    other = WorkloadConfig(**{**cfg.to_dict(), "seed": 1})
+    assert build_workload(other, MODELS) != build_workload(cfg, MODELS)
+
+
+def test_distinct_gives_every_request_of_a_batch_its_own_adapter():
+    specs = build_workload(WorkloadConfig(num_requests=64, batch=8), MODELS)
+    for b in _batches(specs, 8):
+        assert len({s.model for s in b}) == 8
+    assert len({s.model for s in specs}) == 64  # batches move on through the adapters
+
+
+def test_identical_gives_a_batch_one_adapter():
+    specs = build_workload(WorkloadConfig(num_requests=32, popularity="identical"), MODELS)
+    assert [len({s.model for s in b}) for b in _batches(specs, 8)] == [1, 1, 1, 1]
+
+
+def test_uniform_makes_about_sqrt_batch_equal_groups():
+    specs = build_workload(WorkloadConfig(num_requests=16, popularity="uniform", batch=16), MODELS)
+    assert sorted(Counter(s.model for s in specs).values()) == [4, 4, 4, 4]
+
+
+@pytest.mark.parametrize("batch", [1, 2, 5, 8, 16, 32, 64])
+def test_skewed_group_sizes_follow_zipf(batch):
+    sizes = zipf_group_sizes(batch)
+    assert sum(sizes) == batch and min(sizes) >= 1
+    assert sizes == sorted(sizes, reverse=True)
+    specs = build_workload(
+        WorkloadConfig(num_requests=batch, popularity="skewed", batch=batch), MODELS
+    )
+    assert sorted(Counter(s.model for s in specs).values(), reverse=True) == sizes
+
+
+def test_powerlaw_stays_in_range_and_low_alpha_favours_the_first_adapters():
+    cfg = WorkloadConfig(num_requests=4000, popularity="powerlaw", powerlaw_alpha=0.3)
+    specs = build_workload(cfg, MODELS[:10])
+    counts = Counter(s.model for s in specs)
+    assert set(counts) <= set(MODELS[:10])
+    # numpy.random.power(a) has density a*x^(a-1): a < 1 piles up near 0
+    assert counts["a0"] > 3 * counts["a9"]
+
+
+def test_fewer_adapters_than_a_batch_wrap_around():
+    specs = build_workload(WorkloadConfig(num_requests=8, batch=8), MODELS[:3])
+    assert set(s.model for s in specs) == set(MODELS[:3])
+
+
+def test_lengths_prompts_and_arrivals():
+    cfg = WorkloadConfig(num_requests=2000, input_len="uniform:8:512", output_len="7",
+                         token_range=(5, 9), request_rate=50.0, burstiness_cv=2.0)  # fmt: skip
+    specs = build_workload(cfg, MODELS)
+    lens = [len(s.prompt) for s in specs]
+    assert min(lens) >= 8 and max(lens) < 512 and len(set(lens)) > 100
+    assert all(s.max_tokens == 7 for s in specs)
+    assert {t for s in specs for t in s.prompt} == {5, 6, 7, 8}
+    arr = np.array([s.arrival_s for s in specs])
+    assert arr[0] == 0 and np.all(np.diff(arr) >= 0)
+    gaps = np.diff(arr)
+    assert gaps.mean() == pytest.approx(1 / 50, rel=0.15)
+    assert gaps.std() / gaps.mean() == pytest.approx(2.0, rel=0.25)  # burstiness cv
+    closed = build_workload(WorkloadConfig(num_requests=3), MODELS)
+    assert all(s.arrival_s is None for s in closed)
+
+
+@pytest.mark.parametrize(
+    "bad", ["0", "x", "uniform:5", "uniform:9:3", "lognormal:0:1", "gamma:1:2"]
+)
+def test_bad_length_specs_are_refused(bad):
+    with pytest.raises(ValueError, match="bad length"):
+        parse_length(bad)
+
+
+def test_bad_workloads_are_refused():
+    with pytest.raises(ValueError, match="popularity"):
+        build_workload(WorkloadConfig(popularity="zipf"), MODELS)
+    with pytest.raises(ValueError, match="no models"):
+        build_workload(WorkloadConfig(), [])
+    with pytest.raises(ValueError, match="rate"):
+        build_workload(WorkloadConfig(request_rate=-1.0), MODELS)
+
+
+def _result(i, ok=True, ttft=0.1, e2e=1.0, tokens=10, itl=(0.1, 0.1)):
+    r = RequestResult(i, "m", 5, tokens, ok=ok, ttft_s=ttft, e2e_s=e2e, output_tokens=tokens)
+    r.itl_s = list(itl)
+    r.error = None if ok else "boom"
+    return r
+
+
+def test_stats_and_summary_match_numpy():
+    vals = list(np.random.default_rng(0).exponential(5.0, size=101))
+    s = stats(vals)
+    assert s["p50"] == pytest.approx(np.percentile(vals, 50))
+    assert s["p99"] == pytest.approx(np.percentile(vals, 99))
+    assert stats([])["p90"] is None
+    results = [_result(0, ttft=0.2, e2e=1.1), _result(1, ttft=0.4, e2e=2.2), _result(2, ok=False)]
+    summary = summarize(results, wall_s=4.0)
+    assert summary["requests"] == {"total": 3, "ok": 2, "failed": 1}
+    assert summary["request_throughput"] == pytest.approx(0.5)
+    assert summary["output_token_throughput"] == pytest.approx(5.0)
+    assert summary["ttft_ms"]["mean"] == pytest.approx(300.0)
+    # TPOT = (e2e - ttft) / (tokens - 1)
+    assert summary["tpot_ms"]["p50"] == pytest.approx(np.median([900 / 9, 1800 / 9]))
+    assert summary["itl_ms"]["mean"] == pytest.approx(100.0)
+    table = markdown(summary, "t")
+    assert "2/3 ok" in table and "| tpot_ms |" in table
+
+
+def test_plan_configs_puts_base_first_and_runs_n1_once():
+    runs = plan_configs(["base", "moka", "lora16"], [1, 8], ["distinct", "skewed"])
+    assert runs == [
+        ("base", 1, "-"), ("moka", 1, "distinct"), ("lora16", 1, "distinct"),
+        ("base", 8, "-"), ("moka", 8, "distinct"), ("lora16", 8, "distinct"),
+        ("moka", 8, "skewed"), ("lora16", 8, "skewed"),
+    ]  # fmt: skip
+
+
+def test_ratio_rows_divide_by_the_same_repeats_base():
+    runs = [("base", 1, "-"), ("moka", 1, "distinct")]
+
+    def summ(tpot, ttft):
+        return {"tpot_ms": {"p50": tpot}, "ttft_ms": {"p50": ttft}, "output_token_throughput": 1}
+
+    summaries = {
+        runs[0]: [summ(10, 100), summ(20, 100), summ(10, 50)],
+        runs[1]: [summ(11, 100), summ(22, 300), summ(12, 50)],
+    }
+    rows = ratio_rows(summaries, runs, 3)
+    moka = rows[1]
+    assert moka["tpot_ratio"] == pytest.approx(1.1)  # median of 1.1, 1.1, 1.2
+    assert moka["ttft_ratio"] == pytest.approx(1.0)  # median of 1, 3, 1
+    assert moka["tpot_ms"] == 12
+    report = {
+        "command": "moka-bench compare", "machine": {"processor": "cpu", "cpus": 2},
+        "base": "/x/base", "quantize": "none", "dtype": "float32", "targets": ["q_proj"],
+        "concurrency": 8, "repeats": 3, "rows": rows,
+        "memory_per_adapter": {"moka": {"params": 10, "adapter_bytes": 40}},
+        "cold_loads": {"moka": {"cold_load_ms_median": 12.0}},
+        "slot_reservation_bytes": {"lora": 1e6, "moka": 2e6},
+    }  # fmt: skip
+    md = compare_markdown(report)
+    assert "| distinct | 1 | moka | 12.0 | 1.10 |" in md and "| moka | 10 |" in md
+
+
+def test_adapter_params_count_factors_gates_and_lora_ranks():
+    dims = {"q_proj": (576, 576), "v_proj": (192, 576)}
+    shapes = {"q_proj": [[24, 24, 24, 24]], "v_proj": [[8, 24, 24, 24]]}
+    assert adapter_params("moka", dims, 30, ["q_proj", "v_proj"], shapes) == 30 * (
+        (576 + 576 + 1) + (192 + 576 + 1)
+    )
+    assert adapter_params("lora16", dims, 30, ["q_proj", "v_proj"], shapes) == 30 * 16 * (
+        1152 + 768
+    )
+    assert math.isclose(
+        adapter_params("lora8", dims, 30, ["q_proj"], shapes) * 2,
+        adapter_params("lora16", dims, 30, ["q_proj"], shapes),
+    )
