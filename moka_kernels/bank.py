@@ -116,6 +116,9 @@ class MokaBank:
         # them without hashing the entry lists on every forward.
         self.shape_key: list[int] = [-1] * num_slots
         self._shape_ids: dict[tuple[EntryShape, ...], int] = {}
+        # Owned by torch_ops: reusable buffers and views per (shape_key, tokens), which point
+        # into ``packed``'s layout; dropped whenever ``packed`` is reallocated.
+        self.cpu_plans: dict = {}
 
     @property
     def num_slots(self) -> int:
@@ -219,6 +222,7 @@ class MokaBank:
             grown = self.packed.new_zeros(self.num_slots, flat.numel())
             grown[:, : self.packed.shape[1]] = self.packed
             self.packed = grown
+            self.cpu_plans.clear()
         self.packed[slot, : flat.numel()] = flat
         self.packed_numel[slot] = flat.numel()
 

@@ -12,9 +12,15 @@ fine on CPU, where vLLM runs LoRA models eagerly. Tokens with slot -1 are never 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .bank import MokaBank, check_apply_args
+
+# Batches up to this many tokens reuse preallocated gather/output buffers and cached views
+# (decode steps); larger ones allocate per call, where the GEMMs dwarf the Python overhead.
+PLAN_MAX_TOKENS = 64
 
 
 def kron_matmul(
@@ -71,6 +77,9 @@ def moka_apply_torch(
     Slots whose adapters have the same component shapes are applied together, with each token's
     factors gathered (Punica's BGMV idea): the number of torch ops then grows with the number
     of components, not with components times adapters, and on CPU ops cost more than flops.
+    Small batches take that path even for one adapter (its reused buffers make it the cheapest
+    in ops); one adapter over more than ``PLAN_MAX_TOKENS`` tokens multiplies its shared
+    factors directly (``_apply_one_slot``).
     """
     check_apply_args(x, y, token_slots, bank)
     if groups is None:
@@ -80,11 +89,12 @@ def moka_apply_torch(
         if bank.entries[slot]:
             by_shapes.setdefault(bank.shape_key[slot], []).append((slot, idx))
     for same_shapes in by_shapes.values():
-        if len(same_shapes) == 1 or bank.device.type != "cpu":
+        tokens = sum(idx.numel() for _, idx in same_shapes)
+        if bank.device.type == "cpu" and (len(same_shapes) > 1 or tokens <= PLAN_MAX_TOKENS):
+            _apply_gathered(x, y, token_slots, same_shapes, bank)
+        else:  # one adapter for many tokens: its factors are shared, GEMMs are large
             for slot, idx in same_shapes:
                 _apply_one_slot(x, y, slot, idx, bank)
-        else:
-            _apply_gathered(x, y, token_slots, same_shapes, bank)
 
 
 def _apply_one_slot(
@@ -107,6 +117,77 @@ def _apply_one_slot(
         y.index_add_(0, idx, out.to(y.dtype))
 
 
+@dataclass
+class _GatherPlan:
+    """Views for applying one shape set to ``n`` gathered tokens, built once and reused.
+
+    On CPU each torch call costs microseconds, as much as these tiny GEMMs: slicing the
+    gathered factors into per-entry views on every call doubled the layer's time. The views
+    point into ``gathered`` (each token's packed factors) and ``outs`` (one contiguous output
+    buffer per touched slice, so GEMMs can write and accumulate into them in place).
+    """
+
+    gathered: torch.Tensor  # (n, packed width)
+    # per entry: n1, n2, A view (n, m1, n1) or None, B^T view (n, n2, m2), a_first, output
+    # view (n, m1, m2), whether it is the first entry into that output
+    entries: list[tuple[int, int, torch.Tensor | None, torch.Tensor, bool, torch.Tensor, bool]]
+    outs: list[tuple[int, int, torch.Tensor]]  # (offset, width, (n, width) buffer) per slice
+
+
+def _scratch(bank: MokaBank, n: int, cached: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Gather and per-slice output buffers with at least ``n`` rows.
+
+    Cached ones are shared by every plan of the bank (groups of one call run one after the
+    other, each done with the buffers before the next starts) and grow to the largest batch
+    seen; growing drops the plans, whose views point into the old buffers.
+    """
+    width = bank.packed.shape[1]
+    if not cached:
+        return bank.packed.new_empty(n, width), [
+            bank.packed.new_empty(n, w) for w in bank.slice_widths
+        ]
+    sc = bank.cpu_plans.get("scratch")
+    if sc is None or sc[0].shape[0] < n or sc[0].shape[1] != width:
+        bank.cpu_plans.clear()
+        sc = _scratch(bank, n, cached=False)
+        bank.cpu_plans["scratch"] = sc
+    return sc
+
+
+def _gather_plan(bank: MokaBank, slot: int, n: int) -> _GatherPlan:
+    """The plan for ``n`` tokens of slots shaped like ``slot`` (cached for small ``n``)."""
+    cached = n <= PLAN_MAX_TOKENS
+    key = (bank.shape_key[slot], n)
+    plan = bank.cpu_plans.get(key) if cached else None
+    if plan is not None:
+        return plan
+    gathered_rows, out_rows = _scratch(bank, n, cached)
+    gathered = gathered_rows[:n]
+    outs: dict[int, torch.Tensor] = {}
+    entries = []
+    pos = 0
+    for s in bank.entries[slot]:
+        a = None
+        if not s.identity_a:
+            a = gathered[:, pos : pos + s.m1 * s.n1].view(n, s.m1, s.n1)
+            pos += s.m1 * s.n1
+        bt = gathered[:, pos : pos + s.m2 * s.n2].view(n, s.m2, s.n2).mT
+        pos += s.m2 * s.n2
+        first = s.slice not in outs
+        if first:
+            outs[s.slice] = out_rows[s.slice][:n]
+        dst = outs[s.slice].view(n, s.m1, s.m2)
+        entries.append((s.n1, s.n2, a, bt, s.a_first, dst, first))
+    plan = _GatherPlan(
+        gathered,
+        entries,
+        [(bank.slice_offsets[i], b.shape[1], b) for i, b in outs.items()],
+    )
+    if cached:
+        bank.cpu_plans[key] = plan
+    return plan
+
+
 def _apply_gathered(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -117,11 +198,11 @@ def _apply_gathered(
     """Several slots with identical component shapes: gather each token's factors, bmm.
 
     One copy gathers every factor of every token (``bank.packed``); each entry is then two
-    batched matmuls and one add into the output slice. When these
-    slots cover the whole batch, tokens stay in place: no gather of x, no scatter into y.
+    batched matmuls writing or accumulating into its slice's buffer, and each touched slice is
+    added to y once. When these slots cover the whole batch, tokens stay in place: no gather of
+    x, no scatter into y.
     """
-    n_all = x.shape[0]
-    whole = sum(i.numel() for _, i in groups) == n_all
+    whole = sum(i.numel() for _, i in groups) == x.shape[0]
     if whole:
         idx = None
         tok_slots = token_slots.long()
@@ -131,25 +212,23 @@ def _apply_gathered(
         tok_slots = torch.cat([torch.full_like(i, slot) for slot, i in groups])
         xs = x.index_select(0, idx).to(bank.dtype)
     n = xs.shape[0]
-    total = bank.packed_numel[groups[0][0]]
-    packed = bank.packed[:, :total].index_select(0, tok_slots)
-    direct = whole and y.dtype == bank.dtype
-    out = y if direct else torch.zeros(n, bank.out_features, dtype=bank.dtype, device=x.device)
-    pos = 0
-    for s in bank.entries[groups[0][0]]:
-        a = None
-        if not s.identity_a:
-            a = packed[:, pos : pos + s.m1 * s.n1].view(n, s.m1, s.n1)
-            pos += s.m1 * s.n1
-        b = packed[:, pos : pos + s.m2 * s.n2].view(n, s.m2, s.n2)
-        pos += s.m2 * s.n2
-        xm = xs.view(n, s.n1, s.n2)
-        dst = out[:, s.out_offset : s.out_offset + s.m1 * s.m2].view(n, s.m1, s.m2)
-        # bmm then add: an in-place baddbmm_ into a strided slice of y loops over the batch.
-        dst.add_(kron_matmul(xm, a, b, s.a_first))
-    if direct:
-        return
-    if idx is None:
-        y.add_(out.to(y.dtype))
-    else:
-        y.index_add_(0, idx, out.to(y.dtype))
+    plan = _gather_plan(bank, groups[0][0], n)
+    torch.index_select(bank.packed, 0, tok_slots, out=plan.gathered)
+    for n1, n2, a, bt, a_first, dst, first in plan.entries:
+        xm = xs.view(n, n1, n2)
+        if a is None:
+            p, q = xm, bt
+        elif a_first:
+            p, q = torch.bmm(a, xm), bt
+        else:
+            p, q = a, torch.bmm(xm, bt)
+        if first:
+            torch.bmm(p, q, out=dst)
+        else:
+            dst.baddbmm_(p, q)
+    for offset, width, out in plan.outs:
+        dst_cols = y[:, offset : offset + width]
+        if idx is None:
+            dst_cols.add_(out.to(y.dtype))
+        else:
+            dst_cols.index_add_(0, idx, out.to(y.dtype))

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from moka_kernels import KronEntry, MokaBank, delta_weight, moka_apply_naive, moka_apply_torch
+from moka_kernels.torch_ops import PLAN_MAX_TOKENS
 
 triton_ops = pytest.importorskip("moka_kernels.triton_ops")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -152,12 +153,13 @@ def run_case(impl, layer, mapping, num_tokens, dtype, seed, num_slots=4, same_sh
 @pytest.mark.parametrize("layer", list(LAYERS))
 @pytest.mark.parametrize("mapping", list(MAPPINGS))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_torch_path_matches_kron_reference(layer, mapping, dtype):
+@pytest.mark.parametrize("num_tokens", [13, PLAN_MAX_TOKENS + 7])  # cached plans / one-off
+def test_torch_path_matches_kron_reference(layer, mapping, dtype, num_tokens):
     run_case(
         moka_apply_torch,
         layer,
         mapping,
-        num_tokens=13,
+        num_tokens=num_tokens,
         dtype=dtype,
         seed=zlib.crc32(f"{layer}/{mapping}".encode()) % 1000,
     )
@@ -166,10 +168,30 @@ def test_torch_path_matches_kron_reference(layer, mapping, dtype):
 @pytest.mark.parametrize("layer", list(LAYERS))
 @pytest.mark.parametrize("mapping", ["distinct", "mixed-with-none", "runs", "all-adapted"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_torch_path_slots_with_same_shapes_gathered(layer, mapping, dtype):
+@pytest.mark.parametrize("num_tokens", [13, PLAN_MAX_TOKENS + 7])
+def test_torch_path_slots_with_same_shapes_gathered(layer, mapping, dtype, num_tokens):
     """Adapters with identical component shapes take the gathered (BGMV-like) branch: in place
-    when every token is adapted, through index_select / index_add when some are not."""
-    run_case(moka_apply_torch, layer, mapping, 13, dtype, seed=5, same_shapes=True)
+    when every token is adapted, through index_select / index_add when some are not; cached
+    plans for small batches, one-off ones for large."""
+    run_case(moka_apply_torch, layer, mapping, num_tokens, dtype, seed=5, same_shapes=True)
+
+
+def test_cached_plans_are_reused_and_stay_correct_across_calls():
+    """Calls with the same token count reuse one plan (buffers and views), and a second call
+    with other inputs is still right (nothing of the first call leaks through the buffers)."""
+    bank = make_bank(next(iter(LAYERS)), 4, torch.float64, seed=3, same_shapes=True)
+    gen = torch.Generator().manual_seed(4)
+    slots = torch.tensor([0, 1, 2, 1, 0])
+    for _ in range(2):
+        x = torch.randn(5, bank.in_features, generator=gen, dtype=torch.float64)
+        y0 = torch.randn(5, bank.out_features, generator=gen, dtype=torch.float64)
+        y = y0.clone()
+        moka_apply_torch(x, y, slots, bank)
+        assert torch.allclose(y, reference(x, y0, slots, bank), rtol=0, atol=1e-10)
+    assert set(bank.cpu_plans) == {"scratch", (bank.shape_key[0], 5)}
+    scratch = bank.cpu_plans["scratch"][0]
+    moka_apply_torch(x[:3], y[:3], slots[:3], bank)  # a smaller batch shares the buffers
+    assert bank.cpu_plans["scratch"][0] is scratch and len(bank.cpu_plans) == 3
 
 
 def test_rewritten_slots_regroup_and_packed_buffer_grows():
