@@ -21,6 +21,9 @@ from .bank import MokaBank, check_apply_args
 # Batches up to this many tokens reuse preallocated gather/output buffers and cached views
 # (decode steps); larger ones allocate per call, where the GEMMs dwarf the Python overhead.
 PLAN_MAX_TOKENS = 64
+# One adapter takes the gathered path only for this many tokens: beyond, copying its factors
+# per token costs more (on Llama-3-8B shapes at 64 tokens) than multiplying them shared.
+ONE_ADAPTER_GATHER_MAX_TOKENS = 16
 
 
 def kron_matmul(
@@ -78,8 +81,8 @@ def moka_apply_torch(
     factors gathered (Punica's BGMV idea): the number of torch ops then grows with the number
     of components, not with components times adapters, and on CPU ops cost more than flops.
     Small batches take that path even for one adapter (its reused buffers make it the cheapest
-    in ops); one adapter over more than ``PLAN_MAX_TOKENS`` tokens multiplies its shared
-    factors directly (``_apply_one_slot``).
+    in ops); one adapter over more than ``ONE_ADAPTER_GATHER_MAX_TOKENS`` tokens multiplies its
+    shared factors directly (``_apply_one_slot``).
     """
     check_apply_args(x, y, token_slots, bank)
     if groups is None:
@@ -90,7 +93,9 @@ def moka_apply_torch(
             by_shapes.setdefault(bank.shape_key[slot], []).append((slot, idx))
     for same_shapes in by_shapes.values():
         tokens = sum(idx.numel() for _, idx in same_shapes)
-        if bank.device.type == "cpu" and (len(same_shapes) > 1 or tokens <= PLAN_MAX_TOKENS):
+        if bank.device.type == "cpu" and (
+            len(same_shapes) > 1 or tokens <= ONE_ADAPTER_GATHER_MAX_TOKENS
+        ):
             _apply_gathered(x, y, token_slots, same_shapes, bank)
         else:  # one adapter for many tokens: its factors are shared, GEMMs are large
             for slot, idx in same_shapes:

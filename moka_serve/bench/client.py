@@ -3,7 +3,7 @@
 Each request is one streamed ``/v1/completions`` call with a token-id prompt, greedy, and
 ``ignore_eos`` (a vLLM extension) so it produces exactly ``max_tokens`` tokens; usage is asked
 for in the stream so output tokens are counted by the server, not guessed from chunks. Times are
-``time.perf_counter`` on the client: TTFT is request start -> first chunk with text, ITL the gaps
+``time.perf_counter`` on the client: TTFT is request start -> first chunk with a choice, ITL the gaps
 between later chunks, TPOT ``(e2e - TTFT) / (output_tokens - 1)``, as ``vllm bench serve``
 defines them. A failed request is recorded with its error and never retried.
 """
@@ -58,7 +58,9 @@ async def send_one(client, spec: RequestSpec, t0: float, extra_body: dict) -> Re
         )
         async for chunk in stream:
             now = time.perf_counter()
-            if chunk.choices and chunk.choices[0].text:
+            # A token can decode to no text yet (half a UTF-8 character), so every chunk with
+            # a choice counts as output, text or not; the usage-only last chunk has none.
+            if chunk.choices:
                 if last is None:
                     res.ttft_s = now - start
                 else:

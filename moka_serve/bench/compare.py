@@ -289,7 +289,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1), encoding="utf-8")
     md = compare_markdown(report)
     stem.with_suffix(".md").write_text(md, encoding="utf-8")
-    plot_ratios(rows, stem.with_suffix(".png"), f"{base.name}, {args.quantize}, {dtype}")
+    weights = "4-bit NF4" if args.quantize == "4bit" else "unquantized"
+    plot_ratios(rows, stem.with_suffix(".png"), f"{base.name}, {weights}, {dtype}")
     print(md)
     print(f"wrote {stem}.json, .md and .png")
     return 0
