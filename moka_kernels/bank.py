@@ -57,6 +57,11 @@ class EntryShape:
     slice: int
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the CPU path multiplies in: float32 for half precision, else ``dtype``."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
 def choose_a_first(m1: int, n1: int, m2: int, n2: int, identity_a: bool) -> bool:
     """Pick the cheaper association of ``A @ X @ B.T`` for one token.
 
@@ -110,7 +115,10 @@ class MokaBank:
         # CPU path gathers all of a token's factors with one copy of exactly the numbers used.
         # Slots with the same ``shape_key`` have the same packing. Grown on demand: nothing on
         # the CPU path is captured in a graph.
-        self.packed = torch.zeros(num_slots, 0, dtype=dtype, device=device)
+        # Kept in float32 for half-precision banks: CPUs without native bf16/fp16 GEMMs run
+        # these tiny products about 7x slower in half precision (vLLM's CPU LoRA ops compute
+        # in float32 too).
+        self.packed = torch.zeros(num_slots, 0, dtype=compute_dtype(dtype), device=device)
         self.packed_numel = [0] * num_slots
         # Slots with identical entry shapes get the same small int, so the CPU path can batch
         # them without hashing the entry lists on every forward.
@@ -218,6 +226,7 @@ class MokaBank:
                 parts.append(e.a.reshape(-1))
             parts.append(e.b.reshape(-1))
         flat = torch.cat(parts).to(self.dtype) if parts else self.packed.new_zeros(0)
+        flat = flat.to(self.packed.dtype)  # rounded to the bank's dtype first, as the GPU sees it
         if flat.numel() > self.packed.shape[1]:
             grown = self.packed.new_zeros(self.num_slots, flat.numel())
             grown[:, : self.packed.shape[1]] = self.packed

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .bank import MokaBank, check_apply_args
+from .bank import MokaBank, check_apply_args, compute_dtype
 
 # Batches up to this many tokens reuse preallocated gather/output buffers and cached views
 # (decode steps); larger ones allocate per call, where the GEMMs dwarf the Python overhead.
@@ -106,13 +106,16 @@ def _apply_one_slot(
     x: torch.Tensor, y: torch.Tensor, slot: int, idx: torch.Tensor, bank: MokaBank
 ) -> None:
     whole = idx.numel() == x.shape[0]  # one adapter has the whole batch: no gather/scatter
-    xs = (x if whole else x.index_select(0, idx)).to(bank.dtype)
+    # On CPU, half-precision banks multiply in float32 (see MokaBank.packed).
+    dtype = compute_dtype(bank.dtype) if x.device.type == "cpu" else bank.dtype
+    xs = (x if whole else x.index_select(0, idx)).to(bank.dtype).to(dtype)
     n = xs.shape[0]
     # Add straight into y when the batch is whole and dtypes agree; else into a buffer.
-    direct = whole and y.dtype == bank.dtype
-    out = y if direct else torch.zeros(n, bank.out_features, dtype=bank.dtype, device=x.device)
+    direct = whole and y.dtype == dtype
+    out = y if direct else torch.zeros(n, bank.out_features, dtype=dtype, device=x.device)
     for a, b, s in bank.views[slot]:
-        ym = kron_matmul(xs.view(n, s.n1, s.n2), a, b, s.a_first)
+        a = None if a is None else a.to(dtype)
+        ym = kron_matmul(xs.view(n, s.n1, s.n2), a, b.to(dtype), s.a_first)
         out[:, s.out_offset : s.out_offset + s.m1 * s.m2].add_(ym.view(n, -1))
     if direct:
         return
@@ -208,14 +211,15 @@ def _apply_gathered(
     x, no scatter into y.
     """
     whole = sum(i.numel() for _, i in groups) == x.shape[0]
+    dtype = bank.packed.dtype  # float32 for half-precision banks (see MokaBank.packed)
     if whole:
         idx = None
         tok_slots = token_slots.long()
-        xs = x.to(bank.dtype)
+        xs = x.to(bank.dtype).to(dtype)
     else:
         idx = torch.cat([i for _, i in groups])
         tok_slots = torch.cat([torch.full_like(i, slot) for slot, i in groups])
-        xs = x.index_select(0, idx).to(bank.dtype)
+        xs = x.index_select(0, idx).to(bank.dtype).to(dtype)
     n = xs.shape[0]
     plan = _gather_plan(bank, groups[0][0], n)
     torch.index_select(bank.packed, 0, tok_slots, out=plan.gathered)
