@@ -174,6 +174,7 @@ def test_ratio_rows_divide_by_the_same_repeats_base():
     }  # fmt: skip
     md = compare_markdown(report)
     assert "| distinct | 1 | moka | 12.0 | 1.10 |" in md and "| moka | 10 |" in md
+    assert "| - | 1 | base | 10.0 | 1.00 |" in md
 
 
 def test_adapter_params_count_factors_gates_and_lora_ranks():
