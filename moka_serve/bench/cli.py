@@ -33,8 +33,9 @@ def _length(text: str) -> str:
     return text
 
 
-def add_workload_args(p: argparse.ArgumentParser) -> None:
-    """Options shared by ``serve`` and ``compare``: the workload and how it arrives."""
+def add_workload_args(p: argparse.ArgumentParser, popularity: bool = True) -> None:
+    """Options shared by ``serve`` and ``compare``: the workload and how it arrives
+    (``compare`` sweeps popularities with its own ``--popularities``)."""
     g = p.add_argument_group("workload")
     g.add_argument("--num-requests", type=int, default=32)
     g.add_argument("--concurrency", type=int, default=8, help="requests in flight (at most)")
@@ -45,7 +46,8 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
         help="open loop at this many requests/s (gamma arrivals); default: closed loop",
     )
     g.add_argument("--burstiness", type=float, default=1.0, help="arrival cv (1 = Poisson)")
-    g.add_argument("--popularity", choices=POPULARITIES, default="distinct")
+    if popularity:
+        g.add_argument("--popularity", choices=POPULARITIES, default="distinct")
     g.add_argument("--powerlaw-alpha", type=float, default=1.0)
     g.add_argument("--input-len", type=_length, default="64", help="N, uniform:LO:HI, ...")
     g.add_argument("--output-len", type=_length, default="32", help="N, uniform:LO:HI, ...")
@@ -58,7 +60,7 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
 def workload_config(args: argparse.Namespace, popularity: str | None = None) -> WorkloadConfig:
     return WorkloadConfig(
         num_requests=args.num_requests,
-        popularity=popularity or args.popularity,
+        popularity=popularity or getattr(args, "popularity", "distinct"),
         powerlaw_alpha=args.powerlaw_alpha,
         batch=args.concurrency,
         input_len=args.input_len,
@@ -93,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compare", help="base vs MoKA vs LoRA in one engine, interleaved")
     add_compare_args(c)
-    add_workload_args(c)
+    add_workload_args(c, popularity=False)
     return p
 
 
