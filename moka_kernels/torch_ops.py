@@ -35,13 +35,11 @@ def kron_matmul(
     per-token stacks ``(T, m1, n1)``/``(T, m2, n2)``. ``a_first`` picks the association
     (``bank.choose_a_first``). Plain matmuls, so autograd flows through it (the trainer uses it).
     """
-    # Per-token stacks take torch.bmm: matmul's broadcasting costs as much as these tiny GEMMs.
-    mm = torch.bmm if b.dim() == 3 and xm.dim() == 3 else torch.matmul
     if a is None:
-        return mm(xm, b.mT)
+        return torch.matmul(xm, b.mT)
     if a_first:
-        return mm(mm(a, xm), b.mT)
-    return mm(a, mm(xm, b.mT))
+        return torch.matmul(torch.matmul(a, xm), b.mT)
+    return torch.matmul(a, torch.matmul(xm, b.mT))
 
 
 def group_tokens(token_slots: torch.Tensor) -> list[tuple[int, torch.Tensor]]:

@@ -57,7 +57,10 @@ def add_workload_args(p: argparse.ArgumentParser, popularity: bool = True) -> No
     g.add_argument("--no-progress", action="store_true")
 
 
-def workload_config(args: argparse.Namespace, popularity: str | None = None) -> WorkloadConfig:
+def workload_config(
+    args: argparse.Namespace, popularity: str | None = None, seed_offset: int = 0
+) -> WorkloadConfig:
+    """The workload the options describe (``compare`` passes each popularity and repeat)."""
     return WorkloadConfig(
         num_requests=args.num_requests,
         popularity=popularity or getattr(args, "popularity", "distinct"),
@@ -68,7 +71,7 @@ def workload_config(args: argparse.Namespace, popularity: str | None = None) -> 
         request_rate=args.request_rate,
         burstiness_cv=args.burstiness,
         token_range=args.token_range,
-        seed=args.seed,
+        seed=args.seed + seed_offset,
     )
 
 

@@ -21,7 +21,6 @@ Results: ``<out-dir>/<name>.json`` (everything, including every run's full summa
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import shlex
 import statistics
@@ -29,10 +28,10 @@ import sys
 import time
 from pathlib import Path
 
-from .client import run_workload
 from .report import machine, summarize
+from .serve import BenchError, run_requests
 from .server import free_port, running_server
-from .workload import WorkloadConfig, build_workload
+from .workload import WorkloadConfig
 
 METHODS = ("base", "moka", "lora8", "lora16")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -150,17 +149,13 @@ def server_command(args, base: Path, adapters: Path, port: int, max_cpu_loras: i
 
 
 def run_config(url: str, models: list[str], cfg: WorkloadConfig, args) -> dict:
-    specs = build_workload(cfg, models)
-    results, wall = asyncio.run(
-        run_workload(
-            url, specs, concurrency=args.concurrency, progress=False, timeout_s=args.timeout
-        )  # fmt: skip
+    """One run's summary; any failed request stops the comparison (a ratio would be wrong)."""
+    results, wall = run_requests(
+        url, models, cfg, concurrency=args.concurrency, progress=False, timeout_s=args.timeout
     )
     summary = summarize(results, wall)
     if summary["requests"]["failed"]:
         bad = next(r.error for r in results if not r.ok)
-        from .serve import BenchError
-
         raise BenchError(f"{summary['requests']['failed']} request(s) failed, e.g.: {bad}")
     return summary
 
@@ -205,7 +200,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     from .plot import plot_ratios
     from .random_adapters import llama_dims
-    from .serve import BenchError
 
     methods, pops = _csv(args.methods), _csv(args.popularities)
     ns = sorted({int(n) for n in _csv(args.num_adapters)})
@@ -262,11 +256,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 _rmtree(adapters / n)
     rows = ratio_rows(summaries, runs, args.repeats)
     elt = DTYPE_BYTES.get(dtype, 4)
-    memory = {
-        m: {"params": adapter_params(m, dims, layers, targets, shapes),
-            "adapter_bytes": adapter_params(m, dims, layers, targets, shapes) * elt}
-        for m in adapter_methods
-    }  # fmt: skip
+    params = {m: adapter_params(m, dims, layers, targets, shapes) for m in adapter_methods}
+    memory = {m: {"params": p, "adapter_bytes": p * elt} for m, p in params.items()}
     report = {
         "kind": "moka-bench compare",
         "command": shlex.join(["moka-bench", *sys.argv[1:]]),
@@ -302,12 +293,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def _workload(args, popularity: str, rep: int) -> WorkloadConfig:
     """The timed workload; the seed changes per repeat (same for every configuration)."""
-    return WorkloadConfig(
-        num_requests=args.num_requests, popularity=popularity, batch=args.concurrency,
-        powerlaw_alpha=args.powerlaw_alpha, input_len=args.input_len, output_len=args.output_len,
-        request_rate=args.request_rate, burstiness_cv=args.burstiness,
-        token_range=args.token_range, seed=args.seed + rep,
-    )  # fmt: skip
+    from .cli import workload_config
+
+    return workload_config(args, popularity, seed_offset=rep)
 
 
 def _rmtree(p: Path) -> None:

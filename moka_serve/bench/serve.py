@@ -7,7 +7,7 @@ import json
 import urllib.request
 from pathlib import Path
 
-from .client import run_workload
+from .client import RequestResult, run_workload
 from .report import errors, machine, markdown, summarize
 from .workload import WorkloadConfig, build_workload
 
@@ -50,6 +50,24 @@ def choose_models(base_url: str, adapters: list[str] | None, api_key: str = "non
     return bases[:1]
 
 
+def run_requests(
+    base_url: str,
+    models: list[str],
+    cfg: WorkloadConfig,
+    *,
+    concurrency: int,
+    progress: bool = True,
+    timeout_s: float = 600.0,
+    api_key: str = "none",
+) -> tuple[list[RequestResult], float]:
+    """Build ``cfg``'s requests over ``models`` and send them; results and the wall time."""
+    specs = build_workload(cfg, models)
+    return asyncio.run(
+        run_workload(base_url, specs, concurrency=concurrency, timeout_s=timeout_s,
+                     api_key=api_key, progress=progress)
+    )  # fmt: skip
+
+
 def run_serve(
     base_url: str,
     models: list[str],
@@ -61,17 +79,10 @@ def run_serve(
     api_key: str = "none",
 ) -> dict:
     """Build the workload, run it, and return the full report (config, summary, per request)."""
-    specs = build_workload(cfg, models)
-    results, wall = asyncio.run(
-        run_workload(
-            base_url,
-            specs,
-            concurrency=concurrency,
-            timeout_s=timeout_s,
-            api_key=api_key,
-            progress=progress,
-        )
-    )
+    results, wall = run_requests(
+        base_url, models, cfg, concurrency=concurrency, progress=progress,
+        timeout_s=timeout_s, api_key=api_key,
+    )  # fmt: skip
     return {
         "kind": "moka-bench serve",
         "base_url": base_url,
