@@ -7,7 +7,10 @@ repeat so machine drift cancels: base requests, 8 distinct random MoKA adapters 
 v_proj, 4 components each) and 8 distinct random rank-16 LoRAs on the same targets. Reports the
 median ms per decode step and each ratio to the base requests.
 
-    .venv/bin/python benchmarks/serving_quick.py [--reps 3] [--tokens 64]
+    .venv/bin/python benchmarks/serving_quick.py [--reps 3] [--tokens 64] [--plain] [--eager]
+
+``--plain`` starts the engine without LoRA (the baseline users compare with), ``--eager`` with
+``enforce_eager``; the adapter engine compiles by default (the plugin keeps compilation on).
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--adapters-dir", default="/tmp/moka-serving-quick")
+    ap.add_argument("--plain", action="store_true", help="engine without LoRA: base requests only")
+    ap.add_argument("--eager", action="store_true", help="enforce_eager (no torch.compile)")
     args = ap.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
@@ -53,10 +58,19 @@ def main() -> None:
         mokas.append(LoRARequest(f"moka{i}", i + 1, str(p)))
         loras.append(LoRARequest(f"lora{i}", 100 + i, str(q)))
 
-    llm = LLM(model=str(base), dtype="float32", enable_lora=True, max_loras=8, max_lora_rank=16,
-              max_cpu_loras=16, enforce_eager=True, max_model_len=512, max_num_seqs=8)  # fmt: skip
+    lora = (
+        {}
+        if args.plain
+        else dict(enable_lora=True, max_loras=8, max_lora_rank=16, max_cpu_loras=16)
+    )
+    t0 = time.perf_counter()
+    llm = LLM(model=str(base), dtype="float32", enforce_eager=args.eager, max_model_len=512,
+              max_num_seqs=8, **lora)  # fmt: skip
+    print(f"engine start: {time.perf_counter() - t0:.0f} s")
     prompts = [f"Write a story about the number {i}." for i in range(8)]
-    configs = {"base": None, "moka x8": mokas, "lora-16 x8": loras}
+    configs = (
+        {"base": None} if args.plain else {"base": None, "moka x8": mokas, "lora-16 x8": loras}
+    )
     warm = SamplingParams(max_tokens=2, temperature=0)
     for reqs in configs.values():  # load every adapter into its slot before timing
         llm.generate(prompts, warm, lora_request=reqs, use_tqdm=False)

@@ -106,27 +106,15 @@ class MokaBank:
             num_slots, max_entries, NUM_FIELDS, dtype=torch.int32, device=device
         )
         self.entries: list[list[EntryShape]] = [[] for _ in range(num_slots)]
+        # Slots holding at least one entry (host-side: a forward can skip the layer for free).
+        self.occupied: set[int] = set()
         # Views of each slot's factors, built once at write time: the CPU path reads them on
         # every forward, and rebuilding views costs more than the tiny matmuls they feed.
         self.views: list[list[tuple[torch.Tensor | None, torch.Tensor, EntryShape]]] = [
             [] for _ in range(num_slots)
         ]
-        # CPU only: each slot's used factors packed back to back (A0, B0, A1, B1, ...), so the
-        # CPU path gathers all of a token's factors with one copy of exactly the numbers used.
-        # Slots with the same ``shape_key`` have the same packing. Grown on demand: nothing on
-        # the CPU path is captured in a graph.
-        # Kept in float32 for half-precision banks: CPUs without native bf16/fp16 GEMMs run
-        # these tiny products about 7x slower in half precision (vLLM's CPU LoRA ops compute
-        # in float32 too).
-        self.packed = torch.zeros(num_slots, 0, dtype=compute_dtype(dtype), device=device)
-        self.packed_numel = [0] * num_slots
-        # Slots with identical entry shapes get the same small int, so the CPU path can batch
-        # them without hashing the entry lists on every forward.
-        self.shape_key: list[int] = [-1] * num_slots
-        self._shape_ids: dict[tuple[EntryShape, ...], int] = {}
-        # Owned by torch_ops: reusable buffers and views per (shape_key, tokens), which point
-        # into ``packed``'s layout; dropped whenever ``packed`` is reallocated.
-        self.cpu_plans: dict = {}
+        # CPU only: the torch path's packed copy of the factors and its cached plans.
+        self.cpu = CpuPack(num_slots, dtype, self.device) if self.device.type == "cpu" else None
 
     @property
     def num_slots(self) -> int:
@@ -214,26 +202,11 @@ class MokaBank:
         if rows:
             self.table[slot, : len(rows)].copy_(torch.tensor(rows, dtype=torch.int32))
         self.entries[slot] = shapes
+        if shapes:
+            self.occupied.add(slot)
         self.views[slot] = [self._view(slot, i, s) for i, s in enumerate(shapes)]
-        self.shape_key[slot] = self._shape_ids.setdefault(tuple(shapes), len(self._shape_ids))
-        if self.device.type == "cpu":
-            self._pack(slot, entries)
-
-    def _pack(self, slot: int, entries: Sequence[KronEntry]) -> None:
-        parts = []
-        for e in entries:
-            if e.a is not None:
-                parts.append(e.a.reshape(-1))
-            parts.append(e.b.reshape(-1))
-        flat = torch.cat(parts).to(self.dtype) if parts else self.packed.new_zeros(0)
-        flat = flat.to(self.packed.dtype)  # rounded to the bank's dtype first, as the GPU sees it
-        if flat.numel() > self.packed.shape[1]:
-            grown = self.packed.new_zeros(self.num_slots, flat.numel())
-            grown[:, : self.packed.shape[1]] = self.packed
-            self.packed = grown
-            self.cpu_plans.clear()
-        self.packed[slot, : flat.numel()] = flat
-        self.packed_numel[slot] = flat.numel()
+        if self.cpu is not None:
+            self.cpu.write(slot, entries, shapes, self.dtype)
 
     @torch.no_grad()
     def clear_slot(self, slot: int) -> None:
@@ -241,9 +214,10 @@ class MokaBank:
         self.b[slot].zero_()
         self.table[slot].zero_()
         self.entries[slot] = []
+        self.occupied.discard(slot)
         self.views[slot] = []
-        self.shape_key[slot] = -1
-        self.packed_numel[slot] = 0
+        if self.cpu is not None:
+            self.cpu.clear(slot)
 
     def _view(
         self, slot: int, index: int, s: EntryShape
@@ -256,6 +230,56 @@ class MokaBank:
     ) -> tuple[torch.Tensor | None, torch.Tensor, EntryShape]:
         """Views of entry ``index`` of ``slot``: ``(A or None, B, shape)``."""
         return self.views[slot][index]
+
+
+class CpuPack:
+    """What the CPU path keeps beside a bank: packed factors and per-shape plans.
+
+    * ``packed``: each slot's used factors back to back (A0, B0, A1, B1, ...), so the CPU path
+      gathers all of a token's factors with one copy of exactly the numbers used. Slots with the
+      same ``shape_key`` have the same packing. Grown on demand: nothing on the CPU path is
+      captured in a graph. Kept in float32 for half-precision banks: CPUs without native
+      bf16/fp16 GEMMs run these tiny products about 7x slower in half precision (vLLM's CPU
+      LoRA ops compute in float32 too).
+    * ``shape_key``: slots with identical entry shapes get the same small int, so the CPU path
+      can batch them without hashing the entry lists on every forward (-1: empty slot).
+    * ``plans``: owned by ``torch_ops``: reusable buffers and views per (shape_key, tokens),
+      which point into ``packed``'s layout; dropped whenever ``packed`` is reallocated.
+    """
+
+    def __init__(self, num_slots: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.packed = torch.zeros(num_slots, 0, dtype=compute_dtype(dtype), device=device)
+        self.packed_numel = [0] * num_slots
+        self.shape_key: list[int] = [-1] * num_slots
+        self._shape_ids: dict[tuple[EntryShape, ...], int] = {}
+        self.plans: dict = {}
+
+    def write(
+        self,
+        slot: int,
+        entries: Sequence[KronEntry],
+        shapes: Sequence[EntryShape],
+        bank_dtype: torch.dtype,
+    ) -> None:
+        self.shape_key[slot] = self._shape_ids.setdefault(tuple(shapes), len(self._shape_ids))
+        parts = []
+        for e in entries:
+            if e.a is not None:
+                parts.append(e.a.reshape(-1))
+            parts.append(e.b.reshape(-1))
+        flat = torch.cat(parts).to(bank_dtype) if parts else self.packed.new_zeros(0)
+        flat = flat.to(self.packed.dtype)  # rounded to the bank's dtype first, as the GPU sees it
+        if flat.numel() > self.packed.shape[1]:
+            grown = self.packed.new_zeros(self.packed.shape[0], flat.numel())
+            grown[:, : self.packed.shape[1]] = self.packed
+            self.packed = grown
+            self.plans.clear()
+        self.packed[slot, : flat.numel()] = flat
+        self.packed_numel[slot] = flat.numel()
+
+    def clear(self, slot: int) -> None:
+        self.shape_key[slot] = -1
+        self.packed_numel[slot] = 0
 
 
 def check_apply_args(

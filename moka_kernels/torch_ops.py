@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .bank import MokaBank, check_apply_args, compute_dtype
+from .bank import CpuPack, MokaBank, check_apply_args, compute_dtype
 
 # Batches up to this many tokens reuse preallocated gather/output buffers and cached views
 # (decode steps); larger ones allocate per call, where the GEMMs dwarf the Python overhead.
@@ -85,13 +85,14 @@ def moka_apply_torch(
     check_apply_args(x, y, token_slots, bank)
     if groups is None:
         groups = group_tokens(token_slots)
-    by_shapes: dict[int, list[tuple[int, torch.Tensor]]] = {}
+    by_shapes: dict[object, list[tuple[int, torch.Tensor]]] = {}
     for slot, idx in groups:
         if bank.entries[slot]:
-            by_shapes.setdefault(bank.shape_key[slot], []).append((slot, idx))
+            key = bank.cpu.shape_key[slot] if bank.cpu is not None else slot
+            by_shapes.setdefault(key, []).append((slot, idx))
     for same_shapes in by_shapes.values():
         tokens = sum(idx.numel() for _, idx in same_shapes)
-        if bank.device.type == "cpu" and (
+        if bank.cpu is not None and (
             len(same_shapes) > 1 or tokens <= ONE_ADAPTER_GATHER_MAX_TOKENS
         ):
             _apply_gathered(x, y, token_slots, same_shapes, bank)
@@ -104,7 +105,7 @@ def _apply_one_slot(
     x: torch.Tensor, y: torch.Tensor, slot: int, idx: torch.Tensor, bank: MokaBank
 ) -> None:
     whole = idx.numel() == x.shape[0]  # one adapter has the whole batch: no gather/scatter
-    # On CPU, half-precision banks multiply in float32 (see MokaBank.packed).
+    # On CPU, half-precision banks multiply in float32 (see CpuPack.packed).
     dtype = compute_dtype(bank.dtype) if x.device.type == "cpu" else bank.dtype
     xs = (x if whole else x.index_select(0, idx)).to(bank.dtype).to(dtype)
     n = xs.shape[0]
@@ -140,34 +141,35 @@ class _GatherPlan:
     outs: list[tuple[int, int, torch.Tensor]]  # (offset, width, (n, width) buffer) per slice
 
 
-def _scratch(bank: MokaBank, n: int, cached: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _scratch(
+    cpu: CpuPack, widths: list[int], n: int, cached: bool
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Gather and per-slice output buffers with at least ``n`` rows.
 
     Cached ones are shared by every plan of the bank (groups of one call run one after the
     other, each done with the buffers before the next starts) and grow to the largest batch
     seen; growing drops the plans, whose views point into the old buffers.
     """
-    width = bank.packed.shape[1]
+    width = cpu.packed.shape[1]
     if not cached:
-        return bank.packed.new_empty(n, width), [
-            bank.packed.new_empty(n, w) for w in bank.slice_widths
-        ]
-    sc = bank.cpu_plans.get("scratch")
+        return cpu.packed.new_empty(n, width), [cpu.packed.new_empty(n, w) for w in widths]
+    sc = cpu.plans.get("scratch")
     if sc is None or sc[0].shape[0] < n or sc[0].shape[1] != width:
-        bank.cpu_plans.clear()
-        sc = _scratch(bank, n, cached=False)
-        bank.cpu_plans["scratch"] = sc
+        cpu.plans.clear()
+        sc = _scratch(cpu, widths, n, cached=False)
+        cpu.plans["scratch"] = sc
     return sc
 
 
 def _gather_plan(bank: MokaBank, slot: int, n: int) -> _GatherPlan:
     """The plan for ``n`` tokens of slots shaped like ``slot`` (cached for small ``n``)."""
+    cpu = bank.cpu
     cached = n <= PLAN_MAX_TOKENS
-    key = (bank.shape_key[slot], n)
-    plan = bank.cpu_plans.get(key) if cached else None
+    key = (cpu.shape_key[slot], n)
+    plan = cpu.plans.get(key) if cached else None
     if plan is not None:
         return plan
-    gathered_rows, out_rows = _scratch(bank, n, cached)
+    gathered_rows, out_rows = _scratch(cpu, bank.slice_widths, n, cached)
     gathered = gathered_rows[:n]
     outs: dict[int, torch.Tensor] = {}
     entries = []
@@ -190,7 +192,7 @@ def _gather_plan(bank: MokaBank, slot: int, n: int) -> _GatherPlan:
         [(bank.slice_offsets[i], b.shape[1], b) for i, b in outs.items()],
     )
     if cached:
-        bank.cpu_plans[key] = plan
+        cpu.plans[key] = plan
     return plan
 
 
@@ -203,13 +205,13 @@ def _apply_gathered(
 ) -> None:
     """Several slots with identical component shapes: gather each token's factors, bmm.
 
-    One copy gathers every factor of every token (``bank.packed``); each entry is then two
+    One copy gathers every factor of every token (``bank.cpu.packed``); each entry is then two
     batched matmuls writing or accumulating into its slice's buffer, and each touched slice is
     added to y once. When these slots cover the whole batch, tokens stay in place: no gather of
     x, no scatter into y.
     """
     whole = sum(i.numel() for _, i in groups) == x.shape[0]
-    dtype = bank.packed.dtype  # float32 for half-precision banks (see MokaBank.packed)
+    dtype = bank.cpu.packed.dtype  # float32 for half-precision banks (see CpuPack.packed)
     if whole:
         idx = None
         tok_slots = token_slots.long()
@@ -220,7 +222,7 @@ def _apply_gathered(
         xs = x.index_select(0, idx).to(bank.dtype).to(dtype)
     n = xs.shape[0]
     plan = _gather_plan(bank, groups[0][0], n)
-    torch.index_select(bank.packed, 0, tok_slots, out=plan.gathered)
+    torch.index_select(bank.cpu.packed, 0, tok_slots, out=plan.gathered)
     for n1, n2, a, bt, a_first, dst, first in plan.entries:
         xm = xs.view(n, n1, n2)
         if a is None:

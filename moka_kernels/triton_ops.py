@@ -236,7 +236,11 @@ def group_starts(
     synchronises with the device, so the whole op can be captured in a CUDA graph.
     """
     n = token_slots.shape[0]
-    sorted_slots, order = torch.sort(token_slots, stable=True)
+    # -1 (no adapter) sorts last, so every prefix of the sorted order that covers the adapted
+    # tokens is a valid plan for that many tokens (``MokaKernelMeta.triton_plan`` relies on it).
+    keys = torch.where(token_slots < 0, num_slots, token_slots)
+    order = torch.sort(keys, stable=True).indices
+    sorted_slots = token_slots[order]
     order = order.to(torch.int32)
     if block_t == 1:
         return order, sorted_slots, torch.arange(n, dtype=torch.int32, device=token_slots.device)
@@ -246,11 +250,16 @@ def group_starts(
     run_start = torch.cummax(torch.where(new_run, pos, 0), 0).values
     is_start = (pos - run_start) % block_t == 0
     group_index = torch.cumsum(is_start, 0) - 1
-    # Each distinct slot value (at most num_slots, plus -1) adds at most one partial group.
-    max_groups = triton.cdiv(n, block_t) + num_slots + 1
-    starts = torch.full((max_groups + 1,), n, dtype=torch.int32, device=token_slots.device)
-    starts.scatter_(0, torch.where(is_start, group_index, max_groups), pos.to(torch.int32))
-    return order, sorted_slots, starts[:max_groups]
+    bound = max_groups(n, block_t, num_slots)
+    starts = torch.full((bound + 1,), n, dtype=torch.int32, device=token_slots.device)
+    starts.scatter_(0, torch.where(is_start, group_index, bound), pos.to(torch.int32))
+    return order, sorted_slots, starts[:bound]
+
+
+def max_groups(num_tokens: int, block_t: int, num_slots: int) -> int:
+    """A bound on the groups of ``num_tokens`` tokens: each distinct slot value (at most
+    ``num_slots``, plus -1) adds at most one partial group."""
+    return triton.cdiv(num_tokens, block_t) + num_slots + 1
 
 
 def choose_block_t(num_tokens: int, num_slots: int) -> int:

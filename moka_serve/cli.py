@@ -40,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapters", help="folder whose sub-folders are adapters, served by name")
     p.add_argument("--quantize", choices=["none", "4bit"], default="4bit", help="base weights")
     p.add_argument(
+        "--plain",
+        action="store_true",
+        help="the base model alone, LoRA disabled (no adapters): the baseline to compare with",
+    )
+    p.add_argument(
         "--print-command",
         action="store_true",
         help="print the vLLM command and environment instead of starting the server",
@@ -125,11 +130,15 @@ def build_command(
         )
     base = args.base if args.base else str(_default_base())
     adapters = Path(args.adapters) if args.adapters else None
-    if adapters is None and not args.base:
+    if adapters is None and not args.base and not args.plain:
         adapters = _default_adapters()
-    cmd = [sys.executable, "-m", SERVER_MODULE, "--model", base, "--enable-lora"]
-    if not _has_option(rest, "--max-loras"):
-        cmd += ["--max-loras", str(DEFAULT_MAX_LORAS)]
+    if args.plain and adapters is not None:
+        raise SystemExit("moka-serve: --plain serves the base model alone; drop --adapters")
+    cmd = [sys.executable, "-m", SERVER_MODULE, "--model", base]
+    if not args.plain:
+        cmd += ["--enable-lora"]
+        if not _has_option(rest, "--max-loras"):
+            cmd += ["--max-loras", str(DEFAULT_MAX_LORAS)]
     if args.quantize == "4bit" and not _has_option(rest, "--quantization", "-q"):
         cmd += ["--quantization", "bitsandbytes"]
         if not _has_option(rest, "--dtype"):

@@ -26,6 +26,8 @@ from torch import nn
 
 from moka_serve.adapter_format import PEFT_PREFIX, MokaAdapter, load_adapter
 
+from .bnb_cpu import keep_portable_4bit_layout
+
 LORA_CONFIG_NAME = "adapter_config.json"
 LORA_WEIGHTS_NAME = "adapter_model.safetensors"
 _LORA_KEY_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<kind>A|B)(?:\.[^.]+)?\.weight$")
@@ -223,7 +225,9 @@ def load_reference_model(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
         )
         kwargs["device_map"] = "cpu"
-    model = AutoModelForCausalLM.from_pretrained(os.fspath(base_dir), **kwargs)
+    model = keep_portable_4bit_layout(
+        AutoModelForCausalLM.from_pretrained(os.fspath(base_dir), **kwargs)
+    )
     if adapter_dir is not None:
         peft_type = adapter_peft_type(adapter_dir)
         if peft_type == "MOKA":

@@ -29,6 +29,7 @@ from torch import nn
 from moka_serve.adapter_format import save_adapter
 
 from . import data as data_mod
+from .bnb_cpu import keep_portable_4bit_layout
 from .data import IGNORE_INDEX, DataError, Example
 from .moka_layer import export_adapter, inject_moka, moka_modules, target_dims, trainable_parameters
 from .shapes import (
@@ -256,7 +257,9 @@ def load_base_model(
     except (OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TrainError(f"cannot load base model {base!r}: {first}") from None
-    if not quantize:
+    if quantize:
+        keep_portable_4bit_layout(model)
+    else:
         model.to(device)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

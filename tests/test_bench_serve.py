@@ -121,7 +121,7 @@ def test_serve_without_a_server_is_a_clear_error():
 def test_compare_end_to_end_tiny(server, tmp_path):
     p = _bench(
         "compare", "--base", str(server["base"]), "--num-adapters", "1,2", "--repeats", "1",
-        "--methods", "base,moka,lora16", "--num-requests", "4", "--concurrency", "2",
+        "--methods", "plain,base,moka,lora16", "--num-requests", "4", "--concurrency", "2",
         "--input-len", "8", "--output-len", "4", "--cold-loads", "1", "--max-model-len", "128",
         "--adapters-dir", str(tmp_path / "adapters"), "--out-dir", str(tmp_path / "out"),
         "--name", "tiny", timeout=600,
@@ -130,12 +130,14 @@ def test_compare_end_to_end_tiny(server, tmp_path):
     report = json.loads((tmp_path / "out" / "tiny.json").read_text())
     keys = [(r["method"], r["n"], r["popularity"]) for r in report["rows"]]
     assert keys == [
-        ("base", 1, "-"), ("moka", 1, "distinct"), ("lora16", 1, "distinct"),
-        ("base", 2, "-"), ("moka", 2, "distinct"), ("lora16", 2, "distinct"),
+        ("plain", 1, "-"), ("base", 1, "-"), ("moka", 1, "distinct"), ("lora16", 1, "distinct"),
+        ("plain", 2, "-"), ("base", 2, "-"), ("moka", 2, "distinct"), ("lora16", 2, "distinct"),
         ("moka", 2, "skewed"), ("lora16", 2, "skewed"),
     ]  # fmt: skip
     for r in report["rows"]:
         assert r["tpot_ratio"] > 0 and r["ttft_ratio"] > 0 and r["output_tok_s"] > 0
+        assert r["tpot_ratio_to_plain"] > 0 and r["ttft_ratio_to_plain"] > 0
+    assert set(report["engine_start_s"]) == {"adapter", "plain"}
     for run in report["runs"]:
         assert all(s["requests"]["failed"] == 0 for s in run["summaries"])
     assert set(report["cold_loads"]) == {"moka", "lora16"}

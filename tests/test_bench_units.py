@@ -147,6 +147,8 @@ def test_plan_configs_puts_base_first_and_runs_n1_once():
         ("base", 8, "-"), ("moka", 8, "distinct"), ("lora16", 8, "distinct"),
         ("moka", 8, "skewed"), ("lora16", 8, "skewed"),
     ]  # fmt: skip
+    runs = plan_configs(["moka", "base", "plain"], [1], ["distinct"])
+    assert runs == [("plain", 1, "-"), ("base", 1, "-"), ("moka", 1, "distinct")]
 
 
 def test_ratio_rows_divide_by_the_same_repeats_base():
@@ -173,8 +175,27 @@ def test_ratio_rows_divide_by_the_same_repeats_base():
         "slot_reservation_bytes": {"lora": 1e6, "moka": 2e6},
     }  # fmt: skip
     md = compare_markdown(report)
-    assert "| distinct | 1 | moka | 12.0 | 1.10 |" in md and "| moka | 10 |" in md
+    assert "| distinct | 1 | moka | 12.0 | 1.10 | - |" in md and "| moka | 10 |" in md
     assert "| - | 1 | base | 10.0 | 1.00 |" in md
+
+
+def test_ratio_rows_to_the_plain_engine():
+    runs = [("plain", 1, "-"), ("base", 1, "-"), ("moka", 1, "distinct")]
+
+    def summ(tpot, ttft):
+        return {"tpot_ms": {"p50": tpot}, "ttft_ms": {"p50": ttft}, "output_token_throughput": 1}
+
+    summaries = {
+        runs[0]: [summ(8, 80), summ(16, 80)],
+        runs[1]: [summ(10, 100), summ(20, 100)],
+        runs[2]: [summ(11, 100), summ(22, 120)],
+    }
+    rows = {r["method"]: r for r in ratio_rows(summaries, runs, 2)}
+    assert rows["moka"]["tpot_ratio"] == pytest.approx(1.1)
+    assert rows["moka"]["tpot_ratio_to_plain"] == pytest.approx(11 / 8)  # 11/8 and 22/16
+    assert rows["moka"]["ttft_ratio_to_plain"] == pytest.approx((100 / 80 + 120 / 80) / 2)
+    assert rows["base"]["tpot_ratio_to_plain"] == pytest.approx(1.25)
+    assert rows["plain"]["tpot_ratio_to_plain"] == pytest.approx(1.0)
 
 
 def test_adapter_params_count_factors_gates_and_lora_ranks():

@@ -84,8 +84,8 @@ def make_bank(
             else:
                 bank.a[slot, e] = float("nan")
                 bank.b[slot, e] = float("nan")
-        if bank.packed.shape[1]:  # the CPU path's packed copy: past the slot's own factors
-            bank.packed[slot, bank.packed_numel[slot] :] = float("nan")
+        if bank.cpu is not None:  # the CPU path's packed copy: past the slot's own factors
+            bank.cpu.packed[slot, bank.cpu.packed_numel[slot] :] = float("nan")
     return bank
 
 
@@ -188,10 +188,10 @@ def test_cached_plans_are_reused_and_stay_correct_across_calls():
         y = y0.clone()
         moka_apply_torch(x, y, slots, bank)
         assert torch.allclose(y, reference(x, y0, slots, bank), rtol=0, atol=1e-10)
-    assert set(bank.cpu_plans) == {"scratch", (bank.shape_key[0], 5)}
-    scratch = bank.cpu_plans["scratch"][0]
+    assert set(bank.cpu.plans) == {"scratch", (bank.cpu.shape_key[0], 5)}
+    scratch = bank.cpu.plans["scratch"][0]
     moka_apply_torch(x[:3], y[:3], slots[:3], bank)  # a smaller batch shares the buffers
-    assert bank.cpu_plans["scratch"][0] is scratch and len(bank.cpu_plans) == 3
+    assert bank.cpu.plans["scratch"][0] is scratch and len(bank.cpu.plans) == 3
 
 
 def test_rewritten_slots_regroup_and_packed_buffer_grows():
@@ -201,11 +201,11 @@ def test_rewritten_slots_regroup_and_packed_buffer_grows():
     in_features, widths, spec = LAYERS[layer]
     bank = make_bank(layer, 4, torch.float64, seed=9, same_shapes=False)
     gen = torch.Generator().manual_seed(10)
-    keys = list(bank.shape_key)
+    keys = list(bank.cpu.shape_key)
     bank.write_slot(1, random_entries(spec, gen, torch.float64, variant=0))
-    assert bank.shape_key[1] == keys[0] != keys[1]
+    assert bank.cpu.shape_key[1] == keys[0] != keys[1]
     bank.clear_slot(2)
-    assert bank.shape_key[2] == -1 and bank.packed_numel[2] == 0
+    assert bank.cpu.shape_key[2] == -1 and bank.cpu.packed_numel[2] == 0
     slots = torch.tensor([0, 1, 1, 0, 2, -1, 1])
     x = torch.randn(7, in_features, generator=gen, dtype=torch.float64)
     y0 = torch.randn(7, sum(widths), generator=gen, dtype=torch.float64)
@@ -259,8 +259,34 @@ def test_group_starts_partition_each_slot_run():
     order, sorted_slots, starts = triton_ops.group_starts(slots, block_t=4, num_slots=3)
     assert torch.equal(slots[order.long()], sorted_slots)
     starts = [s for s in starts.tolist() if s < len(slots)]
-    # groups start where a slot's run starts, then every 4 tokens within the run
-    assert starts == [0, 2, 4, 5, 9, 13]
+    # slot order with -1 last; groups start where a slot's run starts, then every 4 tokens
+    assert sorted_slots.tolist() == [0, 0, 1] + [2] * 10 + [-1, -1]
+    assert starts == [0, 2, 3, 7, 11, 13]
+
+
+@pytest.mark.parametrize("num_tokens", [3, 40, 150])
+def test_step_plan_prefixes_serve_padded_layers(num_tokens):
+    """One plan per step (MokaKernelMeta, over a buffer padded with -1) applied by layers that
+    see more rows than the step has tokens, in both kernel forms: equal to the reference, and
+    padded rows untouched."""
+    from moka_serve.plugin.kernel_metadata import MokaKernelMeta
+
+    bank = make_bank("qkv-slices", 3, torch.float32, seed=21)
+    meta = MokaKernelMeta(256, bank.num_slots, DEVICE, triton=True)
+    gen = torch.Generator().manual_seed(22)
+    slots = torch.randint(-1, bank.num_slots, (num_tokens,), generator=gen)
+    meta.update(slots.to(DEVICE))
+    meta.update(slots.to(DEVICE))  # a second step with the same mapping rewrites in place
+    for rows in (num_tokens, num_tokens + 5):  # the layer's x.size(0), padded or not
+        x = torch.randn(rows, bank.in_features, generator=gen).to(DEVICE)
+        y0 = torch.randn(rows, bank.out_features, generator=gen).to(DEVICE)
+        y = y0.clone()
+        plan = meta.triton_plan(rows)
+        assert plan.block_t == triton_ops.choose_block_t(rows, bank.num_slots)
+        triton_ops.moka_apply_triton(x, y, meta.slots_for(rows), bank, plan=plan)
+        padded = torch.cat([slots, torch.full((rows - num_tokens,), -1)]).to(DEVICE)
+        assert torch.equal(meta.slots_for(rows), padded)
+        check(y, y0, reference(x, y0, padded, bank), padded, bank, torch.float32)
 
 
 def test_delta_weight_is_sum_of_krons():
@@ -350,3 +376,80 @@ def test_custom_op_under_cuda_graph_capture_and_replay():
         want = torch.zeros(8, 192, dtype=torch.float64, device="cuda")
         moka_apply_naive(x.double(), want, slots, bank)
         assert (y.double() - want).abs().max() / want.abs().max() < 2e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the shipped tiles need a GPU")
+@pytest.mark.parametrize("layer", list(LAYERS))
+@pytest.mark.parametrize("mapping", ["mixed-with-none", "runs", "distinct"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("num_tokens", [9, 300])  # decode and prefill form under "auto"
+def test_triton_shipped_tiles_half_precision(layer, mapping, dtype, num_tokens):
+    """The shipped DECODE_BLOCKS / PREFILL_BLOCKS and half-precision ``tl.dot`` (the CPU
+    interpreter forces fp32 dots and the tests above override the prefill tiles)."""
+    impl = triton_ops.moka_apply_triton  # form="auto", blocks=None: exactly what serving runs
+    run_case(impl, layer, mapping, num_tokens=num_tokens, dtype=dtype, seed=num_tokens)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_over_a_layer_stack_with_step_metadata():
+    """Four MoKA-adapted linear layers (base GEMM + kernel with the step's plan) captured once
+    in a CUDA graph, replayed while the mapping changes (MokaKernelMeta.update, in place) and
+    slots are rewritten with other shapes between replays, on a batch padded past the step's
+    tokens: every replay equals the float64 reference of the current mapping and factors."""
+    from moka_serve.plugin.kernel_metadata import MokaKernelMeta
+
+    layer_name, dtype, rows, num_slots = "smollm-v_proj", torch.bfloat16, 24, 4
+    in_features, widths, spec = LAYERS[layer_name]
+    gen = torch.Generator().manual_seed(31)
+    banks = [make_bank(layer_name, num_slots, dtype, seed=40 + i) for i in range(4)]
+    weights = [
+        (torch.randn(sum(widths), in_features, generator=gen) / in_features**0.5).to(dtype).cuda()
+        for _ in banks
+    ]
+    meta = MokaKernelMeta(64, num_slots, "cuda")
+    x = torch.randn(rows, in_features, generator=gen).to(dtype).cuda()
+    outs = [torch.zeros(rows, sum(widths), dtype=dtype, device="cuda") for _ in banks]
+
+    def step():
+        for w, bank, y in zip(weights, banks, outs, strict=True):
+            y.copy_(x @ w.T)
+            triton_ops.moka_apply_triton(
+                x, y, meta.slots_for(rows), bank, plan=meta.triton_plan(rows)
+            )
+
+    meta.update(torch.tensor([0, 1, -1, 2] * 5, device="cuda"))
+    step()  # compiles the kernels outside the graph
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for k in range(3):
+        n_step = 20 - 3 * k  # the step's tokens; rows past them are padding
+        slots = torch.randint(-1, num_slots - 1, (n_step,), generator=gen)
+        meta.update(slots.cuda())
+        banks[k].write_slot(1, random_entries(spec, gen, dtype, variant=k + 1))
+        x.copy_(torch.randn(rows, in_features, generator=gen).to(dtype))
+        graph.replay()
+        padded = torch.cat([slots, torch.full((rows - n_step,), -1)])
+        for w, bank, y in zip(weights, banks, outs, strict=True):
+            want = (x.double() @ w.double().T).cpu()
+            moka_apply_naive(x.double().cpu(), want, padded, _cpu_copy(bank))
+            err = (y.double().cpu() - want).abs().max() / want.abs().max()
+            assert err < 3e-2, f"replay {k}: relative error {err:.3g}"
+
+
+def _cpu_copy(bank: MokaBank) -> MokaBank:
+    """The bank's factors on the CPU (the naive reference reads host-side views)."""
+    copy = MokaBank(
+        bank.num_slots, bank.max_entries, bank.a.shape[2], bank.b.shape[2], bank.in_features,
+        bank.out_features, torch.float64, "cpu", bank.slice_widths,
+    )  # fmt: skip
+    for slot in range(bank.num_slots):
+        entries = []
+        for a, b, s in bank.views[slot]:
+            entries.append(
+                KronEntry(
+                    b=b.double().cpu(), a=None if a is None else a.double().cpu(), slice=s.slice
+                )
+            )
+        copy.write_slot(slot, entries)
+    return copy

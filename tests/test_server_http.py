@@ -1,6 +1,7 @@
 """``moka-serve`` end to end over HTTP with the ``openai`` client (CPU, float32, tiny Llama).
 
-One server for the module, started through ``python -m moka_serve.cli``. Static (``--adapters``)
+One server for the module, started through ``python -m moka_serve.cli`` (compiled: the plugin keeps
+torch.compile on with adapters). Static (``--adapters``)
 MoKA and LoRA adapters, one loaded at run time through ``/v1/load_lora_adapter`` and one copied
 into the adapters folder after start-up (found by the plugin's resolver) are requested
 concurrently, streaming and not, and each answer must equal the transformers reference.
@@ -80,7 +81,6 @@ def server(setup):
         "float32",
         "--max-model-len",
         "128",
-        "--enforce-eager",
         "--max-loras",
         "2",
         "--max-cpu-loras",

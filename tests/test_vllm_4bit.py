@@ -2,9 +2,12 @@
 in one batch on the quantized tiny Llama. MoKA adds its delta after the quantized base GEMM
 (``quant_method.apply``), so the bank runs in the model dtype, bfloat16 here.
 
-Exactness against a reference is checked in float32 (``test_vllm_plugin.py``); here the check
-is that the quantized engine serves all three kinds together, deterministically, and that each
-adapter changes the output.
+The engine compiles (the plugin keeps torch.compile on; bitsandbytes' 4-bit matmul traces).
+Exactness against a reference is checked in float32 (``test_vllm_plugin.py``): vllm-bnb-plugin
+cannot load a float32 4-bit model, and in bfloat16 vLLM's greedy tokens and a transformers NF4
+reference part after the first token even for base requests (different bf16 kernels on a random
+tiny model with flat logits), so here the check is that the quantized engine serves all three
+kinds together, deterministically, and that each adapter changes the output.
 """
 
 from __future__ import annotations
@@ -47,7 +50,6 @@ def test_4bit_base_serves_moka_lora_and_base_in_one_batch(tmp_path, monkeypatch)
         enable_lora=True,
         max_loras=2,
         max_lora_rank=16,
-        enforce_eager=True,
         dtype="bfloat16",
         quantization="bitsandbytes",
         max_model_len=128,

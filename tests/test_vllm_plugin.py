@@ -1,10 +1,12 @@
 """The MoKA vLLM plugin with the real engine: CPU, float32, the tiny Llama, one engine per module.
 
-One batch mixes a base request, three MoKA adapters (different component shapes, a MoKAs
-variant, o_proj row-parallel and gate/up merged-column targets) and a LoRA, with
-``max_loras=2`` < 4 adapters so slots are evicted and reloaded; every output must equal a
-transformers reference with delta_W merged (tokens exactly, logprobs within 1e-4). Bad adapters
-must give clear errors while the engine keeps serving.
+The engine compiles (the plugin keeps vLLM's torch.compile on with LoRA; ``test_vllm_eager.py``
+runs the mixed batch with it off). One batch mixes a base request, three MoKA adapters (all
+three qkv slices, a MoKAs variant, o_proj/down_proj row-parallel and gate/up merged-column
+targets, lopsided ``(m, 1, 1, n)`` shapes) and a LoRA, with ``max_loras=2`` < 4 adapters so slots
+are evicted and reloaded; every output must equal a transformers reference with delta_W merged
+(tokens exactly, logprobs within 1e-4). Every adapter is loaded after the model was compiled.
+Bad adapters must give clear errors while the engine keeps serving.
 """
 
 from __future__ import annotations
@@ -20,17 +22,22 @@ pytest.importorskip("vllm")
 pytest.importorskip("transformers")
 
 from vllm_helpers import (  # noqa: E402
+    MAX_TOKENS,
+    MIXED_NAMES,
     Reference,
-    moka_deltas,
+    check_against_reference,
+    check_mixed_batch,
+    lora_request,
+    mixed_adapters,
     random_moka,
+    run,
+    tiny_engine,
+    tiny_prompts,
     write_moka,
     write_random_lora,
 )
 
 pytestmark = pytest.mark.slow
-
-MAX_TOKENS = 8
-LOGPROB_TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -47,61 +54,13 @@ def base_dir(workdir) -> Path:
 
 @pytest.fixture(scope="module")
 def adapters(workdir) -> dict[str, tuple[Path, dict[str, torch.Tensor]]]:
-    """name -> (folder, dense deltas by HF module path)."""
-    out = {}
-    a = random_moka(
-        {"q_proj": [[16, 16, 16, 16], [8, 32, 32, 8]], "v_proj": [[8, 16, 16, 16]]}, seed=1
-    )
-    out["moka-qv"] = (write_moka(workdir / "moka-qv", a), moka_deltas(a))
-    b = random_moka(
-        {"o_proj": [[16, 16, 16, 16]], "down_proj": [[16, 16, 16, 32], [8, 8, 32, 64]]},
-        seed=2,
-        variant="mokas",
-        std=0.3,
-    )
-    out["mokas-o-down"] = (write_moka(workdir / "mokas-o-down", b), moka_deltas(b))
-    c = random_moka(
-        {
-            "o_proj": [[4, 64, 64, 4], [32, 8, 8, 32]],
-            "gate_proj": [[32, 16, 16, 16]],
-            "up_proj": [[16, 16, 32, 16]],
-        },
-        seed=3,
-        gating=False,
-        scaling=0.5,
-    )
-    out["moka-o-gateup"] = (write_moka(workdir / "moka-o-gateup", c), moka_deltas(c))
-    lora_dir = workdir / "lora-qvdown"
-    out["lora-qvdown"] = (
-        lora_dir,
-        write_random_lora(lora_dir, ["q_proj", "v_proj", "down_proj"], seed=4),
-    )
-    return out
+    return mixed_adapters(workdir)
 
 
 @pytest.fixture(scope="module")
 def llm(base_dir):
-    env = pytest.MonkeyPatch()
-    env.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
-    # In-process engine: collective_rpc can then run test functions on the worker directly.
-    env.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    from vllm import LLM
-
-    engine = LLM(
-        model=str(base_dir),
-        enable_lora=True,
-        max_loras=2,
-        max_cpu_loras=4,
-        max_lora_rank=16,
-        enforce_eager=True,
-        dtype="float32",
-        max_model_len=128,
-        max_num_seqs=8,
-        seed=0,
-    )
-    yield engine
-    del engine
-    env.undo()
+    with tiny_engine(base_dir) as engine:
+        yield engine
 
 
 @pytest.fixture(scope="module")
@@ -111,74 +70,112 @@ def reference(base_dir) -> Reference:
 
 @pytest.fixture(scope="module")
 def prompts(base_dir) -> list[list[int]]:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(base_dir))
-    texts = [
-        "The quick brown fox",
-        "12 + 7 = 19, and 3 * 4 =",
-        "Once upon a time",
-        "hello world, said the",
-        "Numbers: one two three",
-    ]
-    return [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-
-
-_ids: dict[str, int] = {}
-
-
-def lora_request(name: str, path: Path):
-    from vllm.lora.request import LoRARequest
-
-    if name not in _ids:
-        _ids[name] = len(_ids) + 1
-    return LoRARequest(lora_name=name, lora_int_id=_ids[name], lora_path=str(path))
-
-
-def run(llm, prompt_ids_list, requests):
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=0, ignore_eos=True)
-    outs = llm.generate(
-        [TokensPrompt(prompt_token_ids=p) for p in prompt_ids_list],
-        params,
-        lora_request=requests,
-        use_tqdm=False,
-    )
-    result = []
-    for o in outs:
-        c = o.outputs[0]
-        lps = [step[t].logprob for t, step in zip(c.token_ids, c.logprobs, strict=True)]
-        result.append((list(c.token_ids), lps))
-    return result
-
-
-def check_against_reference(reference, prompt, deltas, got):
-    tokens, lps = got
-    ref_tokens, ref_lps = reference.generate(prompt, MAX_TOKENS, deltas)
-    assert tokens == ref_tokens
-    diff = max(abs(a - b) for a, b in zip(lps, ref_lps, strict=True))
-    assert diff < LOGPROB_TOL, f"logprob difference {diff}"
+    return tiny_prompts(base_dir)
 
 
 def test_mixed_batch_matches_reference(llm, reference, adapters, prompts):
-    names = ["moka-qv", "mokas-o-down", "moka-o-gateup", "lora-qvdown"]
-    # Base first, then the four adapters; twice over, so slots are evicted and reloaded.
-    batch_names = [None, *names, None, *reversed(names)]
-    batch_prompts = [prompts[i % len(prompts)] for i in range(len(batch_names))]
-    reqs = [None if n is None else lora_request(n, adapters[n][0]) for n in batch_names]
-    outs = run(llm, batch_prompts, reqs)
-    base_out = {}
-    for name, prompt, got in zip(batch_names, batch_prompts, outs, strict=True):
-        deltas = None if name is None else adapters[name][1]
-        check_against_reference(reference, prompt, deltas, got)
-        if name is None:
-            base_out[tuple(prompt)] = got[0]
-    # Every adapter changes the output of the same prompt.
-    for name in names:
-        got = run(llm, [prompts[0]], [lora_request(name, adapters[name][0])])[0]
-        assert got[0] != run(llm, [prompts[0]], [None])[0][0], name
+    check_mixed_batch(llm, reference, adapters, prompts)
+
+
+def _compilation_state(worker) -> dict:
+    from vllm.config import CompilationMode
+
+    w = getattr(worker, "worker", worker)
+    runner = w.model_runner
+    return {
+        "mode": CompilationMode(runner.vllm_config.compilation_config.mode).name,
+        "compiled": bool(getattr(runner.model.model, "compiled", False)),
+    }
+
+
+def test_engine_compiles_with_adapters_enabled(llm):
+    """vLLM's CPU platform turns compilation off with LoRA; the plugin turns it back on."""
+    assert llm.collective_rpc(_compilation_state)[0] == {
+        "mode": "DYNAMO_TRACE_ONCE",
+        "compiled": True,
+    }
+
+
+def _count_adapter_calls(worker, reset: bool) -> dict[str, int]:
+    """Count ``apply_adapters`` calls per MoKA layer (the body of the custom op)."""
+    w = getattr(worker, "worker", worker)
+    manager = w.model_runner.lora_manager._adapter_manager
+    counts = {}
+    for name, module in manager.moka_layers().items():
+        if reset:
+            inner = type(module).apply_adapters.__get__(module)
+
+            def counted(x, output, _inner=inner, _module=module):
+                _module.moka_calls += 1
+                return _inner(x, output)
+
+            module.moka_calls = 0
+            module.apply_adapters = counted
+        counts[name] = module.moka_calls
+    return counts
+
+
+def test_compiled_engine_runs_the_op_once_per_adapted_layer_per_step(llm, adapters, prompts):
+    """Fails when the op is bypassed (traced code baked in: no call at run time) or called
+    more than once per layer and step."""
+    tokens = 6
+    llm.collective_rpc(_count_adapter_calls, args=(True,))
+    name = "moka-qkv"
+    run(llm, [prompts[0]], [lora_request(name, adapters[name][0])], max_tokens=tokens)
+    counts = llm.collective_rpc(_count_adapter_calls, args=(False,))[0]
+    # 4 layers x (qkv, o, gate_up, down): one prefill step and tokens - 1 decode steps
+    assert len(counts) == 16
+    assert set(counts.values()) == {tokens}, counts
+
+
+def _trace_adapted_layer(worker) -> dict:
+    """Dynamo over a real MoKA layer's forward with ``fullgraph=True`` (a graph break raises),
+    the ops of the traced graph, and the compiled result beside the eager one."""
+    from vllm.forward_context import set_forward_context
+
+    w = getattr(worker, "worker", worker)
+    runner = w.model_runner
+    manager = runner.lora_manager._adapter_manager
+    layer = next(m for n, m in manager.moka_layers().items() if n.endswith("0.self_attn.qkv_proj"))
+    moka_slot = next(s for s in range(layer.moka_bank.num_slots) if layer.moka_bank.entries[s])
+    layer.moka_meta.update(torch.tensor([moka_slot, -1, moka_slot, moka_slot, -1]))
+    ops: list[str] = []
+
+    def recording_backend(gm, example_inputs):
+        ops.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    x = torch.randn(5, layer.input_size, generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.inference_mode(), set_forward_context(None, runner.vllm_config):
+            eager = layer(x)[0].clone()
+            compiled = torch.compile(layer.forward, fullgraph=True, backend=recording_backend)
+            got = compiled(x)[0].clone()
+    finally:
+        manager._last_mapping = None  # the next engine step rebuilds the step's metadata
+    base = layer.base_layer.quant_method.apply(layer.base_layer, x)
+    return {"ops": ops, "eager": eager, "compiled": got, "base": base}
+
+
+def test_adapted_layer_traces_to_one_graph_with_one_op(llm, adapters, prompts):
+    name = "moka-qkv"
+    run(llm, [prompts[0]], [lora_request(name, adapters[name][0])])  # a slot holds it now
+    r = llm.collective_rpc(_trace_adapted_layer)[0]
+    assert r["ops"].count("moka_serve.adapters") == 1, r["ops"]
+    torch.testing.assert_close(r["compiled"], r["eager"], rtol=0, atol=0)
+    rows_with_adapter = [0, 2, 3]
+    assert not torch.allclose(r["eager"][rows_with_adapter], r["base"][rows_with_adapter])
+    torch.testing.assert_close(r["eager"][[1, 4]], r["base"][[1, 4]], rtol=0, atol=0)
+
+
+def test_adapters_reloaded_after_compilation_are_applied(llm, reference, adapters, prompts):
+    """Adapters cycled through 2 slots, one at a time, after the graph was compiled: each
+    result is its own adapter's (the compiled graph did not capture slot contents)."""
+    order = [*MIXED_NAMES, *MIXED_NAMES[::-1], MIXED_NAMES[0]]
+    for i, name in enumerate(order):
+        prompt = prompts[i % len(prompts)]
+        got = run(llm, [prompt], [lora_request(name, adapters[name][0])])[0]
+        check_against_reference(reference, prompt, adapters[name][1], got)
 
 
 def _worker_slots(worker) -> list[int | None]:
@@ -198,7 +195,7 @@ def test_base_request_beside_lora_in_last_slot(llm, reference, adapters, prompts
 
     if os.environ.get("MOKA_DISABLE_CPU_LORA_FIX") != "1":  # set it to watch this test fail
         assert getattr(lora_ops.bgmv_shrink, "__moka_fixed__", False), "CPU fix not installed"
-    a = lora_request("moka-qv", adapters["moka-qv"][0])
+    a = lora_request("moka-qkv", adapters["moka-qkv"][0])
     b = lora_request("mokas-o-down", adapters["mokas-o-down"][0])
     lora = lora_request("lora-qvdown", adapters["lora-qvdown"][0])
     run(llm, [prompts[0]], [a])
@@ -222,7 +219,7 @@ def _bad(workdir: Path, adapters, case: str) -> tuple[Path, str]:
 
     folder = workdir / f"bad-{case}"
     shutil.rmtree(folder, ignore_errors=True)
-    good = adapters["moka-qv"][0]
+    good = adapters["moka-qkv"][0]
     if case == "wrong-shapes":  # SmolLM2-135M dims, not the tiny model's
         dims = {"q_proj": (576, 576)}
         write_moka(folder, random_moka({"q_proj": [[24, 24, 24, 24]]}, seed=9, dims=dims))
@@ -310,7 +307,7 @@ def test_reference_agrees_with_moka_trainer_reference(base_dir, adapters, refere
     tok = AutoTokenizer.from_pretrained(str(base_dir))
     text = "Once upon a time"
     ids = tok.encode(text)
-    for name in ("moka-qv", "mokas-o-down"):
+    for name in ("moka-qkv", "mokas-o-down"):
         model = load_reference_model(base_dir, adapter_dir=adapters[name][0])
         want = greedy_generate(model, tok, text, MAX_TOKENS, ignore_eos=True)
         assert reference.generate(ids, MAX_TOKENS, adapters[name][1])[0] == want

@@ -97,3 +97,151 @@ def running_server(
             yield url
     except ServerError as e:
         pytest.fail(str(e))
+
+
+# --- The mixed batch shared by the engine tests (compiled and eager) ---------------------------
+
+MAX_TOKENS = 8
+LOGPROB_TOL = 1e-4
+MIXED_NAMES = ["moka-qkv", "mokas-o-down", "moka-o-gateup", "lora-qvdown"]
+
+
+def mixed_adapters(workdir: Path) -> dict[str, tuple[Path, dict[str, torch.Tensor]]]:
+    """name -> (folder, dense deltas by HF module path): MoKA on all three qkv slices (k's
+    narrower GQA slice included), MoKAs on row-parallel o_proj/down_proj, merged gate_up with
+    lopsided shapes, and a LoRA."""
+    out = {}
+    a = random_moka(
+        {
+            "q_proj": [[16, 16, 16, 16], [8, 32, 32, 8]],
+            "k_proj": [[8, 32, 16, 8], [128, 1, 1, 256]],
+            "v_proj": [[8, 16, 16, 16]],
+        },
+        seed=1,
+    )
+    out["moka-qkv"] = (write_moka(workdir / "moka-qkv", a), moka_deltas(a))
+    b = random_moka(
+        {"o_proj": [[16, 16, 16, 16]], "down_proj": [[16, 16, 16, 32], [8, 8, 32, 64]]},
+        seed=2,
+        variant="mokas",
+        std=0.3,
+    )
+    out["mokas-o-down"] = (write_moka(workdir / "mokas-o-down", b), moka_deltas(b))
+    c = random_moka(
+        {
+            "o_proj": [[4, 64, 64, 4], [32, 8, 8, 32]],
+            "gate_proj": [[32, 16, 16, 16]],
+            "up_proj": [[16, 16, 32, 16]],
+        },
+        seed=3,
+        gating=False,
+        scaling=0.5,
+    )
+    out["moka-o-gateup"] = (write_moka(workdir / "moka-o-gateup", c), moka_deltas(c))
+    lora_dir = workdir / "lora-qvdown"
+    out["lora-qvdown"] = (
+        lora_dir,
+        write_random_lora(lora_dir, ["q_proj", "v_proj", "down_proj"], seed=4),
+    )
+    return out
+
+
+def tiny_prompts(base_dir: Path) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(base_dir))
+    texts = [
+        "The quick brown fox",
+        "12 + 7 = 19, and 3 * 4 =",
+        "Once upon a time",
+        "hello world, said the",
+        "Numbers: one two three",
+    ]
+    return [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+@contextmanager
+def tiny_engine(base_dir: Path, **env_vars: str) -> Iterator:
+    """The in-process engine of the engine tests (``collective_rpc`` can then run test
+    functions on the worker): fp32, ``max_loras=2`` < the 4 adapters of the mixed batch,
+    ``max_cpu_loras=4``; ``env_vars`` are set while it is built and used."""
+    env = pytest.MonkeyPatch()
+    env.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    env.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    for key, value in env_vars.items():
+        env.setenv(key, value)
+    from vllm import LLM
+
+    engine = LLM(
+        model=str(base_dir),
+        enable_lora=True,
+        max_loras=2,
+        max_cpu_loras=4,
+        max_lora_rank=16,
+        dtype="float32",
+        max_model_len=128,
+        max_num_seqs=8,
+        seed=0,
+    )
+    try:
+        yield engine
+    finally:
+        del engine
+        env.undo()
+
+
+_ids: dict[str, int] = {}
+
+
+def lora_request(name: str, path: Path):
+    """A ``LoRARequest`` with one stable id per name (for the whole pytest process)."""
+    from vllm.lora.request import LoRARequest
+
+    if name not in _ids:
+        _ids[name] = len(_ids) + 1
+    return LoRARequest(lora_name=name, lora_int_id=_ids[name], lora_path=str(path))
+
+
+def run(llm, prompt_ids_list, requests, max_tokens: int = MAX_TOKENS):
+    """Greedy ``(tokens, logprobs)`` per prompt from an offline engine."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=0, ignore_eos=True)
+    outs = llm.generate(
+        [TokensPrompt(prompt_token_ids=p) for p in prompt_ids_list],
+        params,
+        lora_request=requests,
+        use_tqdm=False,
+    )
+    result = []
+    for o in outs:
+        c = o.outputs[0]
+        lps = [step[t].logprob for t, step in zip(c.token_ids, c.logprobs, strict=True)]
+        result.append((list(c.token_ids), lps))
+    return result
+
+
+def check_against_reference(reference, prompt, deltas, got):
+    tokens, lps = got
+    ref_tokens, ref_lps = reference.generate(prompt, len(tokens), deltas)
+    assert tokens == ref_tokens
+    diff = max(abs(a - b) for a, b in zip(lps, ref_lps, strict=True))
+    assert diff < LOGPROB_TOL, f"logprob difference {diff}"
+
+
+def check_mixed_batch(llm, reference, adapters, prompts) -> None:
+    """Base + every adapter of :func:`mixed_adapters` in one batch, twice over (so slots are
+    evicted and reloaded when ``max_loras`` < 4): each output equals the merged reference, and
+    every adapter changes the output of the same prompt."""
+    batch_names = [None, *MIXED_NAMES, None, *reversed(MIXED_NAMES)]
+    batch_prompts = [prompts[i % len(prompts)] for i in range(len(batch_names))]
+    reqs = [None if n is None else lora_request(n, adapters[n][0]) for n in batch_names]
+    outs = run(llm, batch_prompts, reqs)
+    for name, prompt, got in zip(batch_names, batch_prompts, outs, strict=True):
+        deltas = None if name is None else adapters[name][1]
+        check_against_reference(reference, prompt, deltas, got)
+    base = run(llm, [prompts[0]], [None])[0][0]
+    for name in MIXED_NAMES:
+        got = run(llm, [prompts[0]], [lora_request(name, adapters[name][0])])[0]
+        assert got[0] != base, name

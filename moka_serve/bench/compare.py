@@ -1,13 +1,15 @@
-"""``moka-bench compare``: base vs N MoKA vs N LoRA adapters, one engine, interleaved.
+"""``moka-bench compare``: plain engine vs base vs N MoKA vs N LoRA adapters, interleaved.
 
 One vLLM server (``moka-serve``, the same engine build and base for every configuration) is
-started with LoRA enabled and the plugin's resolver pointed at a folder of seeded random adapters
+started with LoRA enabled, and a second one without (``moka-serve --plain``: the engine users
+compare with, whose base requests pay nothing for adapters being enabled). The adapter server is
+started and the plugin's resolver pointed at a folder of seeded random adapters
 (random weights cost what trained ones cost). Every adapter is requested once before timing, so
 each sits in vLLM's CPU cache (``max_cpu_loras`` holds them all) and timing measures serving, not
 disk. Then, ``--repeats`` times, every configuration runs the same workload in turn (base
 requests first in each block of N, so slow drift of the machine hits all of them alike); each
-configuration's TPOT and TTFT p50 are divided by the base run of the same repeat, and the
-reported ratio is the median over repeats.
+configuration's TPOT and TTFT p50 are divided by the base run of the same repeat (and by the
+plain engine's run of the same repeat), and the reported ratio is the median over repeats.
 
 Also measured: cold load (TTFT of the first request to never-seen adapters, found on disk by the
 resolver, minus TTFT of the same request once warm), the bytes each adapter holds (parameters x
@@ -21,6 +23,7 @@ Results: ``<out-dir>/<name>.json`` (everything, including every run's full summa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shlex
 import statistics
@@ -33,7 +36,9 @@ from .serve import BenchError, run_requests
 from .server import free_port, running_server
 from .workload import WorkloadConfig
 
-METHODS = ("base", "moka", "lora8", "lora16")
+METHODS = ("plain", "base", "moka", "lora8", "lora16")
+# Runs against the engine started without --enable-lora (the others share the adapter engine).
+PLAIN = "plain"
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -42,7 +47,11 @@ def add_compare_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--base", default=None, help="base model folder (default: SmolLM2-135M)")
     g.add_argument("--quantize", choices=["none", "4bit"], default="none")
     g.add_argument("--dtype", default=None, help="float32 (none) / bfloat16 (4bit) by default")
-    g.add_argument("--methods", default="base,moka,lora8,lora16")
+    g.add_argument(
+        "--methods",
+        default="plain,base,moka,lora8,lora16",
+        help="plain = base requests to a second engine started without --enable-lora",
+    )
     g.add_argument("--num-adapters", default="1,8,64", help="comma-separated N")
     g.add_argument("--popularities", default="distinct,skewed")
     g.add_argument("--repeats", type=int, default=3)
@@ -130,21 +139,33 @@ def write_adapters(root: Path, base: Path, names: dict[str, str], spec: dict) ->
         tmp.rename(folder)
 
 
-def server_command(args, base: Path, adapters: Path, port: int, max_cpu_loras: int):
-    """The ``moka-serve`` command for the run: no static adapters, the resolver finds them all."""
+def server_command(
+    args, base: Path, adapters: Path | None, port: int, max_cpu_loras: int
+) -> tuple[list[str], dict, str]:
+    """The ``moka-serve`` command for the run: no static adapters, the resolver finds them all.
+
+    ``adapters=None``: the plain engine (``moka-serve --plain``: no ``--enable-lora``), with
+    the same base, dtype and scheduler settings.
+    """
     from moka_serve.cli import build_command, build_parser
 
     dtype = args.dtype or ("bfloat16" if args.quantize == "4bit" else "float32")
-    serve_args = build_parser().parse_args(["--base", str(base), "--quantize", args.quantize])
+    plain = ["--plain"] if adapters is None else []
+    serve_args = build_parser().parse_args(
+        ["--base", str(base), "--quantize", args.quantize, *plain]
+    )
     rest = [
-        "--dtype", dtype, "--max-model-len", str(args.max_model_len), "--enforce-eager",
-        "--max-loras", str(args.concurrency), "--max-cpu-loras", str(max_cpu_loras),
-        "--max-lora-rank", "16", "--max-num-seqs", str(args.concurrency),
+        "--dtype", dtype, "--max-model-len", str(args.max_model_len),
+        "--max-num-seqs", str(args.concurrency),
         "--seed", "0", "--host", "127.0.0.1", "--port", str(port), *args.server_arg,
     ]  # fmt: skip
+    if adapters is not None:
+        rest += ["--max-loras", str(args.concurrency), "--max-cpu-loras", str(max_cpu_loras),
+                 "--max-lora-rank", "16"]  # fmt: skip
     cmd, env = build_command(serve_args, rest)
-    env["MOKA_ADAPTER_DIR"] = str(adapters)
-    env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+    if adapters is not None:
+        env["MOKA_ADAPTER_DIR"] = str(adapters)
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     return cmd, env, dtype
 
 
@@ -182,16 +203,16 @@ def measure_cold_loads(url: str, names: list[str], args) -> dict:
 
 
 def plan_configs(methods: list[str], ns: list[int], pops: list[str]) -> list[tuple]:
-    """``(method, N, popularity)`` per run of one repeat, base first in each block of N.
+    """``(method, N, popularity)`` per run of one repeat; each block of N starts with the plain
+    engine's and the adapter engine's base requests.
 
     With N = 1 every popularity sends all requests to the one adapter, so only the first is run.
     """
     runs = []
     for n in ns:
-        if "base" in methods:
-            runs.append(("base", n, "-"))
+        runs += [(m, n, "-") for m in (PLAIN, "base") if m in methods]
         for pop in pops[:1] if n == 1 else pops:
-            runs += [(m, n, pop) for m in methods if m != "base"]
+            runs += [(m, n, pop) for m in methods if m not in (PLAIN, "base")]
     return runs
 
 
@@ -216,7 +237,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     spec = {"dims": dims, "layers": layers, "targets": targets, "shapes": shapes}
     adapters = args.adapters_dir or cache_dir() / "bench-adapters" / base.name
     adapters.mkdir(parents=True, exist_ok=True)
-    adapter_methods = [m for m in methods if m != "base"]
+    adapter_methods = [m for m in methods if m not in (PLAIN, "base")]
     names = {f"{m}-{i}": m for m in adapter_methods for i in range(max(ns))}
     cold = {m: [f"cold-{m}-{time.time_ns()}-{i}" for i in range(args.cold_loads)]
             for m in adapter_methods}  # fmt: skip
@@ -224,28 +245,48 @@ def cmd_compare(args: argparse.Namespace) -> int:
     write_adapters(adapters, base, names, spec)
     write_adapters(adapters, base, {n: m for m, ns_ in cold.items() for n in ns_}, spec)
 
+    stem = args.out_dir / (args.name or f"compare-{args.quantize}")
+    stem.parent.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    log = args.out_dir / f"{args.name or 'compare-' + args.quantize}.server.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
     cmd, env, dtype = server_command(args, base, adapters, port, len(names) + 8)
     runs = plan_configs(methods, ns, pops)
     base_name = str(base)
     summaries: dict[tuple, list[dict]] = {r: [] for r in runs}
     t_start = time.time()
     try:
-        with running_server(cmd, env, log, port, args.start_timeout) as url:
-            print(f"# server up; warming {len(names)} adapters")
+        with contextlib.ExitStack() as stack:
+            t0 = time.time()
+            url = stack.enter_context(
+                running_server(cmd, env, Path(f"{stem}.server.log"), port, args.start_timeout)
+            )
+            start_s = {"adapter": time.time() - t0}
+            plain_url = None
+            if PLAIN in methods:  # started second: the two never compile at the same time
+                plain_port = free_port()
+                plain_cmd, plain_env, _ = server_command(args, base, None, plain_port, 0)
+                t0 = time.time()
+                plain_url = stack.enter_context(
+                    running_server(
+                        plain_cmd,
+                        plain_env,
+                        Path(f"{stem}.plain-server.log"),
+                        plain_port,
+                        args.start_timeout,
+                    )  # fmt: skip
+                )
+                start_s[PLAIN] = time.time() - t0
+            print(f"# servers up ({', '.join(f'{k} {v:.0f} s' for k, v in start_s.items())}); "
+                  f"warming {len(names)} adapters")  # fmt: skip
             warm_cfg = WorkloadConfig(num_requests=len(names) or 1, batch=args.concurrency,
                                       input_len="8", output_len="2", seed=args.seed)  # fmt: skip
             run_config(url, sorted(names) or [base_name], warm_cfg, args)
             cold_loads = {m: measure_cold_loads(url, cold[m], args) for m in adapter_methods}
             for rep in range(args.repeats):
                 for k, (method, n, pop) in enumerate(runs):
-                    models = (
-                        [base_name] if method == "base" else [f"{method}-{i}" for i in range(n)]
-                    )
+                    on_base = method in (PLAIN, "base")
+                    models = [base_name] if on_base else [f"{method}-{i}" for i in range(n)]
                     cfg = _workload(args, pop if pop != "-" else "identical", rep)
-                    s = run_config(url, models, cfg, args)
+                    s = run_config(plain_url if method == PLAIN else url, models, cfg, args)
                     summaries[(method, n, pop)].append(s)
                     print(f"# repeat {rep + 1}/{args.repeats} run {k + 1}/{len(runs)} "
                           f"{method:6s} N={n:<4d} {pop:8s} TPOT p50 {s['tpot_ms']['p50']:.1f} ms "
@@ -271,6 +312,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         "workload": _workload(args, "distinct", 0).to_dict(),
         "repeats": args.repeats,
         "wall_s": time.time() - t_start,
+        "engine_start_s": start_s,
         "rows": rows,
         "cold_loads": cold_loads,
         "memory_per_adapter": memory,
@@ -280,7 +322,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
             for m, n, p in runs
         ],  # fmt: skip
     }
-    stem = args.out_dir / (args.name or f"compare-{args.quantize}")
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1), encoding="utf-8")
     md = compare_markdown(report)
     stem.with_suffix(".md").write_text(md, encoding="utf-8")
@@ -306,8 +347,10 @@ def _rmtree(p: Path) -> None:
 
 def ratio_rows(summaries: dict[tuple, list[dict]], runs: list[tuple], repeats: int) -> list[dict]:
     """Per configuration: median TPOT/TTFT p50 and the median over repeats of its ratio to the
-    base run of the same repeat (base runs of one repeat are pooled by their median)."""
-    base_keys = [r for r in runs if r[0] == "base"]
+    same repeat's base requests on the adapter engine (``tpot_ratio``, ``ttft_ratio``) and on
+    the plain engine (``tpot_ratio_to_plain``, ``ttft_ratio_to_plain``); the reference runs of
+    one repeat are pooled by their median."""
+    refs = {"": "base", "_to_plain": PLAIN}
     rows = []
     for key in runs:
         method, n, pop = key
@@ -315,12 +358,15 @@ def ratio_rows(summaries: dict[tuple, list[dict]], runs: list[tuple], repeats: i
         for metric in ("tpot_ms", "ttft_ms"):
             vals = [s[metric]["p50"] for s in summaries[key]]
             row[metric] = statistics.median(vals)
-            if base_keys:
+            for suffix, ref in refs.items():
+                ref_keys = [r for r in runs if r[0] == ref]
+                if not ref_keys:
+                    continue
                 ratios = []
                 for rep in range(repeats):
-                    b = statistics.median(summaries[k][rep][metric]["p50"] for k in base_keys)
+                    b = statistics.median(summaries[k][rep][metric]["p50"] for k in ref_keys)
                     ratios.append(vals[rep] / b)
-                row[metric.replace("_ms", "_ratio")] = statistics.median(ratios)
+                row[metric.replace("_ms", "_ratio") + suffix] = statistics.median(ratios)
         row["output_tok_s"] = statistics.median(
             s["output_token_throughput"] for s in summaries[key]
         )
@@ -329,10 +375,11 @@ def ratio_rows(summaries: dict[tuple, list[dict]], runs: list[tuple], repeats: i
 
 
 def compare_markdown(report: dict) -> str:
-    """The README table: one row per (popularity, N, method), ratios to base requests.
+    """The README table: one row per (popularity, N, method), ratios to the adapter engine's
+    base requests and to the plain engine (``-`` where that reference was not run).
 
-    Base rows are the base runs of each block of N (their ratio to the pooled base of the same
-    repeat shows the run-to-run noise)."""
+    Base and plain rows are the runs of each block of N (their ratio to the pooled reference of
+    the same repeat shows the run-to-run noise)."""
     lines = [
         f"`{report['command']}`  ",
         f"{report['machine']['processor']}, {report['machine']['cpus']} cpus; base "
@@ -340,14 +387,20 @@ def compare_markdown(report: dict) -> str:
         f"{','.join(report['targets'])}; concurrency {report['concurrency']}; median of "
         f"{report['repeats']} interleaved repeats",
         "",
-        "| popularity | N | method | TPOT p50 ms | TPOT ratio | TTFT p50 ms | TTFT ratio | out tok/s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| popularity | N | method | TPOT p50 ms | TPOT / base | TPOT / plain | TTFT p50 ms | "
+        "TTFT / base | TTFT / plain | out tok/s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def ratio(r: dict, key: str) -> str:
+        return f"{r[key]:.2f}" if key in r else "-"
+
     for r in report["rows"]:
         lines.append(
-            f"| {r['popularity']} | {r['n']} | {r['method']} | "
-            f"{r['tpot_ms']:.1f} | {r.get('tpot_ratio', float('nan')):.2f} | {r['ttft_ms']:.1f} | "
-            f"{r.get('ttft_ratio', float('nan')):.2f} | {r['output_tok_s']:.1f} |"
+            f"| {r['popularity']} | {r['n']} | {r['method']} | {r['tpot_ms']:.1f} | "
+            f"{ratio(r, 'tpot_ratio')} | {ratio(r, 'tpot_ratio_to_plain')} | "
+            f"{r['ttft_ms']:.1f} | {ratio(r, 'ttft_ratio')} | {ratio(r, 'ttft_ratio_to_plain')} | "
+            f"{r['output_tok_s']:.1f} |"
         )
     lines += ["", "| method | params/adapter | bytes/adapter | cold load ms (median) | "
               "slot reservation (all methods share it) |", "|---|---|---|---|---|"]  # fmt: skip

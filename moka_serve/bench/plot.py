@@ -1,4 +1,5 @@
-"""The compare plot: latency ratio to base requests against the number of adapters, per method."""
+"""The compare plot: latency ratio to the plain engine (or, when it was not run, to the adapter
+engine's base requests) against the number of adapters, per method."""
 
 from __future__ import annotations
 
@@ -17,11 +18,14 @@ def plot_ratios(rows: list[dict], out: Path, title: str) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    rows = [r for r in rows if r["method"] != "base" and "tpot_ratio" in r]
+    rows = [r for r in rows if r["method"] not in ("base", "plain") and "tpot_ratio" in r]
     if not rows:
         return None
+    to_plain = all("tpot_ratio_to_plain" in r for r in rows)
+    suffix, ref = ("_to_plain", "plain engine") if to_plain else ("", "base requests")
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
-    for ax, metric, label in zip(axes, ("tpot_ratio", "ttft_ratio"), ("TPOT", "TTFT"), strict=True):
+    metrics = ("tpot_ratio" + suffix, "ttft_ratio" + suffix)
+    for ax, metric, label in zip(axes, metrics, ("TPOT", "TTFT"), strict=True):
         for method in sorted({r["method"] for r in rows}):
             for pop in sorted({r["popularity"] for r in rows}):
                 pts = sorted(
@@ -40,7 +44,7 @@ def plot_ratios(rows: list[dict], out: Path, title: str) -> Path | None:
         ax.set_xticks(ns, [str(n) for n in ns])  # the N measured, not powers of ten
         ax.minorticks_off()
         ax.set_xlabel("adapters served (N)")
-        ax.set_ylabel(f"{label} p50 / base requests")
+        ax.set_ylabel(f"{label} p50 / {ref}")
         ax.set_title(label)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)

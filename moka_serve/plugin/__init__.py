@@ -5,9 +5,13 @@ every process (API server, engine core, workers) before models are built. All vL
 of the project lives in this package:
 
 * ``checks``: version pin (vLLM 0.32.0) and signature checks of every private name patched.
-* ``layers``: MoKA layer classes swapped into ``vllm.lora.utils._all_lora_classes``.
-* ``loader`` / ``manager``: ``peft_type`` dispatch in ``LRUCacheWorkerLoRAManager._load_adapter``
-  and a model manager (``_manager_cls``) that activates adapters without LoRA weights.
+* ``layers``: MoKA layer classes swapped into ``vllm.lora.utils._all_lora_classes``; all adapter
+  work of a layer runs in one custom op, ``moka_serve::adapters``.
+* ``kernel_metadata``: the step's token -> slot grouping, built once per step.
+* ``lora_model`` / ``model_manager`` / ``worker_manager``: MoKA adapters as ``LoRAModel``s, the
+  manager (``_manager_cls``) that activates them, and the ``peft_type`` dispatch in
+  ``LRUCacheWorkerLoRAManager._load_adapter``.
+* ``cpu_compile``: compilation kept on for LoRA-enabled CPU engines (``MOKA_COMPILE=0`` opts out).
 * ``cpu_fix``: vLLM's CPU LoRA ops gave slot -1 tokens the last slot's LoRA.
 * ``resolver``: adapters of ``MOKA_ADAPTER_DIR`` found by name on first request.
 * ``api``: adapter validation errors answered with 400 (vLLM answers 500).
@@ -31,10 +35,11 @@ def register() -> None:
     from . import checks
 
     checks.check_all()
-    from . import api, cpu_fix, inventory, layers, manager, resolver
+    from . import api, cpu_compile, cpu_fix, inventory, layers, resolver, worker_manager
 
     layers.install()
-    manager.install()
+    worker_manager.install()
+    cpu_compile.install()
     if os.environ.get("MOKA_DISABLE_CPU_LORA_FIX", "") not in ("1", "true", "True"):
         cpu_fix.install()
     resolver.install()

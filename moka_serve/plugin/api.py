@@ -2,7 +2,7 @@
 
 ``OpenAIServingModels.load_lora_adapter`` turns any failure of ``engine_client.add_lora`` into
 ``500 InternalServerError``. The exception crosses the engine-core process boundary as text, so
-the worker's loader marks validation failures with :data:`manager.INVALID_ADAPTER` and this
+the worker's loader marks validation failures with :data:`worker_manager.INVALID_ADAPTER` and this
 wrapper re-labels those responses as ``400 BadRequestError`` with the same message. For the
 resolver path vLLM answers 400 "found but could not be loaded" without the reason; the wrapper
 adds the format-level reason for folders of ``MOKA_ADAPTER_DIR``.
@@ -15,7 +15,7 @@ import os
 from http import HTTPStatus
 from pathlib import Path
 
-from .manager import INVALID_ADAPTER
+from .worker_manager import INVALID_ADAPTER
 
 
 def _bad_request(message: str):
@@ -30,7 +30,7 @@ def _format_problem(folder: Path) -> str | None:
     """Why a folder is not a loadable adapter, checked without the engine (None if it is)."""
     from moka_serve.adapter_format import load_adapter
 
-    from .loader import read_peft_type
+    from .lora_model import read_peft_type
 
     try:
         peft_type = read_peft_type(folder)

@@ -61,7 +61,13 @@ def check_internals() -> None:
     """Check every private vLLM name the plugin patches or relies on."""
     from vllm.lora import lora_model, model_manager, worker_manager
     from vllm.lora import utils as lora_utils
-    from vllm.lora.layers import base_linear, column_parallel_linear, row_parallel_linear
+    from vllm.lora.layers import (
+        base_linear,
+        column_parallel_linear,
+        logits_processor,
+        row_parallel_linear,
+        vocab_parallel_embedding,
+    )
     from vllm.lora.ops.torch_ops import lora_ops
     from vllm.lora.punica_wrapper import punica_base, punica_cpu
 
@@ -77,6 +83,7 @@ def check_internals() -> None:
         (column_parallel_linear, "QKVParallelLinearWithLoRA"),
         (column_parallel_linear, "MergedQKVParallelLinearWithLoRA"),
         (row_parallel_linear, "RowParallelLinearWithLoRA"),
+        (vocab_parallel_embedding, "VocabParallelEmbeddingWithLoRA"),
     ]:
         cls = _expect_attr(mod, name, mod.__name__)
         if not any(isinstance(c, type) and issubclass(c, cls) for c in classes):
@@ -149,6 +156,72 @@ def check_internals() -> None:
         ["self", "lora_model_id", "rank", "loras", "is_3d_lora_weight"],
     )
     _expect_attr(lora_utils, "get_adapter_absolute_path", "vllm.lora.utils")
+
+    _expect_params(
+        "LoRAModelManager._set_adapter_mapping",
+        _expect_attr(mgr, "_set_adapter_mapping", "LoRAModelManager"),
+        ["self", "mapping"],
+    )
+    if "_token_lora_indices" not in inspect.getsource(punica_base.PunicaWrapperBase.__init__):
+        raise VllmCompatibilityError(
+            "moka-serve plugin: PunicaWrapperBase no longer preallocates _token_lora_indices"
+        )
+
+    # Embedding and lm_head LoRA layers whose LoRA part the plugin runs in its op / skips.
+    embedding = vocab_parallel_embedding.VocabParallelEmbeddingWithLoRA
+    for needle in ("_embeddings_indices", "lora_a_stacked_2d", "add_lora_embedding"):
+        if needle not in inspect.getsource(embedding.forward):
+            raise VllmCompatibilityError(
+                f"moka-serve plugin: VocabParallelEmbeddingWithLoRA.forward no longer uses {needle}"
+            )
+    logits = logits_processor.LogitsProcessorWithLoRA
+    _expect_params(
+        "LogitsProcessorWithLoRA._get_logits",
+        logits._get_logits,
+        ["self", "hidden_states", "lm_head", "embedding_bias", "skip_gather"],
+    )
+    for needle in (
+        "_apply_head",
+        "_gather_logits",
+        "sharded_to_full_mapping_gpu",
+        "add_lora_logits",
+    ):
+        if needle not in inspect.getsource(logits._get_logits):
+            raise VllmCompatibilityError(
+                f"moka-serve plugin: LogitsProcessorWithLoRA._get_logits no longer uses {needle}"
+            )
+    _expect_params(
+        "vllm.lora.model_manager.from_layer_logits_processor",
+        _expect_attr(model_manager, "from_layer_logits_processor", model_manager.__name__),
+        ["layer", "lm_head", "max_loras", "lora_config", "model_config"],
+    )
+
+    # Compiled forward: one custom op per layer, looked up through the forward context.
+    from vllm import forward_context
+    from vllm.platforms.cpu import CpuPlatform
+    from vllm.utils import torch_utils
+
+    _expect_params(
+        "vllm.utils.torch_utils.direct_register_custom_op",
+        _expect_attr(torch_utils, "direct_register_custom_op", torch_utils.__name__),
+        ["op_name", "op_func", "mutates_args", "fake_impl", "target_lib"],
+    )
+    _expect_attr(forward_context, "is_forward_context_available", forward_context.__name__)
+    if "no_compile_layers" not in inspect.getsource(forward_context.ForwardContext):
+        raise VllmCompatibilityError(
+            "moka-serve plugin: ForwardContext has no no_compile_layers any more"
+        )
+    source = inspect.getsource(CpuPlatform.check_and_update_config)
+    if getattr(CpuPlatform.check_and_update_config, "__moka__", False):
+        source = inspect.getsource(CpuPlatform.check_and_update_config.__wrapped__)
+    if (
+        "if vllm_config.lora_config is not None:\n"
+        "            compilation_config.mode = CompilationMode.NONE"
+    ) not in source or "CompilationMode.DYNAMO_TRACE_ONCE" not in source:
+        raise VllmCompatibilityError(
+            "moka-serve plugin: CpuPlatform.check_and_update_config no longer switches "
+            "compilation off for LoRA the way vLLM 0.32 does (the plugin undoes exactly that)"
+        )
 
     # API server: error relabelling.
     from vllm.entrypoints.openai.models.serving import OpenAIServingModels

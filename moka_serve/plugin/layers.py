@@ -21,16 +21,24 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
+from torch.library import Library
+from vllm.forward_context import get_forward_context, is_forward_context_available
 from vllm.lora.layers.column_parallel_linear import (
     ColumnParallelLinearWithLoRA,
     MergedColumnParallelLinearWithLoRA,
     MergedQKVParallelLinearWithLoRA,
     QKVParallelLinearWithLoRA,
 )
+from vllm.lora.layers.logits_processor import LogitsProcessorWithLoRA
 from vllm.lora.layers.row_parallel_linear import RowParallelLinearWithLoRA
+from vllm.lora.layers.vocab_parallel_embedding import VocabParallelEmbeddingWithLoRA
+from vllm.utils.torch_utils import direct_register_custom_op
 
-from moka_kernels import KronEntry, MokaBank, moka_apply
-from moka_kernels.torch_ops import group_tokens, moka_apply_torch
+from moka_kernels import KronEntry, MokaBank
+from moka_kernels.torch_ops import moka_apply_torch
+
+from .kernel_metadata import MokaKernelMeta
 
 DEFAULT_MAX_COMPONENTS = 4
 DEFAULT_MAX_FACTOR_NUMEL = 4096
@@ -57,13 +65,60 @@ def bank_limits() -> tuple[int, int]:
     )
 
 
-class MokaLayerMixin:
+class AdapterLayerMixin:
+    """What every adapter layer of the plugin shares (mixed in before the vLLM class).
+
+    * ``moka_meta``: the step's token grouping (set by the model manager), read inside the op.
+    * ``moka_layer_name``: key in ``compilation_config.static_forward_context`` (set by the
+      manager); the custom op finds the layer there at run time. None: not registered, the
+      layer runs its adapter code directly.
+    * ``_lora_slots``: slots holding LoRA weights in this layer (``set_lora``), so the CPU path
+      can skip vLLM's LoRA ops when no token of a step needs them: MoKA and empty slots hold
+      zero LoRA weights, for which those ops would only add zeros at the cost of the whole
+      LoRA path (on CUDA the ops always run: they may be captured in a graph).
+    """
+
+    moka_meta: MokaKernelMeta
+    moka_layer_name: str | None = None
+    _lora_slots: set[int]
+
+    def create_lora_weights(self, max_loras, lora_config, model_config=None) -> None:
+        super().create_lora_weights(max_loras, lora_config, model_config)
+        self._lora_slots = set()
+
+    def set_lora(self, index: int, *args, **kwargs) -> None:
+        super().set_lora(index, *args, **kwargs)
+        self._lora_slots.add(index)
+
+    def reset_lora(self, index: int) -> None:
+        super().reset_lora(index)
+        self._lora_slots.discard(index)
+
+    def lora_needed(self, device: torch.device) -> bool:
+        """Whether vLLM's LoRA ops must run for this step's tokens."""
+        return device.type != "cpu" or not self._lora_slots.isdisjoint(self.moka_meta.slots_present)
+
+    def run_adapters(self, x: torch.Tensor, output: torch.Tensor) -> None:
+        """All adapter work of the layer as one opaque op when vLLM runs the model.
+
+        Inside a forward context (the engine, compiled or not) this calls
+        ``torch.ops.moka_serve.adapters``, which looks the layer up by name and runs
+        :meth:`apply_adapters` eagerly, so Dynamo traces one call with no data-dependent Python
+        in it. Outside one (tests, tower modules) it runs the same code directly.
+        """
+        if self.moka_layer_name is not None and is_forward_context_available():
+            torch.ops.moka_serve.adapters(x, output, self.moka_layer_name)
+        else:
+            self.apply_adapters(x, output)
+
+    def apply_adapters(self, x: torch.Tensor, output: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
+class MokaLayerMixin(AdapterLayerMixin):
     """Adds the MoKA bank to a vLLM LoRA linear layer (mixed in before the vLLM class)."""
 
     moka_bank: MokaBank
-    # Slots that currently hold MoKA factors in this layer (host-side, so the forward can skip
-    # the kernel without reading device memory).
-    _moka_slots: set[int]
 
     def moka_slice_widths(self) -> list[int]:
         """Output slices of this layer as seen by this TP rank (one for a plain linear)."""
@@ -92,78 +147,80 @@ class MokaLayerMixin:
             device=self.lora_a_stacked[0].device,
             slice_widths=widths,
         )
-        self._moka_slots = set()
-        # Slots holding LoRA weights in this layer (set_lora), so the CPU forward can skip
-        # vLLM's LoRA ops when no token of a step needs them.
-        self._lora_slots: set[int] = set()
         self.moka_max_components = max_components
-
-    def set_lora(self, index: int, *args, **kwargs) -> None:
-        super().set_lora(index, *args, **kwargs)
-        self._lora_slots.add(index)
 
     def reset_lora(self, index: int) -> None:
         super().reset_lora(index)
-        self._lora_slots.discard(index)
         self.reset_moka(index)
 
     def reset_moka(self, index: int) -> None:
-        if index in self._moka_slots:
+        if self.moka_bank.entries[index]:
             self.moka_bank.clear_slot(index)
-            self._moka_slots.discard(index)
 
     def set_moka(self, index: int, entries: list[KronEntry]) -> None:
         """Write one adapter's folded factors into slot ``index`` (validated at load time)."""
         self.moka_bank.write_slot(index, entries)
-        if entries:
-            self._moka_slots.add(index)
-        else:
-            self._moka_slots.discard(index)
 
     def _apply_lora_to_output(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
-        n = x2.shape[0]
-        step_slots = self.punica_wrapper.token_lora_indices
-        slots = step_slots
-        if slots.shape[0] != n:  # padded batches: extra rows get no adapter
-            padded = torch.full((n,), -1, dtype=slots.dtype, device=slots.device)
-            m = min(n, slots.shape[0])
-            padded[:m] = slots[:m]
-            slots = padded
-        if x.is_cuda:
-            # No host-side shortcuts: the forward may be captured in a CUDA graph (during
-            # warm-up, with no adapter loaded), so both kernels are always part of it; the MoKA
-            # kernel skips empty slots and tokens of slot -1 itself.
-            output = super()._apply_lora_to_output(x, output)
-            moka_apply(x2, output.view(-1, output.shape[-1]), slots, self.moka_bank)
-            return output
-        # Eager CPU: skip vLLM's LoRA ops unless a token of this step uses a slot that holds
-        # LoRA weights in this layer. MoKA slots hold zero LoRA weights, so for base and MoKA
-        # tokens those ops would only add zeros, at the cost of the whole LoRA path.
-        # Groups of vLLM's own buffer stay right when rows were padded with -1 (no adapter).
-        groups = self._moka_groups(step_slots) if step_slots.shape[0] <= n else group_tokens(slots)
-        if any(slot in self._lora_slots for slot, _ in groups):
-            output = super()._apply_lora_to_output(x, output)
-        if self._moka_slots and groups:
-            y2 = output.view(-1, output.shape[-1])
-            moka_apply_torch(x2, y2, slots, self.moka_bank, groups=groups)
+        self.run_adapters(x, output)
         return output
 
-    def _moka_groups(self, slots: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
-        """Token groups of this step, computed once and shared by every layer.
+    def apply_adapters(self, x: torch.Tensor, output: torch.Tensor) -> None:
+        """Add the LoRA and MoKA deltas of this step's tokens into ``output`` in place.
 
-        All layers of a step read the same ``token_lora_indices`` buffer, which vLLM rewrites
-        in place each step (bumping its version counter), so (address, version, length) keys
-        the step. Grouping costs a host sync and a sort: once per step, not once per layer.
-        Only vLLM's long-lived buffer may be passed here: a temporary tensor could reuse a
-        freed address with the same version and length in a later step.
+        Runs eagerly with the step's host-side state: the grouping in :attr:`moka_meta` and the
+        punica wrapper's ``is_prefill``/``no_lora``. Rows past the step's tokens (padding) get
+        no adapter.
         """
-        key = (slots.data_ptr(), slots._version, slots.shape[0])
-        cached = getattr(self.punica_wrapper, "_moka_groups", None)
-        if cached is None or cached[0] != key:
-            cached = (key, group_tokens(slots))
-            self.punica_wrapper._moka_groups = cached
-        return cached[1]
+        meta = self.moka_meta
+        if x.is_cuda:
+            # No host-side shortcuts: the op may be captured in a CUDA graph, so both kernels
+            # always run; the MoKA kernel skips empty slots and tokens of slot -1 itself.
+            from moka_kernels.triton_ops import moka_apply_triton
+
+            x2, y2 = x.reshape(-1, x.shape[-1]), output.view(-1, output.shape[-1])
+            n = x2.shape[0]
+            self._apply_vllm_lora(x, output)
+            moka_apply_triton(x2, y2, meta.slots_for(n), self.moka_bank, plan=meta.triton_plan(n))
+            return
+        # CPU: every shortcut is host-side and cheap; this runs ~4 times per decoder layer and
+        # step, adapted or not, so base-only steps and layers no present adapter touches return
+        # before any tensor op.
+        present = meta.slots_present
+        if not present:
+            return
+        if not self._lora_slots.isdisjoint(present):
+            self._apply_vllm_lora(x, output)
+        if not self.moka_bank.occupied.isdisjoint(present):
+            x2, y2 = x.reshape(-1, x.shape[-1]), output.view(-1, output.shape[-1])
+            n = x2.shape[0]
+            moka_apply_torch(x2, y2, meta.slots_for(n), self.moka_bank, groups=meta.groups_for(n))
+
+    def _apply_vllm_lora(self, x: torch.Tensor, output: torch.Tensor) -> None:
+        result = super()._apply_lora_to_output(x, output)
+        if result.data_ptr() != output.data_ptr():  # platforms that cannot update in place
+            output.copy_(result.view_as(output))
+
+
+def _adapters_op(x: torch.Tensor, output: torch.Tensor, layer_name: str) -> None:
+    layer = get_forward_context().no_compile_layers[layer_name]
+    layer.apply_adapters(x, output)
+
+
+def _adapters_op_fake(x: torch.Tensor, output: torch.Tensor, layer_name: str) -> None:
+    return None
+
+
+# ``moka_serve::adapters(x, output, layer_name)``: mutates ``output``. Registered once per
+# process, like vLLM's own ``lora_linear_async`` (``vllm/lora/layers/base_linear.py``).
+_LIBRARY = Library("moka_serve", "FRAGMENT")
+direct_register_custom_op(
+    op_name="adapters",
+    op_func=_adapters_op,
+    mutates_args=["output"],
+    fake_impl=_adapters_op_fake,
+    target_lib=_LIBRARY,
+)
 
 
 class MokaColumnParallelLinearWithLoRA(MokaLayerMixin, ColumnParallelLinearWithLoRA):
@@ -192,6 +249,61 @@ class MokaRowParallelLinearWithLoRA(MokaLayerMixin, RowParallelLinearWithLoRA):
     """Row-parallel linear (e.g. ``o_proj``, ``down_proj``)."""
 
 
+class MokaVocabParallelEmbeddingWithLoRA(AdapterLayerMixin, VocabParallelEmbeddingWithLoRA):
+    """vLLM's embedding LoRA with its LoRA part in the op (MoKA does not adapt embeddings).
+
+    The embedding lies inside the compiled model, and vLLM's CPU ``add_lora_embedding``
+    branches on per-step state (``is_prefill``, ``no_lora``, batch sizes): traced once, those
+    would be baked in for every later step. In the op they are read each step, and skipped
+    when no token's slot holds embedding LoRA weights.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        output = self.base_layer.forward(x)
+        self.run_adapters(x, output)
+        return output
+
+    def apply_adapters(self, x: torch.Tensor, output: torch.Tensor) -> None:
+        if not self.lora_needed(output.device):
+            return
+        num_tokens = x.shape[0]
+        indices = self.punica_wrapper._embeddings_indices[:num_tokens]
+        lora_a = F.embedding(x + indices, self.lora_a_stacked_2d)
+        out2 = output.view(-1, output.shape[-1]) if output.ndim == 3 else output
+        lora_a = lora_a.view(-1, lora_a.shape[-1]) if lora_a.ndim == 3 else lora_a
+        result = self.punica_wrapper.add_lora_embedding(
+            out2, lora_a, self.lora_b_stacked, add_input=True
+        )
+        if result is not None and result.data_ptr() != out2.data_ptr():
+            out2.copy_(result.view_as(out2))
+
+
+class MokaLogitsProcessorWithLoRA(AdapterLayerMixin, LogitsProcessorWithLoRA):
+    """vLLM's lm_head LoRA, skipped on CPU when no token's slot holds lm_head LoRA weights.
+
+    It runs eagerly (outside the compiled model) and costs every request: on SmolLM2 its
+    gathers of a (vocab x rank) factor per token take ~15 ms of a ~110 ms decode step, for
+    adapters that have no lm_head weights at all.
+    """
+
+    def _get_logits(self, hidden_states, lm_head, embedding_bias=None, skip_gather=False):
+        if self.lora_needed(hidden_states.device):
+            return super()._get_logits(hidden_states, lm_head, embedding_bias, skip_gather)
+        # vLLM 0.32's LogitsProcessorWithLoRA._get_logits without add_lora_logits.
+        if skip_gather:
+            raise NotImplementedError(
+                "Skipping the logits TP gather is not supported with an lm_head LoRA."
+            )
+        head = lm_head.base_layer if hasattr(lm_head, "base_layer") else lm_head
+        logits = self.base_layer._apply_head(head, hidden_states, embedding_bias)
+        logits = self.base_layer._gather_logits(logits)
+        if logits is None:
+            return None
+        if self.sharded_to_full_mapping_gpu is not None:
+            logits = logits[:, self.sharded_to_full_mapping_gpu]
+        return logits[:, : self.base_layer.vocab_size]
+
+
 # vLLM class -> MoKA class, replaced position for position in ``_all_lora_classes`` so vLLM's
 # matching order is unchanged.
 REPLACEMENTS: dict[type, type] = {
@@ -200,13 +312,30 @@ REPLACEMENTS: dict[type, type] = {
     QKVParallelLinearWithLoRA: MokaQKVParallelLinearWithLoRA,
     MergedQKVParallelLinearWithLoRA: MokaMergedQKVParallelLinearWithLoRA,
     RowParallelLinearWithLoRA: MokaRowParallelLinearWithLoRA,
+    VocabParallelEmbeddingWithLoRA: MokaVocabParallelEmbeddingWithLoRA,
 }
 
 
+def from_layer_logits_processor(layer, lm_head, max_loras, lora_config, model_config=None):
+    """``vllm.lora.utils.from_layer_logits_processor`` building :class:`MokaLogitsProcessorWithLoRA`."""
+    ret = MokaLogitsProcessorWithLoRA(
+        layer,
+        lm_head.embedding_dim,
+        lm_head.weight.dtype,
+        lm_head.weight.device,
+        lm_head.get_sharded_to_full_mapping(),
+    )
+    ret.create_lora_weights(max_loras, lora_config, model_config)
+    return ret
+
+
 def install() -> None:
-    """Swap the MoKA classes into ``vllm.lora.utils._all_lora_classes`` (idempotent)."""
+    """Swap the MoKA classes into ``vllm.lora.utils._all_lora_classes`` and the logits
+    processor's factory used by ``vllm.lora.model_manager`` (idempotent)."""
+    from vllm.lora import model_manager
     from vllm.lora import utils as lora_utils
 
     lora_utils._all_lora_classes = tuple(
         REPLACEMENTS.get(cls, cls) for cls in lora_utils._all_lora_classes
     )
+    model_manager.from_layer_logits_processor = from_layer_logits_processor

@@ -14,7 +14,7 @@ from pathlib import Path
 from vllm.lora.request import LoRARequest
 from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
 
-from .loader import SUPPORTED_PEFT_TYPES, read_peft_type
+from .lora_model import SUPPORTED_PEFT_TYPES, read_peft_type
 
 RESOLVER_NAME = "moka_dir"
 ENV_DIR = "MOKA_ADAPTER_DIR"

@@ -1,4 +1,4 @@
-"""Loading MoKA adapters in the worker: dispatch on ``peft_type`` and validate everything.
+"""MoKA adapters as vLLM ``LoRAModel``s: read ``peft_type``, load, validate and fold everything.
 
 vLLM's loader (``LRUCacheWorkerLoRAManager._load_adapter``) runs when an adapter is added
 (``--lora-modules``, ``/v1/load_lora_adapter``, a resolver, ``llm.llm_engine.add_lora``); an
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -46,18 +45,6 @@ def read_peft_type(path: str | os.PathLike) -> str | None:
     return peft_type if isinstance(peft_type, str) else repr(peft_type)
 
 
-@dataclass
-class MokaAdapterInfo:
-    """What the inventory needs to know about a loaded MoKA adapter."""
-
-    path: str
-    base_model: str
-    targets: dict[str, list[list[int]]]
-    variant: str
-    num_parameters: int
-    gates: dict[str, list[float]] = field(default_factory=dict)
-
-
 class MokaLoRAModel(LoRAModel):
     """A MoKA adapter inside vLLM's LoRA machinery: no LoRA weights, folded factors per layer.
 
@@ -70,14 +57,12 @@ class MokaLoRAModel(LoRAModel):
         self,
         lora_model_id: int,
         moka_entries: dict[str, list[KronEntry]],
-        info: MokaAdapterInfo | None = None,
     ) -> None:
         super().__init__(lora_model_id, rank=1, loras={})
         self.moka_entries = moka_entries
-        self.moka_info = info
 
     def clone(self, lora_model_id: int) -> MokaLoRAModel:
-        return MokaLoRAModel(lora_model_id, dict(self.moka_entries), self.moka_info)
+        return MokaLoRAModel(lora_model_id, dict(self.moka_entries))
 
 
 def moka_targets(manager) -> dict[str, tuple[str, int, int, int]]:
@@ -146,21 +131,7 @@ def load_moka_model(manager, lora_request, path: str) -> MokaLoRAModel:
                 f"{where}: layer {layer_name!r}: {e} (bank limits: MOKA_MAX_COMPONENTS, "
                 "MOKA_MAX_FACTOR_NUMEL)"
             ) from None
-    cfg = adapter.config
-    gates = {
-        p: torch.softmax(w.gate.double(), 0).tolist()
-        for p, w in adapter.modules.items()
-        if w.gate is not None
-    }
-    info = MokaAdapterInfo(
-        path=path,
-        base_model=cfg.base_model_name_or_path,
-        targets={t: [c.as_list() for c in s.components] for t, s in cfg.targets.items()},
-        variant=cfg.variant,
-        num_parameters=adapter.num_parameters(),
-        gates=gates,
-    )
-    return MokaLoRAModel(lora_request.lora_int_id, by_layer, info)
+    return MokaLoRAModel(lora_request.lora_int_id, by_layer)
 
 
 def check_peft_type(peft_type: str | None, path: str) -> None:

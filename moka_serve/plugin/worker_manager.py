@@ -1,0 +1,65 @@
+"""Worker-manager patch: ``peft_type`` dispatch in vLLM's adapter loader.
+
+:func:`load_adapter_with_moka` replaces ``LRUCacheWorkerLoRAManager._load_adapter``: it reads
+``adapter_config.json``'s ``peft_type`` before vLLM's ``PEFTHelper`` and routes MOKA to
+:func:`~moka_serve.plugin.lora_model.load_moka_model`; :func:`install` also points
+``_manager_cls`` at :class:`~moka_serve.plugin.model_manager.MokaLRUCacheLoRAModelManager`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from vllm.exceptions import LoRAAdapterNotFoundError
+from vllm.lora.utils import get_adapter_absolute_path
+
+from .lora_model import check_peft_type, load_moka_model, read_peft_type
+from .model_manager import MokaLRUCacheLoRAModelManager
+
+_ORIGINAL_LOAD_ADAPTER: Callable | None = None
+
+# Marks validation errors in messages that cross the engine-core process boundary as text, so
+# the API server can answer them with 400 instead of vLLM's 500 (see ``api.py``).
+INVALID_ADAPTER = "Invalid adapter"
+
+
+def load_adapter_with_moka(self, lora_request):
+    """``LRUCacheWorkerLoRAManager._load_adapter`` with MoKA dispatch (``self`` is the worker
+    manager). Validation errors are re-raised as ``ValueError("Invalid adapter ...")``."""
+    try:
+        return _load(self, lora_request)
+    except LoRAAdapterNotFoundError:
+        raise
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"{INVALID_ADAPTER} {lora_request.lora_name!r}: {e}") from None
+
+
+def _load(self, lora_request):
+    assert _ORIGINAL_LOAD_ADAPTER is not None
+    path = get_adapter_absolute_path(lora_request.lora_path)
+    peft_type = read_peft_type(path) if _is_dir(path) else None
+    if peft_type is None:
+        if not _is_dir(path):
+            raise LoRAAdapterNotFoundError(lora_request.lora_name, lora_request.lora_path)
+        return _ORIGINAL_LOAD_ADAPTER(self, lora_request)
+    check_peft_type(peft_type, path)
+    if peft_type != "MOKA":
+        return _ORIGINAL_LOAD_ADAPTER(self, lora_request)
+    return load_moka_model(self._adapter_manager, lora_request, path)
+
+
+def _is_dir(path: str) -> bool:
+    return os.path.isdir(path)
+
+
+def install() -> None:
+    """Point vLLM's LRU worker manager at the MoKA manager and loader (idempotent)."""
+    global _ORIGINAL_LOAD_ADAPTER
+    from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
+
+    if LRUCacheWorkerLoRAManager._load_adapter is load_adapter_with_moka:
+        return
+    _ORIGINAL_LOAD_ADAPTER = LRUCacheWorkerLoRAManager._load_adapter
+    LRUCacheWorkerLoRAManager._manager_cls = MokaLRUCacheLoRAModelManager
+    LRUCacheWorkerLoRAManager._load_adapter = load_adapter_with_moka
