@@ -498,13 +498,38 @@ def _where(path: str | os.PathLike) -> str:
     return f"MoKA adapter {os.fspath(path)!r}"
 
 
+# adapter_config.json files are a few kB; a bigger one is not an adapter config.
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def read_config_json(file: str | os.PathLike) -> dict:
+    """An adapter folder's ``adapter_config.json`` as a dict, or ``ValueError`` with the reason.
+
+    The one reader every route uses (loader, resolver, ``moka-serve``'s precheck, inventory,
+    reference): a missing or unreadable file, one over :data:`MAX_CONFIG_BYTES`, invalid JSON,
+    JSON nested too deeply for the parser (``RecursionError``) and a non-object all become
+    ``ValueError``, never another exception.
+    """
+    file = Path(file)
+    try:
+        size = file.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ValueError(f"{file.name} is {size} bytes, over the {MAX_CONFIG_BYTES} limit")
+        d = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{file.name} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ValueError(f"{file.name} is nested too deeply to be an adapter config") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{file.name} must be a JSON object, got {type(d).__name__}")
+    return d
+
+
 def is_moka_adapter_dir(path: str | os.PathLike) -> bool:
     """True if ``path`` holds an adapter_config.json with peft_type MOKA. Never raises."""
     try:
-        with open(Path(path) / CONFIG_NAME, encoding="utf-8") as f:
-            d = json.load(f)
-        return isinstance(d, dict) and d.get("peft_type") == PEFT_TYPE
-    except Exception:
+        return read_config_json(Path(path) / CONFIG_NAME).get("peft_type") == PEFT_TYPE
+    except ValueError:
         return False
 
 
@@ -514,10 +539,9 @@ def read_adapter_config(path: str | os.PathLike) -> MokaConfig:
     if not cfg_path.is_file():
         raise ValueError(f"{_where(path)}: missing {CONFIG_NAME}")
     try:
-        with open(cfg_path, encoding="utf-8") as f:
-            d = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{_where(path)}: {CONFIG_NAME} is not valid JSON: {e}") from None
+        d = read_config_json(cfg_path)
+    except ValueError as e:
+        raise ValueError(f"{_where(path)}: {e}") from None
     try:
         return MokaConfig.from_dict(d)
     except ValueError as e:
@@ -547,8 +571,8 @@ def _read_header(file: Path) -> dict[str, tuple[int, ...]]:
         raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{WEIGHTS_NAME} header is not valid JSON (corrupt file): {e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"{WEIGHTS_NAME} header is not valid JSON (corrupt file): {e!r}") from None
     if not isinstance(header, dict):
         raise ValueError(f"{WEIGHTS_NAME} header is not a JSON object (corrupt file)")
     header.pop("__metadata__", None)

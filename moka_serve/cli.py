@@ -67,12 +67,27 @@ def _option_value(rest: list[str], *names: str) -> str | None:
 
 
 def adapter_folders(root: Path) -> dict[str, Path]:
-    """Sub-folders of ``root`` that hold an adapter config, by folder name (sorted)."""
-    return {
-        d.name: d.resolve()
-        for d in sorted(root.iterdir())
-        if d.is_dir() and not d.name.startswith(".") and (d / "adapter_config.json").is_file()
-    }
+    """Sub-folders of ``root`` that hold an adapter config, by folder name (sorted).
+
+    The same rule as the plugin's resolver (:func:`moka_serve.adapter_dir.adapter_folder`):
+    names are single path components, and symlinks out of ``root`` are left out unless
+    ``MOKA_ALLOW_SYMLINKS=1``.
+    """
+    from moka_serve.adapter_dir import adapter_folder
+
+    root = root.resolve()
+    found = {}
+    for d in sorted(root.iterdir()):
+        folder = adapter_folder(root, d.name)
+        if folder is not None:
+            found[d.name] = folder
+        elif d.is_symlink() and (d / "adapter_config.json").is_file():
+            print(
+                f"moka-serve: not serving {d.name!r}: a symlink out of {root} "
+                "(set MOKA_ALLOW_SYMLINKS=1 to allow)",
+                file=sys.stderr,
+            )
+    return found
 
 
 def precheck_adapter(folder: Path) -> str | None:
@@ -82,15 +97,13 @@ def precheck_adapter(folder: Path) -> str | None:
     broken on their own (bad config, corrupt or missing weights) are left out with a warning;
     they can still be requested later and then get a clean error.
     """
-    import json
-
-    from moka_serve.adapter_format import load_adapter
+    from moka_serve.adapter_format import load_adapter, read_config_json
 
     try:
-        cfg = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        return f"adapter_config.json is not valid JSON: {e}"
-    peft_type = cfg.get("peft_type") if isinstance(cfg, dict) else None
+        cfg = read_config_json(folder / "adapter_config.json")
+    except ValueError as e:
+        return str(e)
+    peft_type = cfg.get("peft_type")
     if peft_type == "MOKA":
         try:
             load_adapter(folder)

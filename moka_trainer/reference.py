@@ -13,7 +13,6 @@ layers stay 4-bit.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -24,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from moka_serve.adapter_format import PEFT_PREFIX, MokaAdapter, load_adapter
+from moka_serve.adapter_format import PEFT_PREFIX, MokaAdapter, load_adapter, read_config_json
 
 from .bnb_cpu import keep_portable_4bit_layout
 
@@ -137,7 +136,7 @@ def _targets_module(target_modules, module: str) -> bool:
 def _read_lora(lora_dir: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config, tensors) of a PEFT LoRA folder, rejecting features this reference can't merge."""
     folder = Path(lora_dir)
-    cfg = json.loads((folder / LORA_CONFIG_NAME).read_text(encoding="utf-8"))
+    cfg = read_config_json(folder / LORA_CONFIG_NAME)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{folder}: peft_type is {cfg.get('peft_type')!r}, expected 'LORA'")
     for flag in ("use_dora", "fan_in_fan_out", "lora_bias"):
@@ -199,7 +198,7 @@ def adapter_peft_type(adapter_dir: str | os.PathLike) -> str:
     cfg_path = Path(adapter_dir) / LORA_CONFIG_NAME
     if not cfg_path.is_file():
         raise ValueError(f"{adapter_dir}: missing {LORA_CONFIG_NAME}")
-    peft_type = json.loads(cfg_path.read_text(encoding="utf-8")).get("peft_type")
+    peft_type = read_config_json(cfg_path).get("peft_type")
     if not isinstance(peft_type, str):
         raise ValueError(f"{cfg_path}: peft_type is missing")
     return peft_type

@@ -78,3 +78,30 @@ def test_print_command(capsys):
     assert cli.main(["--base", "/m", "--quantize", "none", "--print-command"]) == 0
     out = capsys.readouterr().out
     assert "vllm.entrypoints.openai.api_server --model /m --enable-lora" in out
+
+
+def test_symlinks_out_of_the_folder_and_deep_configs_are_left_out(tmp_path, capsys, monkeypatch):
+    _write(tmp_path / "ad" / "good")
+    _write(tmp_path / "elsewhere" / "outside")
+    (tmp_path / "ad" / "link-out").symlink_to(tmp_path / "elsewhere" / "outside")
+    (tmp_path / "ad" / "link-in").symlink_to(tmp_path / "ad" / "good")
+    _write(tmp_path / "ad" / "deep")
+    (tmp_path / "ad" / "deep" / "adapter_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    cmd, _ = _cmd(["--base", "/m", "--adapters", str(tmp_path / "ad")])
+    mods = cmd[cmd.index("--lora-modules") + 1 :]
+    assert [m.split("=")[0] for m in mods] == ["good", "link-in"]
+    err = capsys.readouterr().err
+    assert "not serving 'link-out': a symlink out of" in err
+    assert "not serving adapter 'deep': adapter_config.json is nested too deeply" in err
+    assert "Traceback" not in err
+    monkeypatch.setenv("MOKA_ALLOW_SYMLINKS", "1")
+    cmd, _ = _cmd(["--base", "/m", "--adapters", str(tmp_path / "ad")])
+    assert "link-out" in " ".join(cmd[cmd.index("--lora-modules") + 1 :])
+
+
+def test_plain_serves_the_base_without_lora(tmp_path):
+    cmd, env = _cmd(["--base", "/m", "--quantize", "none", "--plain"])
+    assert "--enable-lora" not in cmd and "--max-loras" not in cmd
+    assert "MOKA_ADAPTER_DIR" not in env
+    with pytest.raises(SystemExit, match="--plain serves the base model alone"):
+        _cmd(["--base", "/m", "--plain", "--adapters", str(tmp_path)])

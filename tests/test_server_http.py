@@ -253,13 +253,29 @@ def test_bad_and_unknown_adapters_get_errors(server, setup, reference, prompts):
     message = err.value.read().decode()
     assert "Invalid adapter 'bad-moka'" in message and "truncated" in message, message
     # A broken folder in the served directory: the resolver finds it, the load fails with 400.
-    shutil.copytree(bad, setup["served"] / "bad-resolved")
+    served = setup["served"]
+    shutil.copytree(bad, served / "bad-resolved")
+    shutil.copytree(setup["extra"] / "moka-resolved", served / "lokr")
+    cfg = json.loads((served / "lokr" / "adapter_config.json").read_text())
+    (served / "lokr" / "adapter_config.json").write_text(json.dumps({**cfg, "peft_type": "LOKR"}))
+    shutil.copytree(setup["extra"] / "moka-resolved", served / "nested")
+    (served / "nested" / "adapter_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    # A symlink out of the served directory is not followed.
+    (served / "link-out").symlink_to(setup["extra"] / "moka-resolved")
 
     async def go():
         client = _client(server)
         try:
             with pytest.raises(openai.NotFoundError):
                 await _complete(client, "no-such-adapter", prompts[0], False)
+            with pytest.raises(openai.NotFoundError):  # was 500: "File name too long"
+                await _complete(client, "a" * 5000, prompts[0], False)
+            with pytest.raises(openai.NotFoundError):
+                await _complete(client, "link-out", prompts[0], False)
+            with pytest.raises(openai.BadRequestError, match="unsupported peft_type 'LOKR'"):
+                await _complete(client, "lokr", prompts[0], False)  # was 404
+            with pytest.raises(openai.BadRequestError, match="nested too deeply"):
+                await _complete(client, "nested", prompts[0], False)  # was 500
             with pytest.raises(openai.BadRequestError, match="truncated"):
                 await _complete(client, "bad-resolved", prompts[0], True)
             return await _complete(client, "moka-qv", prompts[0], False)

@@ -64,22 +64,51 @@ def test_cpu_fix_zeroes_no_adapter_tokens():
     assert torch.allclose(y2[:, 2:8], y)
 
 
-def test_resolver_finds_moka_and_lora_folders(tmp_path):
+def test_resolver_finds_adapter_folders_and_stays_inside(tmp_path, monkeypatch):
     from moka_serve.plugin.resolver import MokaDirResolver
 
-    for name, peft_type in [("m", "MOKA"), ("l", "LORA"), ("x", "LOKR")]:
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "adapter_config.json").write_text(json.dumps({"peft_type": peft_type}))
-    r = MokaDirResolver(tmp_path)
+    root, outside = tmp_path / "adapters", tmp_path / "elsewhere"
+    for folder, peft_type in [(root / "m", "MOKA"), (root / "l", "LORA"), (root / "x", "LOKR"),
+                              (outside / "o", "MOKA")]:  # fmt: skip
+        folder.mkdir(parents=True)
+        (folder / "adapter_config.json").write_text(json.dumps({"peft_type": peft_type}))
+    (root / "out").symlink_to(outside / "o")  # leaves the folder
+    (root / "alias").symlink_to(root / "m")  # stays inside
+    (root / "m2").mkdir()
+    (root / "m2" / "adapter_config.json").symlink_to(outside / "o" / "adapter_config.json")
+    r = MokaDirResolver(root)
 
     def resolve(name):
         return asyncio.run(r.resolve_lora("base", name))
 
-    assert resolve("m").lora_path == str(tmp_path / "m")
+    assert resolve("m").lora_path == str(root.resolve() / "m")
     assert resolve("l").lora_name == "l"
-    assert resolve("x") is None
-    assert resolve("missing") is None
-    assert resolve("../m") is None
+    # An unsupported peft_type is found: the loader answers it with 400 and the reason.
+    assert resolve("x") is not None
+    assert resolve("alias") is not None
+    for name in ["missing", "../m", "m/", ".m", "a" * 5000, "é" * 200, "m\0", ""]:
+        assert resolve(name) is None, name  # never raises (5,000 characters: ENAMETOOLONG)
+    assert resolve("out") is None and resolve("m2") is None
+    monkeypatch.setenv("MOKA_ALLOW_SYMLINKS", "1")
+    assert resolve("out") is not None
+
+
+def test_adapter_configs_read_by_one_reader_with_reasons(tmp_path):
+    from moka_serve.adapter_format import read_config_json
+    from moka_serve.plugin.lora_model import read_peft_type
+
+    f = tmp_path / "adapter_config.json"
+    f.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match="nested too deeply"):
+        read_config_json(f)
+    with pytest.raises(ValueError, match="nested too deeply"):
+        read_peft_type(tmp_path)
+    f.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="must be a JSON object, got list"):
+        read_peft_type(tmp_path)
+    f.write_text('{"peft_type": "MOKA"}' + " " * (1 << 20))
+    with pytest.raises(ValueError, match="over the"):
+        read_config_json(f)
 
 
 def test_bank_limits_from_env(monkeypatch):

@@ -10,10 +10,13 @@ adds the format-level reason for folders of ``MOKA_ADAPTER_DIR``.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import os
 from http import HTTPStatus
 from pathlib import Path
+
+from moka_serve.adapter_dir import adapter_folder
 
 from .worker_manager import INVALID_ADAPTER
 
@@ -30,10 +33,11 @@ def _format_problem(folder: Path) -> str | None:
     """Why a folder is not a loadable adapter, checked without the engine (None if it is)."""
     from moka_serve.adapter_format import load_adapter
 
-    from .lora_model import read_peft_type
+    from .lora_model import check_peft_type, read_peft_type
 
     try:
         peft_type = read_peft_type(folder)
+        check_peft_type(peft_type, str(folder))
         if peft_type == "MOKA":
             load_adapter(folder)
     except ValueError as e:
@@ -72,8 +76,9 @@ def install() -> None:
             and result.error.code == HTTPStatus.BAD_REQUEST
             and root
         ):
-            folder = Path(root) / lora_name
-            problem = _format_problem(folder) if folder.is_dir() else None
+            folder = adapter_folder(Path(root).resolve(), lora_name)
+            # Off the event loop: reading a large adapter must not stall other streams.
+            problem = None if folder is None else await asyncio.to_thread(_format_problem, folder)
             if problem:
                 return _bad_request(f"{result.error.message} {INVALID_ADAPTER}: {problem}")
         return result

@@ -14,7 +14,6 @@ filter the general plugins). Where an adapter lives is asked from the worker wit
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,8 @@ from typing import Any
 # ``Request`` annotation of the handlers in this module's globals.
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+
+from moka_serve.adapter_format import read_config_json
 
 _DESCRIPTIONS: dict[tuple[str, float], dict[str, Any]] = {}
 
@@ -98,8 +99,8 @@ def describe_adapter(path: str | os.PathLike) -> dict[str, Any]:
         return {"kind": None, "error": "adapter_config.json not found"}
     if key not in _DESCRIPTIONS:
         try:
-            cfg = json.loads(config.read_text(encoding="utf-8"))
-            kind = cfg.get("peft_type") if isinstance(cfg, dict) else None
+            cfg = read_config_json(config)
+            kind = cfg.get("peft_type")
             if kind == "MOKA":
                 desc = _describe_moka(folder)
             elif kind == "LORA":

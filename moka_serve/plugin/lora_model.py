@@ -10,7 +10,6 @@ bank limits of every layer the adapter touches. Activation then only copies tens
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch
 from vllm.lora.lora_model import LoRAModel
 
 from moka_kernels import KronEntry
-from moka_serve.adapter_format import CONFIG_NAME, PEFT_TYPE, load_adapter
+from moka_serve.adapter_format import CONFIG_NAME, PEFT_TYPE, load_adapter, read_config_json
 
 from .layers import MokaLayerMixin
 
@@ -34,11 +33,9 @@ def read_peft_type(path: str | os.PathLike) -> str | None:
     if not file.is_file():
         return None
     try:
-        cfg = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"adapter {str(path)!r}: {CONFIG_NAME} is not valid JSON: {e}") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"adapter {str(path)!r}: {CONFIG_NAME} is not a JSON object")
+        cfg = read_config_json(file)
+    except ValueError as e:
+        raise ValueError(f"adapter {str(path)!r}: {e}") from None
     if "peft_type" not in cfg:
         return None  # older LoRA configs may lack it: vLLM's own loader decides
     peft_type = cfg["peft_type"]
