@@ -500,6 +500,30 @@ def _where(path: str | os.PathLike) -> str:
 
 # adapter_config.json files are a few kB; a bigger one is not an adapter config.
 MAX_CONFIG_BYTES = 1 << 20
+# Real configs nest 3-4 levels; deeper JSON is refused before parsing (the parser would recurse).
+MAX_CONFIG_DEPTH = 32
+
+
+def _json_depth_exceeds(text: str, limit: int) -> bool:
+    """Whether brackets outside strings nest deeper than ``limit`` (a scan, no parse)."""
+    depth, in_string, escaped = 0, False, False
+    for c in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif c == "\\":
+                escaped = True
+            elif c == '"':
+                in_string = False
+        elif c == '"':
+            in_string = True
+        elif c in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif c in "]}":
+            depth -= 1
+    return False
 
 
 def read_config_json(file: str | os.PathLike) -> dict:
@@ -515,11 +539,15 @@ def read_config_json(file: str | os.PathLike) -> dict:
         size = file.stat().st_size
         if size > MAX_CONFIG_BYTES:
             raise ValueError(f"{file.name} is {size} bytes, over the {MAX_CONFIG_BYTES} limit")
-        d = json.loads(file.read_text(encoding="utf-8"))
+        text = file.read_text(encoding="utf-8")
+        if _json_depth_exceeds(text, MAX_CONFIG_DEPTH):
+            raise ValueError(
+                f"{file.name} is nested too deeply (over {MAX_CONFIG_DEPTH} levels) to be an "
+                "adapter config"
+            )
+        d = json.loads(text)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{file.name} is not valid JSON: {e}") from None
-    except RecursionError:
-        raise ValueError(f"{file.name} is nested too deeply to be an adapter config") from None
     if not isinstance(d, dict):
         raise ValueError(f"{file.name} must be a JSON object, got {type(d).__name__}")
     return d

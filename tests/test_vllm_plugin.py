@@ -311,3 +311,41 @@ def test_reference_agrees_with_moka_trainer_reference(base_dir, adapters, refere
         model = load_reference_model(base_dir, adapter_dir=adapters[name][0])
         want = greedy_generate(model, tok, text, MAX_TOKENS, ignore_eos=True)
         assert reference.generate(ids, MAX_TOKENS, adapters[name][1])[0] == want
+
+
+def _cpu_cached(worker) -> list[int]:
+    w = getattr(worker, "worker", worker)
+    return sorted(w.model_runner.lora_manager._adapter_manager.list_adapters())
+
+
+@pytest.mark.parametrize(
+    "name,change", [("moka-qkv", "nan"), ("lora-qvdown", "truncate"), ("mokas-o-down", "delete")]
+)
+def test_reload_after_eviction_reads_the_snapshot_not_the_changed_folder(
+    llm, reference, adapters, prompts, workdir, name, change
+):
+    """Served, evicted from vLLM's CPU cache (max_cpu_loras=4), then its folder is changed on
+    disk: the next request reloads inside the engine step. It used to read the changed folder
+    and kill the engine; it now reads the worker's snapshot and serves the adapter as it was."""
+    from safetensors.torch import load_file, save_file
+
+    folder = workdir / f"snap-{name}-{change}"
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(adapters[name][0], folder)
+    req = lora_request(f"snap-{name}-{change}", folder)
+    first = run(llm, [prompts[1]], [req])[0]
+    check_against_reference(reference, prompts[1], adapters[name][1], first)
+    for other in MIXED_NAMES:  # four others fill the CPU cache of 4
+        run(llm, [prompts[0]], [lora_request(other, adapters[other][0])])
+    assert req.lora_int_id not in llm.collective_rpc(_cpu_cached)[0]
+    weights = folder / "adapter_model.safetensors"
+    if change == "nan":
+        t = load_file(str(weights))
+        save_file({k: torch.full_like(v, float("nan")) for k, v in t.items()}, str(weights))
+    elif change == "truncate":
+        weights.write_bytes(weights.read_bytes()[:100])
+    else:
+        shutil.rmtree(folder)
+    again = run(llm, [prompts[1], prompts[2]], [req, None])
+    assert again[0] == first
+    check_against_reference(reference, prompts[2], None, again[1])

@@ -11,11 +11,13 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
+import msgspec
 from vllm.exceptions import LoRAAdapterNotFoundError
 from vllm.lora.utils import get_adapter_absolute_path
 
 from .lora_model import check_peft_type, load_moka_model, read_peft_type
 from .model_manager import MokaLRUCacheLoRAModelManager
+from .snapshots import SNAPSHOTS
 
 _ORIGINAL_LOAD_ADAPTER: Callable | None = None
 
@@ -36,12 +38,39 @@ def load_adapter_with_moka(self, lora_request):
 
 
 def _load(self, lora_request):
-    assert _ORIGINAL_LOAD_ADAPTER is not None
+    """Load from a snapshot of the folder (``snapshots.py``): taken and validated the first
+    time, reused by every reload of the same adapter after eviction."""
     path = get_adapter_absolute_path(lora_request.lora_path)
-    peft_type = read_peft_type(path) if _is_dir(path) else None
-    if peft_type is None:
+    key = (lora_request.lora_int_id, path)
+    snap = None if lora_request.load_inplace else SNAPSHOTS.get(key)
+    fresh = snap is None
+    if fresh:
         if not _is_dir(path):
             raise LoRAAdapterNotFoundError(lora_request.lora_name, lora_request.lora_path)
+        SNAPSHOTS.drop(key)
+        snap = SNAPSHOTS.take(key, path)
+    try:
+        return _load_folder(self, msgspec.structs.replace(lora_request, lora_path=str(snap)))
+    except LoRAAdapterNotFoundError:
+        if fresh:
+            SNAPSHOTS.drop(key)
+        raise LoRAAdapterNotFoundError(lora_request.lora_name, lora_request.lora_path) from None
+    except (ValueError, KeyError) as e:
+        if fresh:
+            SNAPSHOTS.drop(key)  # nothing invalid is kept
+        # Messages name the user's folder, not the snapshot.
+        raise type(e)(str(e).replace(str(snap), path)) from None
+    except Exception:
+        if fresh:
+            SNAPSHOTS.drop(key)
+        raise
+
+
+def _load_folder(self, lora_request):
+    assert _ORIGINAL_LOAD_ADAPTER is not None
+    path = lora_request.lora_path
+    peft_type = read_peft_type(path)
+    if peft_type is None:
         return _ORIGINAL_LOAD_ADAPTER(self, lora_request)
     check_peft_type(peft_type, path)
     if peft_type != "MOKA":
