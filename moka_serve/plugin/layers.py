@@ -3,8 +3,12 @@
 Each class subclasses one of vLLM's LoRA wrappers and keeps its behaviour (LoRA buffers, vLLM's
 dummy-LoRA warm-up, ``set_lora``), so LoRA and MoKA adapters share the same slots. The bank is
 preallocated in ``create_lora_weights`` and written in place, so nothing is reallocated when
-adapters are swapped (what CUDA graphs need). The forward adds the MoKA delta after the LoRA
-delta in ``_apply_lora_to_output``; tokens of slot -1 (no adapter) are never touched.
+adapters are swapped (what CUDA graphs need). ``_apply_lora_to_output`` hands all adapter work
+of the layer (vLLM's LoRA delta, then the MoKA delta) to one opaque custom op,
+``moka_serve::adapters``, so a compiled forward traces one call per layer and the per-step
+host-side state is read inside it, eagerly (``docs/serving.md``, "Compiled forward"); tokens of
+slot -1 (no adapter) are never touched. The embedding LoRA layer runs its LoRA part in the same
+op, and the lm_head LoRA is skipped on CPU when no present slot holds lm_head weights.
 
 Bank sizes are engine-start options read from the environment when the layers are built:
 
