@@ -531,8 +531,8 @@ def read_config_json(file: str | os.PathLike) -> dict:
 
     The one reader every route uses (loader, resolver, ``moka-serve``'s precheck, inventory,
     reference): a missing or unreadable file, one over :data:`MAX_CONFIG_BYTES`, invalid JSON,
-    JSON nested too deeply for the parser (``RecursionError``) and a non-object all become
-    ``ValueError``, never another exception.
+    JSON nested deeper than :data:`MAX_CONFIG_DEPTH` (scanned before parsing, which would
+    recurse) and a non-object all become ``ValueError``, never another exception.
     """
     file = Path(file)
     try:
@@ -600,7 +600,7 @@ def _read_header(file: Path) -> dict[str, tuple[int, ...]]:
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise ValueError(f"{WEIGHTS_NAME} header is not valid JSON (corrupt file): {e!r}") from None
+        raise ValueError(f"{WEIGHTS_NAME} header is not valid JSON (corrupt file): {e}") from None
     if not isinstance(header, dict):
         raise ValueError(f"{WEIGHTS_NAME} header is not a JSON object (corrupt file)")
     header.pop("__metadata__", None)

@@ -65,8 +65,10 @@ class MokaKernelMeta:
         if self.triton:
             from moka_kernels.triton_ops import PREFILL_BLOCK_T, group_starts
 
-            order, sorted_slots, _ = group_starts(self.token_slots, 1, self.num_slots)
-            _, _, starts = group_starts(self.token_slots, PREFILL_BLOCK_T, self.num_slots)
+            # One sort serves both forms: the decode form's starts are a fixed arange.
+            order, sorted_slots, starts = group_starts(
+                self.token_slots, PREFILL_BLOCK_T, self.num_slots
+            )
             self.order.copy_(order)
             self.sorted_slots.copy_(sorted_slots)
             self.prefill_starts.copy_(starts)

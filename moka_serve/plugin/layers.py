@@ -193,7 +193,7 @@ class MokaLayerMixin(AdapterLayerMixin):
         present = meta.slots_present
         if not present:
             return
-        if not self._lora_slots.isdisjoint(present):
+        if self.lora_needed(x.device):
             self._apply_vllm_lora(x, output)
         if not self.moka_bank.occupied.isdisjoint(present):
             x2, y2 = x.reshape(-1, x.shape[-1]), output.view(-1, output.shape[-1])

@@ -51,18 +51,14 @@ def _load(self, lora_request):
         snap = SNAPSHOTS.take(key, path)
     try:
         return _load_folder(self, msgspec.structs.replace(lora_request, lora_path=str(snap)))
-    except LoRAAdapterNotFoundError:
-        if fresh:
-            SNAPSHOTS.drop(key)
-        raise LoRAAdapterNotFoundError(lora_request.lora_name, lora_request.lora_path) from None
-    except (ValueError, KeyError) as e:
+    except Exception as e:
         if fresh:
             SNAPSHOTS.drop(key)  # nothing invalid is kept
         # Messages name the user's folder, not the snapshot.
-        raise type(e)(str(e).replace(str(snap), path)) from None
-    except Exception:
-        if fresh:
-            SNAPSHOTS.drop(key)
+        if isinstance(e, LoRAAdapterNotFoundError):
+            raise LoRAAdapterNotFoundError(lora_request.lora_name, lora_request.lora_path) from None
+        if isinstance(e, (ValueError, KeyError)):
+            raise type(e)(str(e).replace(str(snap), path)) from None
         raise
 
 
