@@ -13,9 +13,12 @@ Layout (S slots, E entries per slot):
   marks an unused entry.
 
 The layer's output is split into *slices* (one slice for a plain linear layer; q, k and v of a
-fused qkv projection), fixed when the bank is built. One entry adds ``kron(A, B) @ x`` (or
-``kron(I_k, B) @ x`` when A is the identity) into its whole slice, so ``m1*m2`` equals the slice
-width. The components of a mixture are several entries on the same slice.
+fused qkv projection), fixed when the bank is built. One entry adds ``kron(A, B) @ x[cols]`` (or
+``kron(I_k, B) @ x[cols]`` when A is the identity) into ``m1*m2`` consecutive rows of its slice,
+reading ``n1*n2`` consecutive input columns. An unsharded component covers its whole slice and
+every input column; under tensor parallelism a component becomes a few entries that each cover
+part of a rank's rows or columns (``moka_kernels.sharding``). The components of a mixture are
+several entries on the same slice.
 """
 
 from __future__ import annotations
@@ -26,21 +29,26 @@ from dataclasses import dataclass
 import torch
 
 # Column indices of ``MokaBank.table``.
-M1, N1, M2, N2, IDENTITY_A, A_FIRST, OUT_OFFSET, SLICE = range(8)
-NUM_FIELDS = 8
+M1, N1, M2, N2, IDENTITY_A, A_FIRST, OUT_OFFSET, SLICE, IN_OFFSET = range(9)
+NUM_FIELDS = 9
 
 
 @dataclass(frozen=True)
 class KronEntry:
-    """One folded Kronecker term of one output slice: ``y[:, slice] += kron(A, B) @ x``.
+    """One folded Kronecker term of one output slice.
 
-    ``a is None`` means A is the identity ``I_k`` with ``k = in_features // b.shape[1]``
-    (the MoKAs variant); the identity is never materialised.
+    ``y[:, rows] += kron(A, B) @ x[:, cols]`` with ``rows`` the ``m1*m2`` rows of slice ``slice``
+    from ``out_offset`` (relative to the slice's start) and ``cols`` the ``n1*n2`` input columns
+    from ``in_offset``. ``a is None`` means A is the identity ``I_k`` (the MoKAs variant), never
+    materialised; ``k`` is ``identity_size``, or ``in_features // b.shape[1]`` when None.
     """
 
     b: torch.Tensor
     a: torch.Tensor | None = None
     slice: int = 0
+    out_offset: int = 0
+    in_offset: int = 0
+    identity_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -53,8 +61,9 @@ class EntryShape:
     n2: int
     identity_a: bool
     a_first: bool
-    out_offset: int
+    out_offset: int  # absolute: the slice's offset plus the entry's own
     slice: int
+    in_offset: int = 0
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -151,18 +160,23 @@ class MokaBank:
             if e.b.dim() != 2:
                 raise ValueError(f"entry {i}: B must be 2-D, got shape {tuple(e.b.shape)}")
             m2, n2 = e.b.shape
-            if self.in_features % n2:
-                raise ValueError(
-                    f"entry {i}: n2={n2} does not divide in_features={self.in_features}"
-                )
             if e.a is None:
-                m1 = n1 = self.in_features // n2
+                if e.identity_size is None and self.in_features % n2:
+                    raise ValueError(
+                        f"entry {i}: n2={n2} does not divide in_features={self.in_features}"
+                    )
+                m1 = n1 = e.identity_size or self.in_features // n2
             else:
                 if e.a.dim() != 2:
                     raise ValueError(f"entry {i}: A must be 2-D, got shape {tuple(e.a.shape)}")
                 m1, n1 = e.a.shape
-            if n1 * n2 != self.in_features:
-                raise ValueError(f"entry {i}: n1*n2 = {n1}*{n2} != in_features {self.in_features}")
+            if min(m1, n1, m2, n2) < 1:
+                raise ValueError(f"entry {i}: empty factor ({m1}x{n1} (x) {m2}x{n2})")
+            if e.in_offset < 0 or e.in_offset + n1 * n2 > self.in_features:
+                raise ValueError(
+                    f"entry {i}: input columns {e.in_offset}..{e.in_offset + n1 * n2} "
+                    f"(n1*n2 = {n1}*{n2}) exceed in_features {self.in_features}"
+                )
             if e.a is not None and m1 * n1 > self.a.shape[2]:
                 raise ValueError(
                     f"entry {i}: A has {m1 * n1} elements, buffer holds {self.a.shape[2]}"
@@ -175,15 +189,16 @@ class MokaBank:
                 raise ValueError(
                     f"entry {i}: slice {e.slice} does not exist ({self.num_slices} slices)"
                 )
-            if m1 * m2 != self.slice_widths[e.slice]:
+            width = self.slice_widths[e.slice]
+            if e.out_offset < 0 or e.out_offset + m1 * m2 > width:
                 raise ValueError(
-                    f"entry {i}: m1*m2 = {m1}*{m2} != width {self.slice_widths[e.slice]} "
-                    f"of output slice {e.slice}"
+                    f"entry {i}: rows {e.out_offset}..{e.out_offset + m1 * m2} "
+                    f"(m1*m2 = {m1}*{m2}) exceed width {width} of output slice {e.slice}"
                 )
             ident = e.a is None
             a_first = choose_a_first(m1, n1, m2, n2, ident)
-            offset = self.slice_offsets[e.slice]
-            shapes.append(EntryShape(m1, n1, m2, n2, ident, a_first, offset, e.slice))
+            offset = self.slice_offsets[e.slice] + e.out_offset
+            shapes.append(EntryShape(m1, n1, m2, n2, ident, a_first, offset, e.slice, e.in_offset))
         return shapes
 
     @torch.no_grad()
@@ -197,7 +212,10 @@ class MokaBank:
                 self.a[slot, i, : s.m1 * s.n1].copy_(e.a.reshape(-1))
             self.b[slot, i, : s.m2 * s.n2].copy_(e.b.reshape(-1))
             rows.append(
-                [s.m1, s.n1, s.m2, s.n2, int(s.identity_a), int(s.a_first), s.out_offset, s.slice]
+                [
+                    *(s.m1, s.n1, s.m2, s.n2, int(s.identity_a), int(s.a_first)),
+                    *(s.out_offset, s.slice, s.in_offset),
+                ]
             )
         if rows:
             self.table[slot, : len(rows)].copy_(torch.tensor(rows, dtype=torch.int32))

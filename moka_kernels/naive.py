@@ -13,12 +13,14 @@ from .bank import MokaBank, check_apply_args
 
 
 def delta_weight(bank: MokaBank, slot: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Dense ``(out, in)`` update of ``slot``: the sum of ``kron(A, B)`` placed at each offset."""
+    """Dense ``(out, in)`` update of ``slot``: the sum of each entry's ``kron(A, B)`` in place."""
     delta = torch.zeros(bank.out_features, bank.in_features, dtype=dtype, device=bank.device)
     for i in range(len(bank.entries[slot])):
         a, b, s = bank.factors(slot, i)
         a = torch.eye(s.m1, dtype=dtype, device=bank.device) if a is None else a.to(dtype)
-        delta[s.out_offset : s.out_offset + s.m1 * s.m2] += torch.kron(a, b.to(dtype))
+        rows = slice(s.out_offset, s.out_offset + s.m1 * s.m2)
+        cols = slice(s.in_offset, s.in_offset + s.n1 * s.n2)
+        delta[rows, cols] += torch.kron(a, b.to(dtype))
     return delta
 
 

@@ -114,7 +114,8 @@ def _apply_one_slot(
     out = y if direct else torch.zeros(n, bank.out_features, dtype=dtype, device=x.device)
     for a, b, s in bank.views[slot]:
         a = None if a is None else a.to(dtype)
-        ym = kron_matmul(xs.view(n, s.n1, s.n2), a, b.to(dtype), s.a_first)
+        xm = xs[:, s.in_offset : s.in_offset + s.n1 * s.n2].view(n, s.n1, s.n2)
+        ym = kron_matmul(xm, a, b.to(dtype), s.a_first)
         out[:, s.out_offset : s.out_offset + s.m1 * s.m2].add_(ym.view(n, -1))
     if direct:
         return
@@ -135,10 +136,14 @@ class _GatherPlan:
     """
 
     gathered: torch.Tensor  # (n, packed width)
-    # per entry: n1, n2, A view (n, m1, n1) or None, B^T view (n, n2, m2), a_first, output
-    # view (n, m1, m2), whether it is the first entry into that output
-    entries: list[tuple[int, int, torch.Tensor | None, torch.Tensor, bool, torch.Tensor, bool]]
+    # per entry: input columns, (n1, n2), A view (n, m1, n1) or None, B^T view (n, n2, m2),
+    # a_first, output view (n, m1, m2), whether it overwrites its output (the first entry into
+    # a slice it covers whole) rather than accumulating
+    entries: list[
+        tuple[slice, tuple[int, int], torch.Tensor | None, torch.Tensor, bool, torch.Tensor, bool]
+    ]
     outs: list[tuple[int, int, torch.Tensor]]  # (offset, width, (n, width) buffer) per slice
+    zero_first: list[torch.Tensor]  # slice buffers whose first entry covers only part of them
 
 
 def _scratch(
@@ -172,6 +177,7 @@ def _gather_plan(bank: MokaBank, slot: int, n: int) -> _GatherPlan:
     gathered_rows, out_rows = _scratch(cpu, bank.slice_widths, n, cached)
     gathered = gathered_rows[:n]
     outs: dict[int, torch.Tensor] = {}
+    zero_first = []
     entries = []
     pos = 0
     for s in bank.entries[slot]:
@@ -184,12 +190,19 @@ def _gather_plan(bank: MokaBank, slot: int, n: int) -> _GatherPlan:
         first = s.slice not in outs
         if first:
             outs[s.slice] = out_rows[s.slice][:n]
-        dst = outs[s.slice].view(n, s.m1, s.m2)
-        entries.append((s.n1, s.n2, a, bt, s.a_first, dst, first))
+        # Sharded entries (tensor parallelism) cover part of their slice.
+        start = s.out_offset - bank.slice_offsets[s.slice]
+        whole = start == 0 and s.m1 * s.m2 == bank.slice_widths[s.slice]
+        if first and not whole:
+            zero_first.append(outs[s.slice])
+        dst = outs[s.slice][:, start : start + s.m1 * s.m2].view(n, s.m1, s.m2)
+        cols = slice(s.in_offset, s.in_offset + s.n1 * s.n2)
+        entries.append((cols, (s.n1, s.n2), a, bt, s.a_first, dst, first and whole))
     plan = _GatherPlan(
         gathered,
         entries,
         [(bank.slice_offsets[i], b.shape[1], b) for i, b in outs.items()],
+        zero_first,
     )
     if cached:
         cpu.plans[key] = plan
@@ -223,15 +236,17 @@ def _apply_gathered(
     n = xs.shape[0]
     plan = _gather_plan(bank, groups[0][0], n)
     torch.index_select(bank.cpu.packed, 0, tok_slots, out=plan.gathered)
-    for n1, n2, a, bt, a_first, dst, first in plan.entries:
-        xm = xs.view(n, n1, n2)
+    for out in plan.zero_first:
+        out.zero_()
+    for cols, n12, a, bt, a_first, dst, overwrite in plan.entries:
+        xm = xs[:, cols].view(n, *n12)
         if a is None:
             p, q = xm, bt
         elif a_first:
             p, q = torch.bmm(a, xm), bt
         else:
             p, q = a, torch.bmm(xm, bt)
-        if first:
+        if overwrite:
             torch.bmm(p, q, out=dst)
         else:
             dst.baddbmm_(p, q)

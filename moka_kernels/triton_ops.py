@@ -190,16 +190,17 @@ def _moka_kernel(
             ident = tl.load(row + 4)
             a_first = tl.load(row + 5)
             off = tl.load(row + 6)
+            x_col = tl.load(row + 8)  # the entry's first input column
             a_base = a_ptr + slot * stride_as + e * stride_ae
             b_base = b_ptr + slot * stride_bs + e * stride_be
             if a_first != 0:
                 _apply_a_first(
-                    x_ptr + tok_c * stride_xt, tc_mask, y_ptr + tok_r * stride_yt, tr_mask,
+                    x_ptr + tok_c * stride_xt + x_col, tc_mask, y_ptr + tok_r * stride_yt, tr_mask,
                     a_base, b_base, m1, n1, m2, n2, off, BLOCK_T, BLOCK_1, BLOCK_2, CAST_F32,
                 )  # fmt: skip
             else:
                 _apply_b_first(
-                    x_ptr + tok_r * stride_xt, tr_mask, y_ptr + tok_c * stride_yt, tc_mask,
+                    x_ptr + tok_r * stride_xt + x_col, tr_mask, y_ptr + tok_c * stride_yt, tc_mask,
                     a_base, b_base, m1, n1, m2, n2, ident, off,
                     BLOCK_T, BLOCK_1, BLOCK_2, CAST_F32,
                 )  # fmt: skip
@@ -335,4 +336,4 @@ def moka_apply_triton(
     )
 
 
-assert NUM_FIELDS == 8  # the kernel reads table fields 0..7 by position
+assert NUM_FIELDS == 9  # the kernel reads table fields 0..8 by position

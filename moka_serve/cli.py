@@ -135,11 +135,10 @@ def build_command(
 ) -> tuple[list[str], dict[str, str]]:
     """The server command line and environment for parsed ``args`` and pass-through ``rest``."""
     env = dict(os.environ if env is None else env)
-    tp = _option_value(rest, "--tensor-parallel-size", "-tp")
-    if tp is not None and tp.isdigit() and int(tp) > 1:
+    if _has_option(rest, "--fully-sharded-loras"):
         raise SystemExit(
-            f"moka-serve: tensor parallelism is not supported (got tensor parallel size {tp}): "
-            "MoKA layers do not shard yet; run on one device."
+            "moka-serve: --fully-sharded-loras is not supported with MoKA adapters (MoKA "
+            "shards each adapter exactly per rank instead; see docs/serving.md)"
         )
     base = args.base if args.base else str(_default_base())
     adapters = Path(args.adapters) if args.adapters else None
@@ -170,10 +169,56 @@ def build_command(
             cmd += ["--lora-modules", *(f"{n}={p}" for n, p in folders.items())]
         env["MOKA_ADAPTER_DIR"] = str(adapters.resolve())
         env.setdefault("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True")
-    if not _cuda_available() and not _has_option(rest, "--gpu-memory-utilization"):
-        # vLLM's CPU default (0.92 of the NUMA node) fails on small machines.
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_CPU_KVCACHE_GIB)
+    if not _cuda_available():
+        if not _has_option(rest, "--gpu-memory-utilization"):
+            # vLLM's CPU default (0.92 of the NUMA node) fails on small machines.
+            env.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_CPU_KVCACHE_GIB)
+        ranks = _parallel_size(rest, "--tensor-parallel-size", "-tp") * _parallel_size(
+            rest, "--pipeline-parallel-size", "-pp"
+        )
+        if ranks > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in env:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_thread_binding(ranks, _allowed_cores())
     return cmd + rest, env
+
+
+def _parallel_size(rest: list[str], *names: str) -> int:
+    value = _option_value(rest, *names)
+    if value is None:
+        return 1
+    if not value.isdigit() or int(value) < 1:
+        raise SystemExit(f"moka-serve: {names[0]} {value!r} is not a positive integer")
+    return int(value)
+
+
+def _allowed_cores() -> list[int]:
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+
+
+def cpu_thread_binding(ranks: int, cores: list[int]) -> str:
+    """``VLLM_CPU_OMP_THREADS_BIND`` giving each of ``ranks`` CPU workers its own cores.
+
+    vllm-cpu's automatic binding gives each rank a NUMA node and fails on a one-node machine
+    ("Not enough allowed NUMA nodes"); equal groups of the allowed cores work anywhere
+    (``"0|1"`` on two cores, ``"0-7|8-15"`` on sixteen). Set the variable to override.
+    """
+    if len(cores) < ranks:
+        raise SystemExit(
+            f"moka-serve: {ranks} CPU workers need at least {ranks} cores, {len(cores)} allowed; "
+            "lower --tensor-parallel-size/--pipeline-parallel-size or set "
+            "VLLM_CPU_OMP_THREADS_BIND"
+        )
+    share = len(cores) // ranks
+    groups = []
+    for r in range(ranks):
+        group = cores[r * share : (r + 1) * share]
+        contiguous = group == list(range(group[0], group[-1] + 1))
+        if len(group) == 1:
+            groups.append(str(group[0]))
+        elif contiguous:
+            groups.append(f"{group[0]}-{group[-1]}")
+        else:
+            groups.append(",".join(str(c) for c in group))
+    return "|".join(groups)
 
 
 def _cuda_available() -> bool:
@@ -193,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             "MOKA_ADAPTER_DIR",
             "VLLM_ALLOW_RUNTIME_LORA_UPDATING",
             "VLLM_CPU_KVCACHE_SPACE",
+            "VLLM_CPU_OMP_THREADS_BIND",
         ):
             if key in env:
                 print(f"{key}={env[key]}")

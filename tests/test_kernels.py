@@ -311,10 +311,14 @@ def test_delta_weight_is_sum_of_krons():
 
 def test_bank_rejects_entries_that_do_not_fit():
     bank = MokaBank(2, 2, 32, 64, 48, 40)
-    with pytest.raises(ValueError, match="n1\\*n2"):
-        bank.write_slot(0, [KronEntry(a=torch.ones(5, 5), b=torch.ones(8, 8))])
-    with pytest.raises(ValueError, match="width 40"):
-        bank.write_slot(0, [KronEntry(a=torch.ones(4, 6), b=torch.ones(8, 8))])
+    with pytest.raises(ValueError, match="exceed in_features 48"):
+        bank.write_slot(0, [KronEntry(a=torch.ones(5, 7), b=torch.ones(8, 8))])
+    with pytest.raises(ValueError, match="exceed in_features 48"):  # a sharded term's columns
+        bank.write_slot(0, [KronEntry(a=torch.ones(5, 5), b=torch.ones(8, 8), in_offset=9)])
+    with pytest.raises(ValueError, match="exceed width 40"):
+        bank.write_slot(0, [KronEntry(a=torch.ones(2, 16), b=torch.ones(21, 3))])
+    with pytest.raises(ValueError, match="exceed width 40"):
+        bank.write_slot(0, [KronEntry(a=torch.ones(4, 6), b=torch.ones(8, 8), out_offset=9)])
     with pytest.raises(ValueError, match="limit of 2"):
         bank.write_slot(0, [KronEntry(a=torch.ones(5, 6), b=torch.ones(8, 8))] * 3)
     with pytest.raises(ValueError, match="buffer holds"):

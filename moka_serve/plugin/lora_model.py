@@ -5,12 +5,15 @@ vLLM's loader (``LRUCacheWorkerLoRAManager._load_adapter``) runs when an adapter
 exception raised there becomes an error response and the engine keeps serving. An exception in
 ``activate_adapter`` or in the forward pass kills the engine core. So every check happens here:
 format, shapes against the base's real layer dims, finiteness after folding, and the preallocated
-bank limits of every layer the adapter touches. Activation then only copies tensors.
+bank limits of every layer the adapter touches. Under tensor parallelism each rank's worker
+loads the adapter and keeps its own exact part of every term (``moka_kernels.sharding``).
+Activation then only copies tensors.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -19,7 +22,7 @@ from vllm.lora.lora_model import LoRAModel
 from moka_kernels import KronEntry
 from moka_serve.adapter_format import CONFIG_NAME, PEFT_TYPE, load_adapter, read_config_json
 
-from .layers import MokaLayerMixin
+from .layers import MokaLayerMixin, bank_limits
 
 SUPPORTED_PEFT_TYPES = ("MOKA", "LORA")
 
@@ -62,24 +65,52 @@ class MokaLoRAModel(LoRAModel):
         return MokaLoRAModel(lora_model_id, dict(self.moka_entries))
 
 
-def moka_targets(manager) -> dict[str, tuple[str, int, int, int]]:
+def moka_targets(manager) -> dict[str, tuple[str | None, int, int, int]]:
     """Adapter module path -> (vLLM module name, slice, out_features, in_features).
 
     Adapter paths are the checkpoint's (Hugging Face) names; vLLM packs some of them into one
-    layer (``q_proj``/``k_proj``/``v_proj`` -> ``qkv_proj`` slices 0..2).
+    layer (``q_proj``/``k_proj``/``v_proj`` -> ``qkv_proj`` slices 0..2). Dims are the full
+    layer's, whatever the tensor-parallel rank holds: adapters are written for the full model.
+    Under pipeline parallelism the decoder layers of other stages are targets too, with module
+    name None (nothing to write here), so every stage checks the whole adapter alike: a check
+    failing on one stage only would leave the others waiting for it forever.
     """
-    out: dict[str, tuple[str, int, int, int]] = {}
+    out: dict[str, tuple[str | None, int, int, int]] = {}
     for name, module in manager.modules.items():
         if not isinstance(module, MokaLayerMixin):
             continue
-        widths = module.moka_bank.slice_widths
-        in_features = module.moka_bank.in_features
+        widths = module.moka_shard.slice_widths
+        in_features = module.moka_shard.in_features
         packed = manager.packed_modules.get(name)
         if packed and len(packed) == len(widths):
             for i, sub in enumerate(packed):
                 out[sub] = (name, i, widths[i], in_features)
         else:
             out[name] = (name, 0, sum(widths), in_features)
+    return out | _other_stage_targets(manager.model, out)
+
+
+_LAYER_PATH = re.compile(r"^(?P<stack>.+\.)(?P<index>\d+)\.(?P<rest>.+)$")
+
+
+def _other_stage_targets(model, present: dict) -> dict[str, tuple[None, int, int, int]]:
+    """Targets in decoder layers another pipeline stage holds (``PPMissingLayer`` here),
+    shaped like the same module of a layer this stage holds."""
+    from vllm.model_executor.models.utils import PPMissingLayer
+
+    by_stack: dict[str, dict[str, tuple[int, int, int]]] = {}
+    for path, (_, slice_idx, out_f, in_f) in present.items():
+        m = _LAYER_PATH.match(path)
+        if m:
+            by_stack.setdefault(m["stack"], {})[m["rest"]] = (slice_idx, out_f, in_f)
+    out: dict[str, tuple[None, int, int, int]] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, PPMissingLayer):
+            continue
+        stack, _, index = name.rpartition(".")
+        for rest, dims in by_stack.get(stack + ".", {}).items():
+            if index.isdigit():
+                out[f"{name}.{rest}"] = (None, *dims)
     return out
 
 
@@ -92,38 +123,55 @@ def load_moka_model(manager, lora_request, path: str) -> MokaLoRAModel:
         base_dims.setdefault(sub.rsplit(".", 1)[-1], (out_f, in_f))
     adapter = load_adapter(path, base_dims=base_dims)
 
-    dtype = None
+    # Every check below covers the whole adapter, on every rank and stage alike: a check that
+    # failed on one worker only would leave the others waiting for it (tensor and pipeline
+    # parallelism). Writing then touches this worker's layers only.
+    max_components, max_numel = bank_limits()
+    dtype = manager.lora_config.lora_dtype
+    folded_modules = adapter.fold(dtype=torch.float64)
+    if not folded_modules:
+        raise ValueError(f"{where}: the adapter has no modules")
     by_layer: dict[str, list[KronEntry]] = {}
-    for module_path, folded in adapter.fold(dtype=torch.float64).items():
+    for module_path, folded in folded_modules.items():
         if module_path not in targets:
             raise ValueError(
                 f"{where}: module {module_path!r} does not exist in this base model (or is not "
                 "a linear layer vLLM can adapt)"
             )
         layer_name, slice_idx, _, _ = targets[module_path]
-        layer = manager.modules[layer_name]
-        if len(folded.B) > layer.moka_max_components:
+        if len(folded.B) > max_components:
             raise ValueError(
                 f"{where}: module {module_path!r}: {len(folded.B)} components exceed the limit "
-                f"of {layer.moka_max_components} per module (MOKA_MAX_COMPONENTS)"
+                f"of {max_components} per module (MOKA_MAX_COMPONENTS)"
             )
-        dtype = layer.moka_bank.dtype
+        terms = []
         for e in folded.kron_entries(slice=slice_idx):
             a = None if e.a is None else e.a.to(dtype)
             b = e.b.to(dtype)
-            for t in (a, b):
-                if t is not None and not bool(torch.isfinite(t).all()):
+            for name, t in (("A", a), ("B", b)):
+                if t is None:
+                    continue
+                if t.numel() > max_numel:
+                    raise ValueError(
+                        f"{where}: module {module_path!r}: {name} has {t.numel()} elements, "
+                        f"the bank's buffer holds {max_numel} (MOKA_MAX_FACTOR_NUMEL)"
+                    )
+                if not bool(torch.isfinite(t).all()):
                     raise ValueError(
                         f"{where}: module {module_path!r}: folded factors overflow {dtype}"
                     )
-            by_layer.setdefault(layer_name, []).append(KronEntry(b=b, a=a, slice=slice_idx))
-    if not by_layer:
-        raise ValueError(f"{where}: the adapter has no modules")
+            terms.append(KronEntry(b=b, a=a, slice=slice_idx))
+        if layer_name is None:  # held by another pipeline stage, which writes it
+            continue
+        layer = manager.modules[layer_name]
+        for term in terms:
+            # This tensor-parallel rank's part of the term (the term itself at TP=1).
+            by_layer.setdefault(layer_name, []).extend(layer.moka_shard.shard(term))
     for layer_name, entries in by_layer.items():
         bank = manager.modules[layer_name].moka_bank
         try:
             bank.check_entries(entries)
-        except ValueError as e:
+        except ValueError as e:  # the checks above make this a bug, not a user error
             raise ValueError(
                 f"{where}: layer {layer_name!r}: {e} (bank limits: MOKA_MAX_COMPONENTS, "
                 "MOKA_MAX_FACTOR_NUMEL)"

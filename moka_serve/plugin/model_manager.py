@@ -23,12 +23,6 @@ class MokaLRUCacheLoRAModelManager(LRUCacheLoRAModelManager):
         vllm_config = kwargs.get("vllm_config")
         if vllm_config is None:
             raise RuntimeError("moka-serve: the LoRA model manager was built without vllm_config")
-        tp = vllm_config.parallel_config.tensor_parallel_size
-        if tp > 1:
-            raise RuntimeError(
-                "moka-serve: tensor parallelism is not supported for MoKA adapters "
-                f"(tensor_parallel_size={tp}); run with tensor_parallel_size=1"
-            )
         from vllm import envs
 
         if envs.VLLM_LORA_ENABLE_DUAL_STREAM:
