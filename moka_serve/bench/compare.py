@@ -94,12 +94,17 @@ def adapter_params(method: str, dims: dict, layers: int, targets: list[str], sha
     return layers * sum(rank * (dims[t][0] + dims[t][1]) for t in targets)
 
 
-def slot_reservation_bytes(dims: dict, layers: int, max_rank: int, elt: int) -> dict[str, int]:
-    """Bytes the engine keeps per adapter slot in every adapted layer, per method.
+def slot_reservation_bytes(
+    dims: dict, layers: int, max_rank: int, elt: int, tp: int = 1
+) -> dict[str, int]:
+    """Bytes one rank keeps per adapter slot in every adapted layer, per method.
 
     vLLM wraps qkv_proj (3 slices), o_proj, gate_up_proj (2 slices) and down_proj whatever the
     adapters target, with ``max_lora_rank`` buffers; the plugin adds a MoKA bank to each
     (``components x slices`` entries of A and B, each capped at ``MOKA_MAX_FACTOR_NUMEL``).
+    At ``tp > 1`` a rank holds 1/tp of LoRA B (column-parallel) or A (row-parallel), and its
+    bank up to 3 entries per component (``moka_kernels.sharding``); replicated KV heads are
+    counted as split.
     """
     from moka_serve.plugin.layers import bank_limits
 
@@ -114,8 +119,12 @@ def slot_reservation_bytes(dims: dict, layers: int, max_rank: int, elt: int) -> 
     for parts in fused.values():
         in_f = dims[parts[0]][1]
         outs = [dims[p][0] for p in parts]
-        lora += max_rank * (len(parts) * in_f + sum(outs))
-        moka += comps * len(parts) * 2 * min(cap_numel, max(outs) * in_f)
+        row_parallel = parts[0] in ("o_proj", "down_proj")
+        a_in = in_f // tp if row_parallel else in_f
+        b_out = sum(outs) if row_parallel else sum(outs) // tp
+        lora += max_rank * (len(parts) * a_in + b_out)
+        pieces = 3 if tp > 1 else 1
+        moka += comps * pieces * len(parts) * 2 * min(cap_numel, max(outs) * in_f)
     return {"lora": layers * lora * elt, "moka": layers * moka * elt}
 
 
@@ -319,7 +328,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
         "rows": rows,
         "cold_loads": cold_loads,
         "memory_per_adapter": memory,
-        "slot_reservation_bytes": slot_reservation_bytes(dims, layers, 16, elt),
+        "slot_reservation_bytes": slot_reservation_bytes(
+            dims, layers, 16, elt, args.tensor_parallel_size
+        ),
         "runs": [
             {"method": m, "n": n, "popularity": p, "summaries": summaries[(m, n, p)]}
             for m, n, p in runs
@@ -407,7 +418,7 @@ def compare_markdown(report: dict) -> str:
             f"{r['output_tok_s']:.1f} |"
         )
     lines += ["", "| method | params/adapter | bytes/adapter | cold load ms (median) | "
-              "slot reservation (all methods share it) |", "|---|---|---|---|---|"]  # fmt: skip
+              "slot reservation per rank (all methods share it) |", "|---|---|---|---|---|"]  # fmt: skip
     res = report["slot_reservation_bytes"]
     for m, mem in report["memory_per_adapter"].items():
         cold = report["cold_loads"].get(m, {}).get("cold_load_ms_median")
