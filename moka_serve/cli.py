@@ -90,35 +90,6 @@ def adapter_folders(root: Path) -> dict[str, Path]:
     return found
 
 
-def precheck_adapter(folder: Path) -> str | None:
-    """Why ``folder`` cannot be served, or None.
-
-    vLLM aborts start-up if any ``--lora-modules`` entry fails to load, so folders that are
-    broken on their own (bad config, corrupt or missing weights) are left out with a warning;
-    they can still be requested later and then get a clean error.
-    """
-    from moka_serve.adapter_format import load_adapter, read_config_json
-
-    try:
-        cfg = read_config_json(folder / "adapter_config.json")
-    except ValueError as e:
-        return str(e)
-    peft_type = cfg.get("peft_type")
-    if peft_type == "MOKA":
-        try:
-            load_adapter(folder)
-        except ValueError as e:
-            return str(e)
-        return None
-    if peft_type == "LORA":
-        if not any(
-            (folder / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")
-        ):
-            return "LoRA folder without adapter_model.safetensors"
-        return None
-    return f"unsupported peft_type {peft_type!r}"
-
-
 def _default_base() -> Path:
     from moka_trainer.models import materialize_default_base
 
@@ -158,9 +129,14 @@ def build_command(
     if adapters is not None:
         if not adapters.is_dir():
             raise SystemExit(f"moka-serve: --adapters {adapters} is not a folder")
+        from moka_serve.adapter_check import DEFAULT_MAX_LORA_RANK, base_shape, folder_problem
+
         folders = {}
+        base_info = base_shape(base)
+        max_rank = _option_value(rest, "--max-lora-rank")
+        max_rank = int(max_rank) if max_rank and max_rank.isdigit() else DEFAULT_MAX_LORA_RANK
         for name, path in adapter_folders(adapters).items():
-            problem = precheck_adapter(path)
+            problem = folder_problem(path, base_info, max_rank)
             if problem is None:
                 folders[name] = path
             else:

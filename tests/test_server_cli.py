@@ -8,6 +8,18 @@ import sys
 import pytest
 
 from moka_serve import cli
+from moka_serve.bench.random_adapters import random_moka as _random_moka
+from moka_serve.bench.random_adapters import write_moka, write_random_lora
+
+TINY_DIMS = {
+    "q_proj": (256, 256), "k_proj": (128, 256), "v_proj": (128, 256), "o_proj": (256, 256),
+    "gate_proj": (512, 256), "up_proj": (512, 256), "down_proj": (256, 512),
+}  # fmt: skip
+TINY_LAYERS = 4
+
+
+def random_moka(components, *, seed, dims=TINY_DIMS, layers=TINY_LAYERS):
+    return _random_moka(components, seed=seed, dims=dims, layers=layers)
 
 
 def _cmd(argv, env=None):
@@ -16,6 +28,10 @@ def _cmd(argv, env=None):
 
 
 def _write(folder, peft_type="LORA"):
+    """A real LoRA folder (tiny Llama dims), or a config-only folder of another peft_type."""
+    if peft_type == "LORA":
+        write_random_lora(folder, ["q_proj"], seed=1, dims=TINY_DIMS, layers=TINY_LAYERS)
+        return
     folder.mkdir(parents=True)
     (folder / "adapter_config.json").write_text(json.dumps({"peft_type": peft_type}))
     (folder / "adapter_model.safetensors").write_bytes(b"")
@@ -60,6 +76,56 @@ def test_broken_adapter_folder_is_left_out(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "not serving adapter 'bad-moka'" in err
     assert "unsupported peft_type 'LOKR'" in err
+
+
+def test_precheck_uses_the_base_dims_limits_and_lora_rank(tmp_path, capsys):
+    """One bad folder never stops start-up: folders the engine would refuse for this base are
+    left out with one line each (they used to abort vLLM's start on ``--lora-modules``)."""
+    from safetensors.torch import load_file, save_file
+
+    from moka_trainer.models import tiny_llama_dir
+
+    base = tiny_llama_dir()
+    ad = tmp_path / "ad"
+    write_moka(ad / "moka-ok", random_moka({"q_proj": [[16, 16, 16, 16]]}, seed=1))
+    _write(ad / "lora-ok")
+    other = {**TINY_DIMS, "q_proj": (320, 320)}
+    write_moka(ad / "moka-other-base", random_moka({"q_proj": [[16, 20, 20, 16]]}, seed=2,
+                                                   dims=other, layers=TINY_LAYERS))  # fmt: skip
+    write_moka(ad / "moka-6-layers", random_moka({"q_proj": [[16, 16, 16, 16]]}, seed=3, layers=6))
+    write_moka(ad / "moka-5-components", random_moka({"q_proj": [[16, 16, 16, 16]] * 5}, seed=4))
+    write_moka(ad / "moka-big-factor", random_moka({"q_proj": [[128, 128, 2, 2]]}, seed=5))
+    write_random_lora(ad / "lora-other-base", ["q_proj"], seed=6, dims=other, layers=TINY_LAYERS)
+    write_random_lora(ad / "lora-r32", ["q_proj"], seed=7, r=32, alpha=32, dims=TINY_DIMS,
+                      layers=TINY_LAYERS)  # fmt: skip
+    _write(ad / "lora-truncated")
+    f = ad / "lora-truncated" / "adapter_model.safetensors"
+    f.write_bytes(f.read_bytes()[:200])
+    _write(ad / "lora-nan")
+    f = ad / "lora-nan" / "adapter_model.safetensors"
+    t = load_file(str(f))
+    next(iter(t.values()))[0, 0] = float("nan")
+    save_file(t, str(f))
+    cmd, _ = _cmd(["--base", str(base), "--adapters", str(ad), "--max-lora-rank", "16"])
+    mods = cmd[cmd.index("--lora-modules") + 1 : cmd.index("--lora-modules") + 3]
+    assert [m.split("=")[0] for m in mods] == ["lora-ok", "moka-ok"]
+    err = capsys.readouterr().err
+    for name, reason in {
+        "moka-other-base": "q_proj",
+        "moka-6-layers": "does not exist in this base model (4 layers)",
+        "moka-5-components": "5 components exceed the limit of 4",
+        "moka-big-factor": "buffer holds 4096",
+        "lora-other-base": "an adapter for another model",
+        "lora-r32": "greater than max_lora_rank 16",
+        "lora-truncated": "unreadable",
+        "lora-nan": "non-finite",
+    }.items():
+        line = next((x for x in err.splitlines() if f"adapter {name!r}" in x), "")
+        assert reason in line, (name, err)
+    assert len(err.strip().splitlines()) == 8
+    # with --max-lora-rank 32 the rank-32 LoRA is served
+    cmd, _ = _cmd(["--base", str(base), "--adapters", str(ad), "--max-lora-rank", "32"])
+    assert any(m.startswith("lora-r32=") for m in cmd)
 
 
 def test_tensor_parallel_binds_one_core_group_per_cpu_rank(monkeypatch):

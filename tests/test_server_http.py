@@ -59,6 +59,10 @@ def setup(tmp_path_factory):
     d = random_moka({"down_proj": [[16, 32, 16, 16]]}, seed=25)
     write_moka(extra / "moka-resolved", d)
     deltas["moka-resolved"] = moka_deltas(d)
+    # Written for another base (320-wide q_proj): left out at start-up (it used to abort it).
+    other = {"q_proj": (320, 320)}
+    write_moka(served / "moka-other-base", random_moka({"q_proj": [[16, 20, 20, 16]]}, seed=26,
+                                                       dims=other))  # fmt: skip
     return {"root": root, "base": base, "served": served, "extra": extra, "deltas": deltas}
 
 
@@ -153,6 +157,9 @@ def test_models_lists_static_adapters(server, setup):
     with urllib.request.urlopen(server["url"] + "/v1/models") as r:
         ids = {m["id"] for m in json.load(r)["data"]}
     assert {str(setup["base"]), "moka-qv", "mokas-o", "lora-qv"} <= ids
+    assert "moka-other-base" not in ids
+    log = server["log"].read_text()
+    assert "not serving adapter 'moka-other-base'" in log
 
 
 def test_concurrent_mixed_requests_match_reference(server, setup, reference, prompts):
@@ -278,6 +285,18 @@ def test_bad_and_unknown_adapters_get_errors(server, setup, reference, prompts):
                 await _complete(client, "nested", prompts[0], False)  # was 500
             with pytest.raises(openai.BadRequestError, match="truncated"):
                 await _complete(client, "bad-resolved", prompts[0], True)
+            with pytest.raises(openai.BadRequestError, match="q_proj"):
+                await _complete(client, "moka-other-base", prompts[0], False)
+            # A retry of the same unchanged folder is answered without the engine.
+            with pytest.raises(openai.BadRequestError, match="truncated"):
+                await _complete(client, "bad-resolved", prompts[0], False)
+            assert server["log"].read_text().count("Failed to load LoRA 'bad-resolved'") == 1
+            # Once the folder is fixed, the same name loads.
+            shutil.rmtree(served / "bad-resolved")
+            shutil.copytree(setup["extra"] / "moka-resolved", served / "bad-resolved")
+            fixed = await _complete(client, "bad-resolved", prompts[1], False)
+            want = _expected(reference, setup, _cache, "moka-resolved", prompts[1])
+            assert fixed == want
             return await _complete(client, "moka-qv", prompts[0], False)
         finally:
             await client.close()

@@ -262,10 +262,23 @@ def _bad(workdir: Path, adapters, case: str) -> tuple[Path, str]:
     if case == "lora-rank-too-large":
         write_random_lora(folder, ["q_proj"], seed=13, r=32, alpha=32)
         return folder, "max_lora_rank"
+    if case == "lora-nan":
+        shutil.copytree(adapters["lora-qvdown"][0], folder)
+        t = load_file(str(folder / "adapter_model.safetensors"))
+        key = next(k for k in sorted(t) if "lora_B" in k)
+        t[key][1, 0] = float("inf")
+        save_file(t, str(folder / "adapter_model.safetensors"))
+        return folder, "lora_B has non-finite values"
+    if case == "lora-wrong-shapes":  # written for a 320-wide base: used to kill the engine
+        dims = {"q_proj": (320, 320), "v_proj": (64, 320)}
+        write_random_lora(folder, ["q_proj", "v_proj"], seed=14, dims=dims)
+        return folder, "do not fit this base's 256x256 layer"
     raise AssertionError(case)
 
 
 BAD_CASES = [
+    "lora-nan",
+    "lora-wrong-shapes",
     "wrong-shapes",
     "nan",
     "truncated",

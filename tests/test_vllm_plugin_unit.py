@@ -112,7 +112,7 @@ def test_adapter_configs_read_by_one_reader_with_reasons(tmp_path):
 
 
 def test_bank_limits_from_env(monkeypatch):
-    from moka_serve.plugin.layers import bank_limits
+    from moka_serve.limits import bank_limits
 
     monkeypatch.setenv("MOKA_MAX_COMPONENTS", "7")
     monkeypatch.setenv("MOKA_MAX_FACTOR_NUMEL", "100")

@@ -106,7 +106,7 @@ def slot_reservation_bytes(
     bank up to 3 entries per component (``moka_kernels.sharding``); replicated KV heads are
     counted as split.
     """
-    from moka_serve.plugin.layers import bank_limits
+    from moka_serve.limits import bank_limits
 
     comps, cap_numel = bank_limits()
     fused = {

@@ -1,11 +1,15 @@
-"""API-server side: adapter validation errors answered with 400, not vLLM's 500.
+"""API-server side: adapter validation errors answered with 400 and their reason.
 
 ``OpenAIServingModels.load_lora_adapter`` turns any failure of ``engine_client.add_lora`` into
 ``500 InternalServerError``. The exception crosses the engine-core process boundary as text, so
 the worker's loader marks validation failures with :data:`worker_manager.INVALID_ADAPTER` and this
-wrapper re-labels those responses as ``400 BadRequestError`` with the same message. For the
-resolver path vLLM answers 400 "found but could not be loaded" without the reason; the wrapper
-adds the format-level reason for folders of ``MOKA_ADAPTER_DIR``.
+wrapper re-labels those responses as ``400 BadRequestError`` with the same message.
+
+For the resolver path vLLM answers 400 "found but could not be loaded" and only logs the
+engine's reason; the wrapper records the reason as ``add_lora`` raises it and adds it to the
+answer (no second load). A folder that failed is remembered with the size and modification time
+of its files, so a retry of the same unchanged folder is answered at once, without the engine;
+any change to the folder makes it load again.
 """
 
 from __future__ import annotations
@@ -13,12 +17,17 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+from collections import OrderedDict
 from http import HTTPStatus
 from pathlib import Path
 
 from moka_serve.adapter_dir import adapter_folder
 
 from .worker_manager import INVALID_ADAPTER
+
+# Folders that failed to load through the resolver: folder -> (signature, answer).
+MAX_REMEMBERED_FAILURES = 1024
+_FAILED: OrderedDict[str, tuple[tuple, str]] = OrderedDict()
 
 
 def _bad_request(message: str):
@@ -29,20 +38,42 @@ def _bad_request(message: str):
     )
 
 
-def _format_problem(folder: Path) -> str | None:
-    """Why a folder is not a loadable adapter, checked without the engine (None if it is)."""
-    from moka_serve.adapter_format import load_adapter
+def folder_signature(folder: Path) -> tuple:
+    """Names, sizes and modification times of a folder's top-level files (cheap: no reads)."""
+    entries = []
+    with os.scandir(folder) as it:
+        for e in it:
+            if e.is_file():
+                st = e.stat()
+                entries.append((e.name, st.st_size, st.st_mtime_ns))
+    return tuple(sorted(entries))
 
-    from .lora_model import check_peft_type, read_peft_type
 
-    try:
-        peft_type = read_peft_type(folder)
-        check_peft_type(peft_type, str(folder))
-        if peft_type == "MOKA":
-            load_adapter(folder)
-    except ValueError as e:
-        return str(e)
-    return None
+def _remember(folder: str, signature: tuple, answer: str) -> None:
+    _FAILED[folder] = (signature, answer)
+    _FAILED.move_to_end(folder)
+    while len(_FAILED) > MAX_REMEMBERED_FAILURES:
+        _FAILED.popitem(last=False)
+
+
+def _record_add_lora_errors(serving) -> dict[str, str]:
+    """Wrap this server's ``engine_client.add_lora`` once: the last failure per adapter name."""
+    errors = getattr(serving, "_moka_add_lora_errors", None)
+    if errors is not None:
+        return errors
+    errors = serving._moka_add_lora_errors = {}
+    original = serving.engine_client.add_lora
+
+    @functools.wraps(original)
+    async def add_lora(lora_request, *args, **kwargs):
+        try:
+            return await original(lora_request, *args, **kwargs)
+        except BaseException as e:
+            errors[lora_request.lora_name] = str(e)
+            raise
+
+    serving.engine_client.add_lora = add_lora
+    return errors
 
 
 def install() -> None:
@@ -69,18 +100,32 @@ def install() -> None:
 
     @functools.wraps(original_resolve)
     async def resolve_lora(self, lora_name):
-        result = await original_resolve(self, lora_name)
         root = os.environ.get("MOKA_ADAPTER_DIR", "").strip()
+        folder = adapter_folder(Path(root).resolve(), lora_name) if root else None
+        signature = None
+        if folder is not None:
+            try:  # off the event loop: a slow disk must not stall other streams
+                signature = await asyncio.to_thread(folder_signature, folder)
+            except OSError:
+                signature = None
+            remembered = _FAILED.get(str(folder))
+            if remembered is not None and signature is not None and remembered[0] == signature:
+                return _bad_request(remembered[1])
+        errors = _record_add_lora_errors(self)
+        errors.pop(lora_name, None)
+        result = await original_resolve(self, lora_name)
+        reason = errors.pop(lora_name, None)
         if (
             isinstance(result, ErrorResponse)
             and result.error.code == HTTPStatus.BAD_REQUEST
-            and root
+            and folder is not None
         ):
-            folder = adapter_folder(Path(root).resolve(), lora_name)
-            # Off the event loop: reading a large adapter must not stall other streams.
-            problem = None if folder is None else await asyncio.to_thread(_format_problem, folder)
-            if problem:
-                return _bad_request(f"{result.error.message} {INVALID_ADAPTER}: {problem}")
+            answer = result.error.message
+            if reason:  # from the marker on: the engine's wrapping adds nothing for a user
+                answer += " " + reason[max(reason.find(INVALID_ADAPTER), 0) :]
+            if signature is not None:
+                _remember(str(folder), signature, answer)
+            return _bad_request(answer)
         return result
 
     load_lora_adapter.__moka__ = True  # type: ignore[attr-defined]

@@ -10,7 +10,8 @@ host-side state is read inside it, eagerly (``docs/serving.md``, "Compiled forwa
 slot -1 (no adapter) are never touched. The embedding LoRA layer runs its LoRA part in the same
 op, and the lm_head LoRA is skipped on CPU when no present slot holds lm_head weights.
 
-Bank sizes are engine-start options read from the environment when the layers are built:
+Bank sizes are engine-start options read from the environment (``moka_serve.limits``) when the
+layers are built:
 
 * ``MOKA_MAX_COMPONENTS`` (default 4): Kronecker components per adapted module (per output
   slice of a fused layer: q, k and v of ``qkv_proj`` each get this many).
@@ -21,8 +22,6 @@ An adapter over these limits is rejected when it is loaded, never at activation 
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import torch.nn.functional as F
@@ -42,32 +41,9 @@ from vllm.utils.torch_utils import direct_register_custom_op
 from moka_kernels import KronEntry, MokaBank
 from moka_kernels.sharding import LayerShard, Run
 from moka_kernels.torch_ops import moka_apply_torch
+from moka_serve.limits import bank_limits
 
 from .kernel_metadata import MokaKernelMeta
-
-DEFAULT_MAX_COMPONENTS = 4
-DEFAULT_MAX_FACTOR_NUMEL = 4096
-
-
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not an integer") from None
-    if value < 1:
-        raise ValueError(f"{name}={value} must be positive")
-    return value
-
-
-def bank_limits() -> tuple[int, int]:
-    """``(max components per module slice, max factor numel)`` from the environment."""
-    return (
-        _env_int("MOKA_MAX_COMPONENTS", DEFAULT_MAX_COMPONENTS),
-        _env_int("MOKA_MAX_FACTOR_NUMEL", DEFAULT_MAX_FACTOR_NUMEL),
-    )
 
 
 class AdapterLayerMixin:

@@ -21,8 +21,9 @@ from vllm.lora.lora_model import LoRAModel
 
 from moka_kernels import KronEntry
 from moka_serve.adapter_format import CONFIG_NAME, PEFT_TYPE, load_adapter, read_config_json
+from moka_serve.limits import bank_limits
 
-from .layers import MokaLayerMixin, bank_limits
+from .layers import MokaLayerMixin
 
 SUPPORTED_PEFT_TYPES = ("MOKA", "LORA")
 
@@ -177,6 +178,30 @@ def load_moka_model(manager, lora_request, path: str) -> MokaLoRAModel:
                 "MOKA_MAX_FACTOR_NUMEL)"
             ) from None
     return MokaLoRAModel(lora_request.lora_int_id, by_layer)
+
+
+def check_lora_model(manager, lora: LoRAModel, where: str) -> None:
+    """What vLLM's LoRA loader leaves unchecked, checked before the adapter can reach a slot.
+
+    vLLM checks the rank and the module names; a LoRA with NaN weights was served (empty text,
+    unserialisable logprobs), and one written for another base's dims failed only when copied
+    into a slot, inside the engine step, killing the engine. Shapes are checked against the
+    full layer (every rank alike, see ``load_moka_model``).
+    """
+    targets = moka_targets(manager)
+    for module, weights in lora.loras.items():
+        a, b = weights.lora_a, weights.lora_b
+        for name, t in (("lora_A", a), ("lora_B", b)):
+            if t is not None and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{where}: {module!r}: {name} has non-finite values (NaN or Inf)")
+        if module not in targets or a is None or b is None or a.dim() != 2 or b.dim() != 2:
+            continue  # embeddings, lm_head: vLLM's own rules
+        _, _, out_f, in_f = targets[module]
+        if a.shape[1] != in_f or b.shape[0] != out_f or a.shape[0] != b.shape[1]:
+            raise ValueError(
+                f"{where}: {module!r}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not "
+                f"fit this base's {out_f}x{in_f} layer (an adapter for another model?)"
+            )
 
 
 def check_peft_type(peft_type: str | None, path: str) -> None:

@@ -2,7 +2,8 @@
 
 :func:`load_adapter_with_moka` replaces ``LRUCacheWorkerLoRAManager._load_adapter``: it reads
 ``adapter_config.json``'s ``peft_type`` before vLLM's ``PEFTHelper`` and routes MOKA to
-:func:`~moka_serve.plugin.lora_model.load_moka_model`; :func:`install` also points
+:func:`~moka_serve.plugin.lora_model.load_moka_model` and checks what vLLM's own loader makes of
+a LoRA folder (:func:`~moka_serve.plugin.lora_model.check_lora_model`); :func:`install` also points
 ``_manager_cls`` at :class:`~moka_serve.plugin.model_manager.MokaLRUCacheLoRAModelManager`.
 """
 
@@ -15,7 +16,7 @@ import msgspec
 from vllm.exceptions import LoRAAdapterNotFoundError
 from vllm.lora.utils import get_adapter_absolute_path
 
-from .lora_model import check_peft_type, load_moka_model, read_peft_type
+from .lora_model import check_lora_model, check_peft_type, load_moka_model, read_peft_type
 from .model_manager import MokaLRUCacheLoRAModelManager
 from .snapshots import SNAPSHOTS
 
@@ -67,10 +68,14 @@ def _load_folder(self, lora_request):
     path = lora_request.lora_path
     peft_type = read_peft_type(path)
     if peft_type is None:
-        return _ORIGINAL_LOAD_ADAPTER(self, lora_request)
+        lora = _ORIGINAL_LOAD_ADAPTER(self, lora_request)
+        check_lora_model(self._adapter_manager, lora, f"LoRA adapter {lora_request.lora_name!r}")
+        return lora
     check_peft_type(peft_type, path)
     if peft_type != "MOKA":
-        return _ORIGINAL_LOAD_ADAPTER(self, lora_request)
+        lora = _ORIGINAL_LOAD_ADAPTER(self, lora_request)
+        check_lora_model(self._adapter_manager, lora, f"LoRA adapter {lora_request.lora_name!r}")
+        return lora
     return load_moka_model(self._adapter_manager, lora_request, path)
 
 

@@ -1,0 +1,121 @@
+"""Start-up precheck of an adapter folder against the base it will be served on (no vLLM).
+
+vLLM aborts start-up when one ``--lora-modules`` entry fails to load, so ``moka-serve`` leaves
+out, with one warning line each, the folders the engine would refuse: a broken format, module
+shapes of another base, layers the base does not have, MoKA components or factors over the bank
+limits (``moka_serve.limits``), a LoRA rank over ``--max-lora-rank``, non-finite values. These
+are the rules the plugin's loader applies in the engine (``plugin/lora_model.py``); a folder left
+out can still be requested later and then gets the engine's own error.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from moka_serve.adapter_format import load_adapter, read_config_json
+from moka_serve.limits import bank_limits
+
+Dims = Mapping[str, tuple[int, int]]
+_LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<kind>A|B)\.weight$")
+DEFAULT_MAX_LORA_RANK = 16  # vLLM's default for --max-lora-rank
+
+
+def base_shape(base: str | Path) -> tuple[dict[str, tuple[int, int]], int] | None:
+    """Projection dims and layer count of a local Llama-style base, or None if unknown."""
+    from moka_serve.bench.random_adapters import llama_dims
+
+    try:
+        return llama_dims(base)
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+
+
+def folder_problem(
+    folder: Path,
+    base: tuple[Dims, int] | None = None,
+    max_lora_rank: int = DEFAULT_MAX_LORA_RANK,
+) -> str | None:
+    """Why ``folder`` cannot be served on ``base`` (``(dims, layers)``), or None."""
+    try:
+        cfg = read_config_json(folder / "adapter_config.json")
+        peft_type = cfg.get("peft_type")
+        if peft_type == "MOKA":
+            return _moka_problem(folder, base)
+        if peft_type == "LORA":
+            return _lora_problem(folder, cfg, base, max_lora_rank)
+        return f"unsupported peft_type {peft_type!r}"
+    except ValueError as e:
+        return str(e)
+
+
+def _layer_problem(module: str, layers: int) -> str | None:
+    m = _LAYER_INDEX.search(module)
+    if m and int(m.group(1)) >= layers:
+        return f"module {module!r} does not exist in this base model ({layers} layers)"
+    return None
+
+
+def _moka_problem(folder: Path, base: tuple[Dims, int] | None) -> str | None:
+    adapter = load_adapter(folder, base_dims=None if base is None else base[0])
+    max_components, max_numel = bank_limits()
+    for module, w in adapter.modules.items():
+        if base is not None and (problem := _layer_problem(module, base[1])):
+            return problem
+        if len(w.B) > max_components:
+            return (
+                f"module {module!r}: {len(w.B)} components exceed the limit of {max_components} "
+                "per module (MOKA_MAX_COMPONENTS)"
+            )
+        for t in (*w.A, *w.B):
+            if t is not None and t.numel() > max_numel:
+                return (
+                    f"module {module!r}: a factor has {t.numel()} elements, the bank's buffer "
+                    f"holds {max_numel} (MOKA_MAX_FACTOR_NUMEL)"
+                )
+    return None
+
+
+def _lora_problem(
+    folder: Path, cfg: dict, base: tuple[Dims, int] | None, max_lora_rank: int
+) -> str | None:
+    ranks = [cfg.get("r", 8), *dict(cfg.get("rank_pattern") or {}).values()]
+    if any(not isinstance(r, int) or isinstance(r, bool) or r < 1 for r in ranks):
+        return f"LoRA rank {ranks} is not a positive integer"
+    if max(ranks) > max_lora_rank:
+        return f"LoRA rank {max(ranks)} is greater than max_lora_rank {max_lora_rank}"
+    file = folder / "adapter_model.safetensors"
+    if not file.is_file():
+        if (folder / "adapter_model.bin").is_file():
+            return None  # pickled weights: only vLLM reads them
+        return "LoRA folder without adapter_model.safetensors"
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(file))
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        return f"{file.name} is unreadable (truncated or corrupt): {e}"
+    for key, t in tensors.items():
+        m = _LORA_KEY.match(key)
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return f"tensor {key!r} has non-finite values (NaN or Inf)"
+        if m is None or base is None or t.dim() != 2:
+            continue
+        module = m["module"]
+        if problem := _layer_problem(module, base[1]):
+            return problem
+        dims = base[0].get(module.rsplit(".", 1)[-1])
+        if dims is None:
+            continue
+        out_f, in_f = dims
+        width, want = (t.shape[1], in_f) if m["kind"] == "A" else (t.shape[0], out_f)
+        if width != want:
+            return (
+                f"tensor {key!r} has shape {tuple(t.shape)}, this base's layer is "
+                f"{out_f}x{in_f} (an adapter for another model?)"
+            )
+    return None
