@@ -52,3 +52,15 @@ def stays_inside(root: Path, folder: Path) -> bool:
     """Whether ``folder`` and the adapter files in it resolve to paths under ``root``."""
     paths = [folder] + [folder / f for f in ("adapter_config.json", "adapter_model.safetensors")]
     return all(p.resolve().is_relative_to(root) for p in paths)
+
+
+def folder_signature(folder: Path) -> tuple:
+    """Names, sizes and modification times of a folder's top-level files (no file is read):
+    what caches of per-folder verdicts are keyed by, so any change to the folder invalidates."""
+    entries = []
+    with os.scandir(folder) as it:
+        for e in it:
+            if e.is_file():
+                st = e.stat()
+                entries.append((e.name, st.st_size, st.st_mtime_ns))
+    return tuple(sorted(entries))

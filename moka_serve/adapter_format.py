@@ -576,6 +576,17 @@ def read_adapter_config(path: str | os.PathLike) -> MokaConfig:
         raise ValueError(f"{_where(path)}: {CONFIG_NAME}: {e}") from None
 
 
+def read_tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of an adapter folder's weights, from the checked header only."""
+    file = Path(path) / WEIGHTS_NAME
+    if not file.is_file():
+        raise ValueError(f"{_where(path)}: missing {WEIGHTS_NAME}")
+    try:
+        return _read_header(file)
+    except ValueError as e:
+        raise ValueError(f"{_where(path)}: {e}") from None
+
+
 def _read_header(file: Path) -> dict[str, tuple[int, ...]]:
     """Parse and check a safetensors header without reading the data.
 

@@ -325,6 +325,25 @@ def test_adapter_inventory(server, setup):
     assert any(a["location"].startswith("slot ") for a in items.values())
     with urllib.request.urlopen(server["url"] + "/v1/moka/adapters/lora-qv") as r:
         assert json.load(r)["name"] == "lora-qv"
+    # Folders of the served directory by the resolver's rule; broken ones listed with a reason.
+    assert "link-out" not in items
+    assert "nested too deeply" in items["nested"]["error"]
+    assert items["lokr"]["kind"] == "LOKR" and "unsupported" in items["lokr"]["error"]
+    # A folder rewritten on disk is described anew (the cache follows the files).
+    changing = setup["served"] / "moka-changing"
+    write_moka(changing, random_moka({"up_proj": [[16, 16, 32, 16]]}, seed=27))
+    with urllib.request.urlopen(server["url"] + "/v1/moka/adapters/moka-changing") as r:
+        assert json.load(r)["targets"]["up_proj"]["components"] == [[16, 16, 32, 16]]
+    shutil.rmtree(changing)
+    write_moka(changing, random_moka({"up_proj": [[8, 16, 64, 16], [32, 16, 16, 16]]}, seed=28))
+    with urllib.request.urlopen(server["url"] + "/v1/moka/adapters/moka-changing") as r:
+        got = json.load(r)
+    assert got["targets"]["up_proj"]["components"] == [[8, 16, 64, 16], [32, 16, 16, 16]]
+    assert got["trainable_parameters"] == 4 * (8 * 16 + 64 * 16 + 32 * 16 + 16 * 16 + 2)
+    weights = changing / "adapter_model.safetensors"  # the weights alone change: caught too
+    weights.write_bytes(weights.read_bytes()[:-8])
+    with urllib.request.urlopen(server["url"] + "/v1/moka/adapters/moka-changing") as r:
+        assert "truncated" in json.load(r)["error"]
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(server["url"] + "/v1/moka/adapters/nope")
     assert err.value.code == 404

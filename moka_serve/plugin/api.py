@@ -21,7 +21,7 @@ from collections import OrderedDict
 from http import HTTPStatus
 from pathlib import Path
 
-from moka_serve.adapter_dir import adapter_folder
+from moka_serve.adapter_dir import adapter_folder, folder_signature
 
 from .worker_manager import INVALID_ADAPTER
 
@@ -36,17 +36,6 @@ def _bad_request(message: str):
     return create_error_response(
         message=message, err_type="BadRequestError", status_code=HTTPStatus.BAD_REQUEST
     )
-
-
-def folder_signature(folder: Path) -> tuple:
-    """Names, sizes and modification times of a folder's top-level files (cheap: no reads)."""
-    entries = []
-    with os.scandir(folder) as it:
-        for e in it:
-            if e.is_file():
-                st = e.stat()
-                entries.append((e.name, st.st_size, st.st_mtime_ns))
-    return tuple(sorted(entries))
 
 
 def _remember(folder: str, signature: tuple, answer: str) -> None:

@@ -10,10 +10,17 @@ The router is added to vLLM's FastAPI app by wrapping ``attach_endpoint_plugins`
 point, which vLLM loads only when it is named in ``VLLM_PLUGINS`` (an allow-list that would also
 filter the general plugins). Where an adapter lives is asked from the worker with
 ``collective_rpc("moka_adapter_state")``, a method this plugin adds to vLLM's ``WorkerBase``.
+
+Descriptions come from configs and safetensors headers (plus MoKA's tiny gate tensors), never a
+full load; they are computed in a thread, off the API server's event loop, and cached by the
+folder's file names, sizes and modification times, so a listing of a thousand folders neither
+stalls the streams being served nor repeats work for folders that did not change. Folders of
+``MOKA_ADAPTER_DIR`` are listed by the resolver's rule (``adapter_dir.adapter_folder``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 from typing import Any
@@ -23,9 +30,12 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from moka_serve.adapter_dir import adapter_folder, folder_signature
 from moka_serve.adapter_format import read_config_json
 
-_DESCRIPTIONS: dict[tuple[str, float], dict[str, Any]] = {}
+# (folder, folder_signature) -> description; insertion order, oldest dropped first.
+MAX_DESCRIPTIONS = 4096
+_DESCRIPTIONS: dict[tuple[str, tuple], dict[str, Any]] = {}
 
 
 def worker_adapter_state(self) -> dict[str, list]:
@@ -39,28 +49,42 @@ def worker_adapter_state(self) -> dict[str, list]:
 
 
 def _describe_moka(folder: Path) -> dict[str, Any]:
+    """From the config and the weights' header, plus the (tiny) gate tensors: no full load."""
+    import math
+
     import torch
+    from safetensors import safe_open
 
-    from moka_serve.adapter_format import load_adapter
+    from moka_serve.adapter_format import (
+        PEFT_PREFIX,
+        WEIGHTS_NAME,
+        read_adapter_config,
+        read_tensor_shapes,
+    )
 
-    adapter = load_adapter(folder)
-    cfg = adapter.config
-    gates: dict[str, list[float]] = {}
-    for target in cfg.targets:
-        probs = [
-            torch.softmax(w.gate.double(), 0)
-            for p, w in adapter.modules.items()
-            if w.gate is not None and cfg.target_for(p) == target
-        ]
-        if probs:  # mean over the layers, per component
-            gates[target] = [round(float(v), 6) for v in torch.stack(probs).mean(0)]
+    cfg = read_adapter_config(folder)
+    shapes = read_tensor_shapes(folder)
+    modules = {k[len(PEFT_PREFIX) :].split(".moka_")[0] for k in shapes}
+    gate_keys = sorted(k for k in shapes if k.endswith(".moka_gate"))
+    probs: dict[str, list[torch.Tensor]] = {}
+    if gate_keys:
+        with safe_open(str(folder / WEIGHTS_NAME), "pt") as f:
+            for key in gate_keys:
+                target = cfg.target_for(key[len(PEFT_PREFIX) : -len(".moka_gate")])
+                if target is not None:
+                    probs.setdefault(target, []).append(
+                        torch.softmax(f.get_tensor(key).double(), 0)
+                    )
+    gates = {  # mean over the layers, per component
+        t: [round(float(v), 6) for v in torch.stack(p).mean(0)] for t, p in probs.items()
+    }
     return {
         "kind": "MOKA",
         "base_model": cfg.base_model_name_or_path,
         "variant": cfg.variant,
         "targets": cfg.to_dict()["targets"],
-        "modules": len(adapter.modules),
-        "trainable_parameters": adapter.num_parameters(),
+        "modules": len(modules),
+        "trainable_parameters": sum(math.prod(shape) for shape in shapes.values()),
         "gating": cfg.gating,
         "scaling": cfg.scaling,
         "gates": gates,
@@ -90,16 +114,16 @@ def _describe_lora(folder: Path, cfg: dict) -> dict[str, Any]:
 
 
 def describe_adapter(path: str | os.PathLike) -> dict[str, Any]:
-    """Static description of an adapter folder (cached by config mtime); errors are reported."""
+    """Static description of an adapter folder, cached by the folder's file sizes and times
+    (blocking: the inventory calls it off the event loop); errors are reported, not raised."""
     folder = Path(path)
-    config = folder / "adapter_config.json"
     try:
-        key = (str(folder.resolve()), config.stat().st_mtime)
+        key = (str(folder.resolve()), folder_signature(folder))
     except OSError:
-        return {"kind": None, "error": "adapter_config.json not found"}
+        return {"kind": None, "error": "adapter folder not found"}
     if key not in _DESCRIPTIONS:
         try:
-            cfg = read_config_json(config)
+            cfg = read_config_json(folder / "adapter_config.json")
             kind = cfg.get("peft_type")
             if kind == "MOKA":
                 desc = _describe_moka(folder)
@@ -110,6 +134,8 @@ def describe_adapter(path: str | os.PathLike) -> dict[str, Any]:
         except Exception as e:  # an inventory must list broken adapters, not fail on them
             desc = {"kind": None, "error": str(e)}
         _DESCRIPTIONS[key] = desc
+        while len(_DESCRIPTIONS) > MAX_DESCRIPTIONS:
+            _DESCRIPTIONS.pop(next(iter(_DESCRIPTIONS)))
     return dict(_DESCRIPTIONS[key])
 
 
@@ -131,26 +157,37 @@ async def inventory(app_state) -> dict[str, dict[str, Any]]:
             state = (await engine.collective_rpc("moka_adapter_state"))[0]
         except Exception:  # the inventory stays available if the engine cannot answer
             pass
+    known = {name: (req.lora_path, req.lora_int_id) for name, req in models.lora_requests.items()}
+    root = os.environ.get("MOKA_ADAPTER_DIR", "").strip()
+    # Off the event loop: reading a thousand headers must not stall the streams being served.
+    return await asyncio.to_thread(_describe_all, known, root, state)
+
+
+def _describe_all(
+    known: dict[str, tuple[str, int]], root: str, state: dict[str, list]
+) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
-    for name, req in sorted(models.lora_requests.items()):
+    for name, (path, lora_id) in sorted(known.items()):
         out[name] = {
             "name": name,
-            "path": req.lora_path,
-            "id": req.lora_int_id,
-            "location": _location(req.lora_int_id, state),
-            **describe_adapter(req.lora_path),
+            "path": path,
+            "id": lora_id,
+            "location": _location(lora_id, state),
+            **describe_adapter(path),
         }
-    root = os.environ.get("MOKA_ADAPTER_DIR", "").strip()
     if root and os.path.isdir(root):
-        for d in sorted(Path(root).iterdir()):
-            if d.name in out or not (d / "adapter_config.json").is_file():
+        resolved = Path(root).resolve()
+        for name in sorted(os.listdir(resolved)):
+            # The resolver's rule: names, symlinks out of the folder (adapter_dir.py).
+            folder = None if name in out else adapter_folder(resolved, name)
+            if folder is None:
                 continue
-            out[d.name] = {
-                "name": d.name,
-                "path": str(d),
+            out[name] = {
+                "name": name,
+                "path": str(folder),
                 "id": None,
                 "location": "disk",
-                **describe_adapter(d),
+                **describe_adapter(folder),
             }
     return out
 
