@@ -412,6 +412,7 @@ def _index_tensors(config: MokaConfig, shapes: Mapping[str, tuple[int, ...]]) ->
     Returns module path -> {slot: stored name}.
     """
     modules: dict[str, dict[str, str]] = {}
+    expected_by_target: dict[str, dict[str, tuple[int, ...]]] = {}
     for key in sorted(shapes):
         name = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
         m = _KEY_RE.match(name)
@@ -428,7 +429,9 @@ def _index_tensors(config: MokaConfig, shapes: Mapping[str, tuple[int, ...]]) ->
                 f"target_modules {config.target_modules}"
             )
         slot = "gate" if m["kind"] is None else f"{m['kind']}.{m['index']}"
-        expected = _expected_shapes(config, target)
+        expected = expected_by_target.get(target)
+        if expected is None:
+            expected = expected_by_target[target] = _expected_shapes(config, target)
         if slot not in expected:
             if slot == "gate":
                 why = "a gate tensor is present but gating is false"
@@ -456,28 +459,47 @@ def _index_tensors(config: MokaConfig, shapes: Mapping[str, tuple[int, ...]]) ->
     return modules
 
 
+def first_non_finite(named: Mapping[str, torch.Tensor]) -> str | None:
+    """Name of the first tensor holding NaN or Inf, or None; one pass over all the values
+    (a per-tensor check costs more in calls than in arithmetic for thousands of small tensors)."""
+    by_dtype: dict[torch.dtype, list[str]] = {}
+    for key, t in named.items():
+        by_dtype.setdefault(t.dtype, []).append(key)
+    for keys in by_dtype.values():
+        flat = torch.cat([named[k].reshape(-1) for k in keys])
+        if not bool(torch.isfinite(flat).all()):
+            return next(k for k in keys if not bool(torch.isfinite(named[k]).all()))
+    return None
+
+
 def adapter_from_tensors(
-    config: MokaConfig, tensors: Mapping[str, torch.Tensor], *, where: str = "MoKA adapter"
+    config: MokaConfig,
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    where: str = "MoKA adapter",
+    index: dict | None = None,
 ) -> MokaAdapter:
     """Build a validated adapter from named tensors (with or without the PEFT prefix).
 
     ``load_adapter`` and ``MokaAdapter.validate`` both come through here, so in-memory and
-    on-disk adapters obey the same rules.
+    on-disk adapters obey the same rules. ``index`` is ``_index_tensors``' result for these
+    tensors' shapes when the caller has it already (``load_adapter`` checks the header first).
     """
     try:
         config.validate()
         for key, t in tensors.items():
             if not isinstance(t, torch.Tensor):
                 raise ValueError(f"tensor {key!r} is a {type(t).__name__}, not a torch.Tensor")
-        index = _index_tensors(config, {k: tuple(t.shape) for k, t in tensors.items()})
-        for key, t in tensors.items():
             if t.dtype not in ALLOWED_DTYPES:
                 raise ValueError(
                     f"tensor {key!r} has dtype {t.dtype}; allowed dtypes are "
                     f"{[str(d) for d in ALLOWED_DTYPES]}"
                 )
-            if not bool(torch.isfinite(t).all()):
-                raise ValueError(f"tensor {key!r} has non-finite values (NaN or Inf)")
+        if index is None:
+            index = _index_tensors(config, {k: tuple(t.shape) for k, t in tensors.items()})
+        bad = first_non_finite(tensors)
+        if bad is not None:
+            raise ValueError(f"tensor {bad!r} has non-finite values (NaN or Inf)")
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
     modules = {}
@@ -680,13 +702,16 @@ def load_adapter(
     if not file.is_file():
         raise ValueError(f"{where}: missing {WEIGHTS_NAME}")
     try:
-        _index_tensors(config, _read_header(file))  # reject bad files before reading data
+        shapes = _read_header(file)
+        index = _index_tensors(config, shapes)  # reject bad files before reading data
         tensors = load_file(file)
+        if {k: tuple(t.shape) for k, t in tensors.items()} != shapes:
+            raise ValueError(f"{WEIGHTS_NAME} changed while it was read")
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
     except Exception as e:  # safetensors/OS errors: report as a corrupt file
         raise ValueError(f"{where}: cannot read {WEIGHTS_NAME} (corrupt file?): {e}") from None
-    adapter = adapter_from_tensors(config, tensors, where=where)
+    adapter = adapter_from_tensors(config, tensors, where=where, index=index)
     if dtype is not None:
         for w in adapter.modules.values():
             w.A = [None if a is None else a.to(dtype) for a in w.A]

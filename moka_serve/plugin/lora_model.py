@@ -20,7 +20,13 @@ import torch
 from vllm.lora.lora_model import LoRAModel
 
 from moka_kernels import KronEntry
-from moka_serve.adapter_format import CONFIG_NAME, PEFT_TYPE, load_adapter, read_config_json
+from moka_serve.adapter_format import (
+    CONFIG_NAME,
+    PEFT_TYPE,
+    first_non_finite,
+    load_adapter,
+    read_config_json,
+)
 from moka_serve.limits import bank_limits
 
 from .layers import MokaLayerMixin
@@ -133,6 +139,8 @@ def load_moka_model(manager, lora_request, path: str) -> MokaLoRAModel:
     if not folded_modules:
         raise ValueError(f"{where}: the adapter has no modules")
     by_layer: dict[str, list[KronEntry]] = {}
+    factors: dict[str, torch.Tensor] = {}
+    terms: list[tuple[str | None, KronEntry]] = []
     for module_path, folded in folded_modules.items():
         if module_path not in targets:
             raise ValueError(
@@ -145,29 +153,27 @@ def load_moka_model(manager, lora_request, path: str) -> MokaLoRAModel:
                 f"{where}: module {module_path!r}: {len(folded.B)} components exceed the limit "
                 f"of {max_components} per module (MOKA_MAX_COMPONENTS)"
             )
-        terms = []
-        for e in folded.kron_entries(slice=slice_idx):
+        for i, e in enumerate(folded.kron_entries(slice=slice_idx)):
             a = None if e.a is None else e.a.to(dtype)
             b = e.b.to(dtype)
             for name, t in (("A", a), ("B", b)):
-                if t is None:
-                    continue
-                if t.numel() > max_numel:
+                if t is not None and t.numel() > max_numel:
                     raise ValueError(
                         f"{where}: module {module_path!r}: {name} has {t.numel()} elements, "
                         f"the bank's buffer holds {max_numel} (MOKA_MAX_FACTOR_NUMEL)"
                     )
-                if not bool(torch.isfinite(t).all()):
-                    raise ValueError(
-                        f"{where}: module {module_path!r}: folded factors overflow {dtype}"
-                    )
-            terms.append(KronEntry(b=b, a=a, slice=slice_idx))
+                if t is not None:
+                    factors[f"{module_path!r} (component {i}, {name})"] = t
+            terms.append((layer_name, KronEntry(b=b, a=a, slice=slice_idx)))
+    bad = first_non_finite(factors)
+    if bad is not None:
+        raise ValueError(f"{where}: module {bad}: folded factors overflow {dtype}")
+    for layer_name, term in terms:
         if layer_name is None:  # held by another pipeline stage, which writes it
             continue
+        # This tensor-parallel rank's part of the term (the term itself at TP=1).
         layer = manager.modules[layer_name]
-        for term in terms:
-            # This tensor-parallel rank's part of the term (the term itself at TP=1).
-            by_layer.setdefault(layer_name, []).extend(layer.moka_shard.shard(term))
+        by_layer.setdefault(layer_name, []).extend(layer.moka_shard.shard(term))
     for layer_name, entries in by_layer.items():
         bank = manager.modules[layer_name].moka_bank
         try:
@@ -188,12 +194,18 @@ def check_lora_model(manager, lora: LoRAModel, where: str) -> None:
     into a slot, inside the engine step, killing the engine. Shapes are checked against the
     full layer (every rank alike, see ``load_moka_model``).
     """
+    named = {
+        f"{module!r}: {name}": t
+        for module, w in lora.loras.items()
+        for name, t in (("lora_A", w.lora_a), ("lora_B", w.lora_b))
+        if isinstance(t, torch.Tensor)
+    }
+    bad = first_non_finite(named)
+    if bad is not None:
+        raise ValueError(f"{where}: {bad} has non-finite values (NaN or Inf)")
     targets = moka_targets(manager)
     for module, weights in lora.loras.items():
         a, b = weights.lora_a, weights.lora_b
-        for name, t in (("lora_A", a), ("lora_B", b)):
-            if t is not None and not bool(torch.isfinite(t).all()):
-                raise ValueError(f"{where}: {module!r}: {name} has non-finite values (NaN or Inf)")
         if module not in targets or a is None or b is None or a.dim() != 2 or b.dim() != 2:
             continue  # embeddings, lm_head: vLLM's own rules
         _, _, out_f, in_f = targets[module]
