@@ -259,6 +259,12 @@ def test_bad_and_unknown_adapters_get_errors(server, setup, reference, prompts):
     assert err.value.code == 400
     message = err.value.read().decode()
     assert "Invalid adapter 'bad-moka'" in message and "truncated" in message, message
+    # The same request for the same unchanged folder is answered without the engine.
+    seen = server["log"].read_text().count("Invalid adapter 'bad-moka'")
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req)
+    assert err.value.code == 400 and err.value.read().decode() == message
+    assert server["log"].read_text().count("Invalid adapter 'bad-moka'") == seen
     # A broken folder in the served directory: the resolver finds it, the load fails with 400.
     served = setup["served"]
     shutil.copytree(bad, served / "bad-resolved")

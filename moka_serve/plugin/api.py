@@ -7,9 +7,10 @@ wrapper re-labels those responses as ``400 BadRequestError`` with the same messa
 
 For the resolver path vLLM answers 400 "found but could not be loaded" and only logs the
 engine's reason; the wrapper records the reason as ``add_lora`` raises it and adds it to the
-answer (no second load). A folder that failed is remembered with the size and modification time
-of its files, so a retry of the same unchanged folder is answered at once, without the engine;
-any change to the folder makes it load again.
+answer (no second load). On both routes an adapter that failed validation is remembered, by name
+and folder, with the names, sizes and modification times of the folder's files: a retry of the
+same unchanged folder is answered at once, without the engine; any change to the folder makes it
+load again.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ from moka_serve.adapter_dir import adapter_folder, folder_signature
 
 from .worker_manager import INVALID_ADAPTER
 
-# Folders that failed to load through the resolver: folder -> (signature, answer).
+# Adapters that failed validation: (name, folder) -> (folder_signature, answer).
 MAX_REMEMBERED_FAILURES = 1024
-_FAILED: OrderedDict[str, tuple[tuple, str]] = OrderedDict()
+_FAILED: OrderedDict[tuple[str, str], tuple[tuple, str]] = OrderedDict()
 
 
 def _bad_request(message: str):
@@ -38,9 +39,27 @@ def _bad_request(message: str):
     )
 
 
-def _remember(folder: str, signature: tuple, answer: str) -> None:
-    _FAILED[folder] = (signature, answer)
-    _FAILED.move_to_end(folder)
+async def _signature(folder: str | Path | None) -> tuple | None:
+    """``folder_signature`` off the event loop (a slow disk must not stall other streams)."""
+    if folder is None:
+        return None
+    try:
+        return await asyncio.to_thread(folder_signature, Path(folder))
+    except (OSError, ValueError):
+        return None
+
+
+def _remembered(key: tuple[str, str], signature: tuple | None) -> str | None:
+    """The answer given when this (name, folder) last failed, if the folder is unchanged."""
+    hit = _FAILED.get(key)
+    return hit[1] if hit is not None and signature is not None and hit[0] == signature else None
+
+
+def _remember(key: tuple[str, str], signature: tuple | None, answer: str) -> None:
+    if signature is None:
+        return
+    _FAILED[key] = (signature, answer)
+    _FAILED.move_to_end(key)
     while len(_FAILED) > MAX_REMEMBERED_FAILURES:
         _FAILED.popitem(last=False)
 
@@ -76,12 +95,18 @@ def install() -> None:
 
     @functools.wraps(original_load)
     async def load_lora_adapter(self, request, base_model_name=None):
+        path = getattr(request, "lora_path", None)
+        key = (str(getattr(request, "lora_name", "")), str(path))
+        signature = await _signature(path) if path else None
+        if (answer := _remembered(key, signature)) is not None:
+            return _bad_request(answer)
         result = await original_load(self, request, base_model_name)
         if (
             isinstance(result, ErrorResponse)
             and result.error.code == HTTPStatus.INTERNAL_SERVER_ERROR
             and INVALID_ADAPTER in result.error.message
         ):
+            _remember(key, signature, result.error.message)
             return _bad_request(result.error.message)
         return result
 
@@ -91,15 +116,10 @@ def install() -> None:
     async def resolve_lora(self, lora_name):
         root = os.environ.get("MOKA_ADAPTER_DIR", "").strip()
         folder = adapter_folder(Path(root).resolve(), lora_name) if root else None
-        signature = None
-        if folder is not None:
-            try:  # off the event loop: a slow disk must not stall other streams
-                signature = await asyncio.to_thread(folder_signature, folder)
-            except OSError:
-                signature = None
-            remembered = _FAILED.get(str(folder))
-            if remembered is not None and signature is not None and remembered[0] == signature:
-                return _bad_request(remembered[1])
+        key = (lora_name, str(folder))
+        signature = await _signature(folder)
+        if folder is not None and (answer := _remembered(key, signature)) is not None:
+            return _bad_request(answer)
         errors = _record_add_lora_errors(self)
         errors.pop(lora_name, None)
         result = await original_resolve(self, lora_name)
@@ -112,8 +132,7 @@ def install() -> None:
             answer = result.error.message
             if reason:  # from the marker on: the engine's wrapping adds nothing for a user
                 answer += " " + reason[max(reason.find(INVALID_ADAPTER), 0) :]
-            if signature is not None:
-                _remember(str(folder), signature, answer)
+            _remember(key, signature, answer)
             return _bad_request(answer)
         return result
 
