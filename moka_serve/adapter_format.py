@@ -16,12 +16,13 @@ import json
 import math
 import os
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from moka_kernels import KronEntry
 
@@ -610,26 +611,80 @@ def read_tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
 
 
 def _read_header(file: Path) -> dict[str, tuple[int, ...]]:
-    """Parse and check a safetensors header without reading the data.
+    """Parse and check a safetensors header without reading the data: name -> shape.
 
     Checks the file size limit, that the dtypes are allowed, that each tensor's byte range
     matches its shape and dtype, and that the ranges tile the data exactly up to the end of the
-    file (so truncated or padded files are caught here). Returns name -> shape.
+    file (so truncated or padded files are caught here).
     """
     size = file.stat().st_size
     if size > MAX_ADAPTER_BYTES:
         raise ValueError(f"{WEIGHTS_NAME} is {size} bytes, over the {MAX_ADAPTER_BYTES} limit")
     with open(file, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ValueError(f"{WEIGHTS_NAME} is {size} bytes: truncated or not safetensors")
-        n = int.from_bytes(head, "little")
-        if n > min(size - 8, _MAX_HEADER_BYTES):
-            raise ValueError(
-                f"{WEIGHTS_NAME} header length {n} does not fit the {size}-byte file: "
-                "truncated or not safetensors"
-            )
-        raw = f.read(n)
+        entries, _ = _parse_header(f.read, size)
+    return {name: shape for name, (_, shape, _) in entries.items()}
+
+
+def _read_tensors(file: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, torch.Tensor]]:
+    """Read the whole file once, check its header, and return (shapes, tensors).
+
+    The tensors are views of the one buffer read (``safetensors.load_file`` builds each of a
+    MoKA file's thousands of small tensors separately, the larger part of a cold load), and the
+    header is parsed from that same buffer, so a file re-saved while it is read cannot give
+    data that disagrees with the header checked.
+    """
+    size = file.stat().st_size
+    if size > MAX_ADAPTER_BYTES:
+        raise ValueError(f"{WEIGHTS_NAME} is {size} bytes, over the {MAX_ADAPTER_BYTES} limit")
+    data = bytearray(size)
+    with open(file, "rb") as f:
+        got = f.readinto(data)
+    if got != size:
+        raise ValueError(f"{WEIGHTS_NAME} changed size while it was read")
+    view = memoryview(data)
+    pos = 0
+
+    def read(n: int) -> bytes:
+        nonlocal pos
+        chunk = view[pos : pos + n].tobytes()
+        pos += len(chunk)
+        return chunk
+
+    entries, header_len = _parse_header(read, size)
+    shapes = {name: shape for name, (_, shape, _) in entries.items()}
+    if sys.byteorder != "little":  # safetensors stores little-endian: let it convert
+        from safetensors.torch import load
+
+        return shapes, load(bytes(data))
+    tensors = {}
+    for name, (tag, shape, begin) in entries.items():
+        dtype, itemsize = _ST_DTYPES[tag]
+        numel = math.prod(shape)
+        offset = 8 + header_len + begin
+        if numel == 0:
+            t = torch.empty(shape, dtype=dtype)
+        elif offset % itemsize:  # misaligned for a view (not written by safetensors): copy
+            raw = bytearray(view[offset : offset + numel * itemsize])
+            t = torch.frombuffer(raw, dtype=dtype).view(shape)
+        else:
+            t = torch.frombuffer(data, dtype=dtype, count=numel, offset=offset).view(shape)
+        tensors[name] = t
+    return shapes, tensors
+
+
+def _parse_header(read, size: int) -> tuple[dict[str, tuple[str, tuple[int, ...], int]], int]:
+    """``(name -> (dtype tag, shape, data begin), header length)`` of a safetensors file of
+    ``size`` bytes whose bytes ``read(n)`` returns in order (see :func:`_read_header`)."""
+    head = read(8)
+    if len(head) < 8:
+        raise ValueError(f"{WEIGHTS_NAME} is {size} bytes: truncated or not safetensors")
+    n = int.from_bytes(head, "little")
+    if n > min(size - 8, _MAX_HEADER_BYTES):
+        raise ValueError(
+            f"{WEIGHTS_NAME} header length {n} does not fit the {size}-byte file: "
+            "truncated or not safetensors"
+        )
+    raw = read(n)
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
@@ -662,7 +717,7 @@ def _read_header(file: Path) -> dict[str, tuple[int, ...]]:
                 f"tensor {name!r}: data_offsets {info['data_offsets']} do not match its "
                 f"shape and dtype ({nbytes} bytes): corrupt file"
             )
-        shapes[name] = tuple(info["shape"])
+        shapes[name] = (info["dtype"], tuple(info["shape"]), begin)
         spans.append((begin, end))
     pos = 0
     for begin, end in sorted(spans):
@@ -674,7 +729,7 @@ def _read_header(file: Path) -> dict[str, tuple[int, ...]]:
             f"{WEIGHTS_NAME} is {size} bytes but its header describes {8 + n + pos}: "
             "truncated or corrupt file"
         )
-    return shapes
+    return shapes, n
 
 
 def load_adapter(
@@ -702,11 +757,8 @@ def load_adapter(
     if not file.is_file():
         raise ValueError(f"{where}: missing {WEIGHTS_NAME}")
     try:
-        shapes = _read_header(file)
-        index = _index_tensors(config, shapes)  # reject bad files before reading data
-        tensors = load_file(file)
-        if {k: tuple(t.shape) for k, t in tensors.items()} != shapes:
-            raise ValueError(f"{WEIGHTS_NAME} changed while it was read")
+        shapes, tensors = _read_tensors(file)
+        index = _index_tensors(config, shapes)
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
     except Exception as e:  # safetensors/OS errors: report as a corrupt file

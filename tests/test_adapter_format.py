@@ -476,14 +476,29 @@ def test_malformed_header_entry(tmp_path):
     expect_error(tmp_path, "header entry .* is malformed")
 
 
-def test_safetensors_error_is_wrapped(tmp_path, monkeypatch):
+def test_read_error_is_wrapped(tmp_path, monkeypatch):
+    """An OS error while the weights are read (e.g. EIO) is a ValueError with the reason."""
     write_adapter(tmp_path)
 
     def boom(*args, **kwargs):
-        raise RuntimeError("simulated safetensors failure")
+        raise OSError(5, "simulated input/output error")
 
-    monkeypatch.setattr(af, "load_file", boom)
+    monkeypatch.setattr(af, "_read_tensors", boom)
     expect_error(tmp_path, "cannot read adapter_model.safetensors.*simulated")
+
+
+def test_tensors_are_read_exactly(tmp_path):
+    """The one-buffer reader gives what safetensors itself reads, every dtype."""
+    from safetensors.torch import load_file
+
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        folder = tmp_path / str(dtype)
+        write_adapter(folder, make_adapter(dtype=dtype))
+        want = load_file(str(folder / af.WEIGHTS_NAME))
+        shapes, got = af._read_tensors(folder / af.WEIGHTS_NAME)
+        assert set(got) == set(want) and shapes == {k: tuple(v.shape) for k, v in want.items()}
+        for k in want:
+            assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
 
 
 def _add(key, shape=(2, 2)):
