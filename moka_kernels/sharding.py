@@ -77,6 +77,17 @@ class LayerShard:
         return cls(int(in_features), widths, tuple(((0, w),) for w in widths), (0, in_features))
 
     def __post_init__(self) -> None:
+        # Adjacent runs are one run (a fused layer at TP=1 holds q, k and v back to back).
+        merged = []
+        for runs in self.rows:
+            out: list[Run] = []
+            for start, length in runs:
+                if out and out[-1][0] + out[-1][1] == start:
+                    out[-1] = (out[-1][0], out[-1][1] + length)
+                else:
+                    out.append((start, length))
+            merged.append(tuple(out))
+        object.__setattr__(self, "rows", tuple(merged))
         if len(self.rows) != len(self.slice_widths):
             raise ValueError("one tuple of row runs per output slice")
         for width, runs in zip(self.slice_widths, self.rows, strict=True):

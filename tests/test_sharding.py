@@ -153,6 +153,11 @@ def test_fused_layer_rows_in_local_order_and_identity_pieces():
         assert torch.allclose(delta_weight(bank, 0), shard_delta(shard, full), atol=1e-12)
 
 
+def test_adjacent_runs_merge_so_an_unsharded_fused_layer_is_whole():
+    shard = LayerShard(24, (48,), (((0, 24), (24, 12), (36, 12)),), (0, 24))
+    assert shard.rows == (((0, 48),),) and shard.is_whole and shard.max_pieces(0) == 1
+
+
 def test_whole_shard_returns_the_term_itself():
     e = KronEntry(b=torch.ones(4, 6), a=torch.ones(12, 12))
     assert LayerShard.unsharded(72, [48]).shard(e) == [e]
