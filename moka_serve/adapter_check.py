@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from moka_serve.adapter_format import load_adapter, read_config_json
+from moka_serve.adapter_format import first_non_finite, load_adapter, read_config_json
 from moka_serve.limits import bank_limits
 
 Dims = Mapping[str, tuple[int, int]]
@@ -60,23 +60,58 @@ def _layer_problem(module: str, layers: int) -> str | None:
     return None
 
 
+def moka_limit_problem(
+    module: str, A: list[torch.Tensor | None], B: list[torch.Tensor]
+) -> str | None:
+    """Why one module of a MoKA adapter exceeds the bank limits (``moka_serve.limits``), or
+    None. The one rule for the start-up precheck and the engine's loader."""
+    max_components, max_numel = bank_limits()
+    if len(B) > max_components:
+        return (
+            f"module {module!r}: {len(B)} components exceed the limit of {max_components} per "
+            "module (MOKA_MAX_COMPONENTS)"
+        )
+    for name, factors in (("A", A), ("B", B)):
+        for t in factors:
+            if t is not None and t.numel() > max_numel:
+                return (
+                    f"module {module!r}: {name} has {t.numel()} elements, the bank's buffer "
+                    f"holds {max_numel} (MOKA_MAX_FACTOR_NUMEL)"
+                )
+    return None
+
+
+def lora_shape_problem(
+    module: str,
+    a_shape: tuple[int, ...] | None,
+    b_shape: tuple[int, ...] | None,
+    out_f: int,
+    in_f: int,
+) -> str | None:
+    """Why a LoRA module's ``lora_A``/``lora_B`` do not fit an ``out_f x in_f`` base layer, or
+    None. The one rule for the start-up precheck and the engine's loader; a factor that is
+    absent or not a matrix is left to vLLM's own rules."""
+    a = a_shape if a_shape is not None and len(a_shape) == 2 else None
+    b = b_shape if b_shape is not None and len(b_shape) == 2 else None
+    if (
+        (a is None or a[1] == in_f)
+        and (b is None or b[0] == out_f)
+        and (a is None or b is None or a[0] == b[1])
+    ):
+        return None
+    return (
+        f"{module!r}: lora_A {tuple(a_shape)} / lora_B {tuple(b_shape)} do not fit this base's "
+        f"{out_f}x{in_f} layer (an adapter for another model?)"
+    )
+
+
 def _moka_problem(folder: Path, base: tuple[Dims, int] | None) -> str | None:
     adapter = load_adapter(folder, base_dims=None if base is None else base[0])
-    max_components, max_numel = bank_limits()
     for module, w in adapter.modules.items():
         if base is not None and (problem := _layer_problem(module, base[1])):
             return problem
-        if len(w.B) > max_components:
-            return (
-                f"module {module!r}: {len(w.B)} components exceed the limit of {max_components} "
-                "per module (MOKA_MAX_COMPONENTS)"
-            )
-        for t in (*w.A, *w.B):
-            if t is not None and t.numel() > max_numel:
-                return (
-                    f"module {module!r}: a factor has {t.numel()} elements, the bank's buffer "
-                    f"holds {max_numel} (MOKA_MAX_FACTOR_NUMEL)"
-                )
+        if problem := moka_limit_problem(module, w.A, w.B):
+            return problem
     return None
 
 
@@ -99,23 +134,21 @@ def _lora_problem(
         tensors = load_file(str(file))
     except Exception as e:  # safetensors raises its own error types for corrupt files
         return f"{file.name} is unreadable (truncated or corrupt): {e}"
+    bad = first_non_finite({k: t for k, t in tensors.items() if t.is_floating_point()})
+    if bad is not None:
+        return f"tensor {bad!r} has non-finite values (NaN or Inf)"
+    if base is None:
+        return None
+    shapes: dict[str, dict[str, tuple[int, ...]]] = {}
     for key, t in tensors.items():
-        m = _LORA_KEY.match(key)
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            return f"tensor {key!r} has non-finite values (NaN or Inf)"
-        if m is None or base is None or t.dim() != 2:
-            continue
-        module = m["module"]
+        if m := _LORA_KEY.match(key):
+            shapes.setdefault(m["module"], {})[m["kind"]] = tuple(t.shape)
+    for module, ab in shapes.items():
         if problem := _layer_problem(module, base[1]):
             return problem
         dims = base[0].get(module.rsplit(".", 1)[-1])
-        if dims is None:
-            continue
-        out_f, in_f = dims
-        width, want = (t.shape[1], in_f) if m["kind"] == "A" else (t.shape[0], out_f)
-        if width != want:
-            return (
-                f"tensor {key!r} has shape {tuple(t.shape)}, this base's layer is "
-                f"{out_f}x{in_f} (an adapter for another model?)"
-            )
+        if dims is not None and (
+            problem := lora_shape_problem(module, ab.get("A"), ab.get("B"), *dims)
+        ):
+            return problem
     return None

@@ -48,6 +48,17 @@ def adapter_folder(root: Path, name: str) -> Path | None:
     return folder
 
 
+def adapter_folders(root: Path) -> dict[str, Path]:
+    """Every folder of ``root`` that :func:`adapter_folder` accepts, by name (sorted)."""
+    root = root.resolve()
+    found = {}
+    for name in sorted(os.listdir(root)):
+        folder = adapter_folder(root, name)
+        if folder is not None:
+            found[name] = folder
+    return found
+
+
 def stays_inside(root: Path, folder: Path) -> bool:
     """Whether ``folder`` and the adapter files in it resolve to paths under ``root``."""
     paths = [folder] + [folder / f for f in ("adapter_config.json", "adapter_model.safetensors")]

@@ -69,19 +69,16 @@ def _option_value(rest: list[str], *names: str) -> str | None:
 def adapter_folders(root: Path) -> dict[str, Path]:
     """Sub-folders of ``root`` that hold an adapter config, by folder name (sorted).
 
-    The same rule as the plugin's resolver (:func:`moka_serve.adapter_dir.adapter_folder`):
-    names are single path components, and symlinks out of ``root`` are left out unless
-    ``MOKA_ALLOW_SYMLINKS=1``.
+    The plugin's rule (:func:`moka_serve.adapter_dir.adapter_folders`, also the resolver's and
+    the inventory's): names are single path components, and symlinks out of ``root`` are left
+    out unless ``MOKA_ALLOW_SYMLINKS=1``, each with one warning line here.
     """
-    from moka_serve.adapter_dir import adapter_folder
+    from moka_serve import adapter_dir
 
     root = root.resolve()
-    found = {}
+    found = adapter_dir.adapter_folders(root)
     for d in sorted(root.iterdir()):
-        folder = adapter_folder(root, d.name)
-        if folder is not None:
-            found[d.name] = folder
-        elif d.is_symlink() and (d / "adapter_config.json").is_file():
+        if d.name not in found and d.is_symlink() and (d / "adapter_config.json").is_file():
             print(
                 f"moka-serve: not serving {d.name!r}: a symlink out of {root} "
                 "(set MOKA_ALLOW_SYMLINKS=1 to allow)",

@@ -6,20 +6,9 @@ import json
 import sys
 
 import pytest
+from vllm_helpers import TINY_DIMS, TINY_LAYERS, random_moka, write_moka, write_random_lora
 
 from moka_serve import cli
-from moka_serve.bench.random_adapters import random_moka as _random_moka
-from moka_serve.bench.random_adapters import write_moka, write_random_lora
-
-TINY_DIMS = {
-    "q_proj": (256, 256), "k_proj": (128, 256), "v_proj": (128, 256), "o_proj": (256, 256),
-    "gate_proj": (512, 256), "up_proj": (512, 256), "down_proj": (256, 512),
-}  # fmt: skip
-TINY_LAYERS = 4
-
-
-def random_moka(components, *, seed, dims=TINY_DIMS, layers=TINY_LAYERS):
-    return _random_moka(components, seed=seed, dims=dims, layers=layers)
 
 
 def _cmd(argv, env=None):

@@ -30,7 +30,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from moka_serve.adapter_dir import adapter_folder, folder_signature
+from moka_serve.adapter_dir import adapter_folders, folder_signature
 from moka_serve.adapter_format import read_config_json
 
 # (folder, folder_signature) -> description; insertion order, oldest dropped first.
@@ -176,11 +176,9 @@ def _describe_all(
             **describe_adapter(path),
         }
     if root and os.path.isdir(root):
-        resolved = Path(root).resolve()
-        for name in sorted(os.listdir(resolved)):
-            # The resolver's rule: names, symlinks out of the folder (adapter_dir.py).
-            folder = None if name in out else adapter_folder(resolved, name)
-            if folder is None:
+        # The resolver's rule: names, symlinks out of the folder (adapter_dir.py).
+        for name, folder in adapter_folders(Path(root)).items():
+            if name in out:
                 continue
             out[name] = {
                 "name": name,

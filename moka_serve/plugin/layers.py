@@ -111,7 +111,7 @@ class MokaLayerMixin(AdapterLayerMixin):
         """
         base = self.base_layer
         full, local, rank = int(base.output_size), int(self.output_size), self.tp_rank
-        if getattr(self, "is_merged_col_linear", False) and self.tp_size > 1:
+        if getattr(self, "is_merged_col_linear", False):  # adjacent halves at TP=1
             half = local // 2
             rows = ((rank * half, half), (full // 2 + rank * half, half))
         else:
@@ -146,7 +146,6 @@ class MokaLayerMixin(AdapterLayerMixin):
             slice_widths=widths,
         )
         self.moka_shard = shard
-        self.moka_max_components = max_components
 
     def reset_lora(self, index: int) -> None:
         super().reset_lora(index)

@@ -20,6 +20,7 @@ import torch
 from vllm.lora.lora_model import LoRAModel
 
 from moka_kernels import KronEntry
+from moka_serve.adapter_check import lora_shape_problem, moka_limit_problem
 from moka_serve.adapter_format import (
     CONFIG_NAME,
     PEFT_TYPE,
@@ -27,7 +28,6 @@ from moka_serve.adapter_format import (
     load_adapter,
     read_config_json,
 )
-from moka_serve.limits import bank_limits
 
 from .layers import MokaLayerMixin
 
@@ -81,7 +81,12 @@ def moka_targets(manager) -> dict[str, tuple[str | None, int, int, int]]:
     Under pipeline parallelism the decoder layers of other stages are targets too, with module
     name None (nothing to write here), so every stage checks the whole adapter alike: a check
     failing on one stage only would leave the others waiting for it forever.
+
+    Fixed once the layers are built, so computed once per manager (every load reads it).
     """
+    cached = getattr(manager, "_moka_targets", None)
+    if cached is not None:
+        return cached
     out: dict[str, tuple[str | None, int, int, int]] = {}
     for name, module in manager.modules.items():
         if not isinstance(module, MokaLayerMixin):
@@ -94,7 +99,8 @@ def moka_targets(manager) -> dict[str, tuple[str | None, int, int, int]]:
                 out[sub] = (name, i, widths[i], in_features)
         else:
             out[name] = (name, 0, sum(widths), in_features)
-    return out | _other_stage_targets(manager.model, out)
+    manager._moka_targets = out | _other_stage_targets(manager.model, out)
+    return manager._moka_targets
 
 
 _LAYER_PATH = re.compile(r"^(?P<stack>.+\.)(?P<index>\d+)\.(?P<rest>.+)$")
@@ -115,9 +121,10 @@ def _other_stage_targets(model, present: dict) -> dict[str, tuple[None, int, int
         if not isinstance(module, PPMissingLayer):
             continue
         stack, _, index = name.rpartition(".")
+        if not index.isdigit():
+            continue  # a missing embedding or head, not a decoder layer
         for rest, dims in by_stack.get(stack + ".", {}).items():
-            if index.isdigit():
-                out[f"{name}.{rest}"] = (None, *dims)
+            out[f"{name}.{rest}"] = (None, *dims)
     return out
 
 
@@ -133,7 +140,14 @@ def load_moka_model(manager, lora_request, path: str) -> MokaLoRAModel:
     # Every check below covers the whole adapter, on every rank and stage alike: a check that
     # failed on one worker only would leave the others waiting for it (tensor and pipeline
     # parallelism). Writing then touches this worker's layers only.
-    max_components, max_numel = bank_limits()
+    for module_path, w in adapter.modules.items():
+        if module_path not in targets:
+            raise ValueError(
+                f"{where}: module {module_path!r} does not exist in this base model (or is not "
+                "a linear layer vLLM can adapt)"
+            )
+        if problem := moka_limit_problem(module_path, w.A, w.B):
+            raise ValueError(f"{where}: {problem}")
     dtype = manager.lora_config.lora_dtype
     folded_modules = adapter.fold(dtype=torch.float64)
     if not folded_modules:
@@ -142,26 +156,11 @@ def load_moka_model(manager, lora_request, path: str) -> MokaLoRAModel:
     factors: dict[str, torch.Tensor] = {}
     terms: list[tuple[str | None, KronEntry]] = []
     for module_path, folded in folded_modules.items():
-        if module_path not in targets:
-            raise ValueError(
-                f"{where}: module {module_path!r} does not exist in this base model (or is not "
-                "a linear layer vLLM can adapt)"
-            )
         layer_name, slice_idx, _, _ = targets[module_path]
-        if len(folded.B) > max_components:
-            raise ValueError(
-                f"{where}: module {module_path!r}: {len(folded.B)} components exceed the limit "
-                f"of {max_components} per module (MOKA_MAX_COMPONENTS)"
-            )
         for i, e in enumerate(folded.kron_entries(slice=slice_idx)):
             a = None if e.a is None else e.a.to(dtype)
             b = e.b.to(dtype)
             for name, t in (("A", a), ("B", b)):
-                if t is not None and t.numel() > max_numel:
-                    raise ValueError(
-                        f"{where}: module {module_path!r}: {name} has {t.numel()} elements, "
-                        f"the bank's buffer holds {max_numel} (MOKA_MAX_FACTOR_NUMEL)"
-                    )
                 if t is not None:
                     factors[f"{module_path!r} (component {i}, {name})"] = t
             terms.append((layer_name, KronEntry(b=b, a=a, slice=slice_idx)))
@@ -206,14 +205,13 @@ def check_lora_model(manager, lora: LoRAModel, where: str) -> None:
     targets = moka_targets(manager)
     for module, weights in lora.loras.items():
         a, b = weights.lora_a, weights.lora_b
-        if module not in targets or a is None or b is None or a.dim() != 2 or b.dim() != 2:
+        if module not in targets:
             continue  # embeddings, lm_head: vLLM's own rules
         _, _, out_f, in_f = targets[module]
-        if a.shape[1] != in_f or b.shape[0] != out_f or a.shape[0] != b.shape[1]:
-            raise ValueError(
-                f"{where}: {module!r}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not "
-                f"fit this base's {out_f}x{in_f} layer (an adapter for another model?)"
-            )
+        a_shape = None if a is None else tuple(a.shape)
+        b_shape = None if b is None else tuple(b.shape)
+        if problem := lora_shape_problem(module, a_shape, b_shape, out_f, in_f):
+            raise ValueError(f"{where}: {problem}")
 
 
 def check_peft_type(peft_type: str | None, path: str) -> None:

@@ -66,17 +66,13 @@ def _load(self, lora_request):
 def _load_folder(self, lora_request):
     assert _ORIGINAL_LOAD_ADAPTER is not None
     path = lora_request.lora_path
-    peft_type = read_peft_type(path)
-    if peft_type is None:
-        lora = _ORIGINAL_LOAD_ADAPTER(self, lora_request)
-        check_lora_model(self._adapter_manager, lora, f"LoRA adapter {lora_request.lora_name!r}")
-        return lora
+    peft_type = read_peft_type(path)  # None: no peft_type, vLLM's loader decides
     check_peft_type(peft_type, path)
-    if peft_type != "MOKA":
-        lora = _ORIGINAL_LOAD_ADAPTER(self, lora_request)
-        check_lora_model(self._adapter_manager, lora, f"LoRA adapter {lora_request.lora_name!r}")
-        return lora
-    return load_moka_model(self._adapter_manager, lora_request, path)
+    if peft_type == "MOKA":
+        return load_moka_model(self._adapter_manager, lora_request, path)
+    lora = _ORIGINAL_LOAD_ADAPTER(self, lora_request)
+    check_lora_model(self._adapter_manager, lora, f"LoRA adapter {lora_request.lora_name!r}")
+    return lora
 
 
 def _is_dir(path: str) -> bool:
