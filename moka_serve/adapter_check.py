@@ -87,12 +87,17 @@ def lora_shape_problem(
     b_shape: tuple[int, ...] | None,
     out_f: int,
     in_f: int,
+    rank: int | None = None,
 ) -> str | None:
-    """Why a LoRA module's ``lora_A``/``lora_B`` do not fit an ``out_f x in_f`` base layer, or
-    None. The one rule for the start-up precheck and the engine's loader; a factor that is
-    absent or not a matrix is left to vLLM's own rules."""
+    """Why a LoRA module's ``lora_A``/``lora_B`` do not fit an ``out_f x in_f`` base layer or
+    the ``rank`` its config gives it (None: not checked), or None. The one rule for the
+    start-up precheck and the engine's loader; a factor that is absent or not a matrix is left
+    to vLLM's own rules. A rank other than the config's would be served with the wrong
+    ``lora_alpha / r`` scaling (PEFT itself refuses such a checkpoint)."""
     a = a_shape if a_shape is not None and len(a_shape) == 2 else None
     b = b_shape if b_shape is not None and len(b_shape) == 2 else None
+    if rank is not None and a is not None and a[0] != rank:
+        return f"{module!r}: lora_A {tuple(a)} has rank {a[0]}, the adapter's config says r={rank}"
     if (
         (a is None or a[1] == in_f)
         and (b is None or b[0] == out_f)
@@ -139,6 +144,8 @@ def _lora_problem(
         return f"tensor {bad!r} has non-finite values (NaN or Inf)"
     if base is None:
         return None
+    # With a rank_pattern the rank depends on the module: left to the engine's loader.
+    rank = None if cfg.get("rank_pattern") else ranks[0]
     shapes: dict[str, dict[str, tuple[int, ...]]] = {}
     for key, t in tensors.items():
         if m := _LORA_KEY.match(key):
@@ -148,7 +155,7 @@ def _lora_problem(
             return problem
         dims = base[0].get(module.rsplit(".", 1)[-1])
         if dims is not None and (
-            problem := lora_shape_problem(module, ab.get("A"), ab.get("B"), *dims)
+            problem := lora_shape_problem(module, ab.get("A"), ab.get("B"), *dims, rank)
         ):
             return problem
     return None

@@ -87,6 +87,10 @@ def test_precheck_uses_the_base_dims_limits_and_lora_rank(tmp_path, capsys):
     write_random_lora(ad / "lora-other-base", ["q_proj"], seed=6, dims=other, layers=TINY_LAYERS)
     write_random_lora(ad / "lora-r32", ["q_proj"], seed=7, r=32, alpha=32, dims=TINY_DIMS,
                       layers=TINY_LAYERS)  # fmt: skip
+    write_random_lora(ad / "lora-r8-says-4", ["q_proj"], seed=8, r=8, dims=TINY_DIMS,
+                      layers=TINY_LAYERS)  # fmt: skip
+    cfg = json.loads((ad / "lora-r8-says-4" / "adapter_config.json").read_text())
+    (ad / "lora-r8-says-4" / "adapter_config.json").write_text(json.dumps({**cfg, "r": 4}))
     _write(ad / "lora-truncated")
     f = ad / "lora-truncated" / "adapter_model.safetensors"
     f.write_bytes(f.read_bytes()[:200])
@@ -106,12 +110,13 @@ def test_precheck_uses_the_base_dims_limits_and_lora_rank(tmp_path, capsys):
         "moka-big-factor": "buffer holds 4096",
         "lora-other-base": "an adapter for another model",
         "lora-r32": "greater than max_lora_rank 16",
+        "lora-r8-says-4": "has rank 8, the adapter's config says r=4",
         "lora-truncated": "unreadable",
         "lora-nan": "non-finite",
     }.items():
         line = next((x for x in err.splitlines() if f"adapter {name!r}" in x), "")
         assert reason in line, (name, err)
-    assert len(err.strip().splitlines()) == 8
+    assert len(err.strip().splitlines()) == 9
     # with --max-lora-rank 32 the rank-32 LoRA is served
     cmd, _ = _cmd(["--base", str(base), "--adapters", str(ad), "--max-lora-rank", "32"])
     assert any(m.startswith("lora-r32=") for m in cmd)

@@ -273,10 +273,17 @@ def _bad(workdir: Path, adapters, case: str) -> tuple[Path, str]:
         dims = {"q_proj": (320, 320), "v_proj": (64, 320)}
         write_random_lora(folder, ["q_proj", "v_proj"], seed=14, dims=dims)
         return folder, "do not fit this base's 256x256 layer"
+    if case == "lora-rank-not-config":  # rank-8 tensors, r=4 in the config: wrong alpha / r
+        write_random_lora(folder, ["q_proj"], seed=15, r=8)
+        cfg = json.loads((folder / "adapter_config.json").read_text())
+        cfg["r"] = 4
+        (folder / "adapter_config.json").write_text(json.dumps(cfg))
+        return folder, "has rank 8, the adapter's config says r=4"
     raise AssertionError(case)
 
 
 BAD_CASES = [
+    "lora-rank-not-config",
     "lora-nan",
     "lora-wrong-shapes",
     "wrong-shapes",
@@ -362,3 +369,27 @@ def test_reload_after_eviction_reads_the_snapshot_not_the_changed_folder(
     again = run(llm, [prompts[1], prompts[2]], [req, None])
     assert again[0] == first
     check_against_reference(reference, prompts[2], None, again[1])
+
+
+def _snapshot_ids(worker) -> list[int]:
+    from moka_serve.plugin.snapshots import SNAPSHOTS
+
+    return sorted({key[0] for key in SNAPSHOTS._paths})
+
+
+def test_unload_drops_the_snapshot(llm, reference, adapters, prompts, workdir):
+    """An unloaded adapter's snapshot is removed (the store holds what is registered, no more),
+    and loading the folder again under a new id reads what is on disk now."""
+    folder = workdir / "snap-unload"
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(adapters["moka-qkv"][0], folder)
+    req = lora_request("snap-unload", folder)
+    run(llm, [prompts[0]], [req])
+    assert req.lora_int_id in llm.collective_rpc(_snapshot_ids)[0]
+    assert llm.llm_engine.remove_lora(req.lora_int_id)
+    assert req.lora_int_id not in llm.collective_rpc(_snapshot_ids)[0]
+    shutil.rmtree(folder)
+    shutil.copytree(adapters["lora-qvdown"][0], folder)
+    again = lora_request("snap-unload-again", folder)
+    out = run(llm, [prompts[1]], [again])[0]
+    check_against_reference(reference, prompts[1], adapters["lora-qvdown"][1], out)

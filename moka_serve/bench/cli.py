@@ -1,7 +1,8 @@
 """``moka-bench``: latency and throughput of MoKA versus multi-LoRA serving (issue #5).
 
 ``moka-bench serve`` drives a running OpenAI-compatible server with one workload;
-``moka-bench compare`` starts one engine and measures base, MoKA and LoRA requests interleaved.
+``moka-bench compare`` starts one engine and measures base, MoKA and LoRA requests interleaved;
+``moka-bench soak`` keeps many streams in flight while a fault injector changes adapter folders.
 """
 
 from __future__ import annotations
@@ -99,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="base vs MoKA vs LoRA in one engine, interleaved")
     add_compare_args(c)
     add_workload_args(c, popularity=False)
+
+    from .soak import add_soak_args
+
+    k = sub.add_parser("soak", help="streams over many adapters while faults change the disk")
+    add_soak_args(k)
     return p
 
 
@@ -134,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return cmd_serve(args)
+        if args.command == "soak":
+            from .soak import cmd_soak
+
+            return cmd_soak(args)
         from .compare import cmd_compare
 
         return cmd_compare(args)

@@ -16,6 +16,7 @@ of the project lives in this package:
 * ``resolver``: adapters of ``MOKA_ADAPTER_DIR`` found by name on first request.
 * ``api``: adapter validation errors answered with 400 (vLLM answers 500).
 * ``inventory``: ``GET /v1/moka/adapters[/{name}]`` for operators.
+* ``logs``: one warning line, not tracebacks, for each adapter the loader rejects.
 
 Set ``MOKA_DISABLE_PLUGIN=1`` to load vLLM without any of it.
 """
@@ -35,7 +36,7 @@ def register() -> None:
     from . import checks
 
     checks.check_all()
-    from . import api, cpu_compile, cpu_fix, inventory, layers, resolver, worker_manager
+    from . import api, cpu_compile, cpu_fix, inventory, layers, logs, resolver, worker_manager
 
     layers.install()
     worker_manager.install()
@@ -45,4 +46,5 @@ def register() -> None:
     resolver.install()
     api.install()
     inventory.install()
+    logs.install()
     _REGISTERED = True

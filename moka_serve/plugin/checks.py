@@ -129,6 +129,11 @@ def check_internals() -> None:
         _expect_attr(lru_worker, "_load_adapter", "LRUCacheWorkerLoRAManager"),
         ["self", "lora_request"],
     )
+    _expect_params(
+        "LRUCacheWorkerLoRAManager.remove_adapter",
+        _expect_attr(lru_worker, "remove_adapter", "LRUCacheWorkerLoRAManager"),
+        ["self", "adapter_id"],
+    )
     mgr = model_manager.LRUCacheLoRAModelManager
     _expect_params(
         "LoRAModelManager._add_adapter",

@@ -210,7 +210,8 @@ def check_lora_model(manager, lora: LoRAModel, where: str) -> None:
         _, _, out_f, in_f = targets[module]
         a_shape = None if a is None else tuple(a.shape)
         b_shape = None if b is None else tuple(b.shape)
-        if problem := lora_shape_problem(module, a_shape, b_shape, out_f, in_f):
+        rank = getattr(weights, "rank", None)  # vLLM's, from r / rank_pattern
+        if problem := lora_shape_problem(module, a_shape, b_shape, out_f, in_f, rank):
             raise ValueError(f"{where}: {problem}")
 
 

@@ -6,20 +6,40 @@ engine core. A folder changed on disk in between (re-saved, truncated, deleted) 
 whole server down. So the worker copies an adapter folder's files into a folder of its own the
 first time it loads it, validates the copy, and every later load of the same adapter (same id,
 same path) reads the copy: a change on disk takes effect only through an explicit reload (unload
-+ load, a new name, or vLLM's ``load_inplace``). The copies live in a temporary folder of the
-worker process, removed when it exits.
++ load, a new name, or vLLM's ``load_inplace``).
+
+The copies live in a temporary folder of the worker process (under ``MOKA_SNAPSHOT_DIR`` if set),
+removed when the adapter is unloaded and when the process exits. A copy is checked against the
+folder's file names, sizes and modification times before and after it is taken, so a folder
+re-saved during the copy is refused ("changed while being read") rather than half-read. The
+store is capped (``MOKA_SNAPSHOT_MAX_GIB``, default 20): a first load that would exceed it is
+refused with a clear error, at load time, never in the middle of serving.
 """
 
 from __future__ import annotations
 
 import atexit
+import os
 import shutil
 import tempfile
 from pathlib import Path
 
+from moka_serve.adapter_dir import folder_signature
+
 # Top-level files of an adapter folder bigger than this are not adapter files (the format's own
 # limit for MoKA weights is far lower); they are not copied, and a load that needs one fails.
 MAX_FILE_BYTES = 8 << 30
+ENV_DIR = "MOKA_SNAPSHOT_DIR"
+ENV_MAX_GIB = "MOKA_SNAPSHOT_MAX_GIB"
+DEFAULT_MAX_GIB = 20.0
+
+
+def max_store_bytes() -> int:
+    try:
+        gib = float(os.environ.get(ENV_MAX_GIB, "") or DEFAULT_MAX_GIB)
+    except ValueError:
+        gib = DEFAULT_MAX_GIB
+    return int(gib * 2**30)
 
 
 class AdapterSnapshots:
@@ -28,37 +48,68 @@ class AdapterSnapshots:
     def __init__(self) -> None:
         self._root: Path | None = None
         self._paths: dict[tuple[int, str], Path] = {}
+        self._bytes: dict[tuple[int, str], int] = {}
         self._count = 0
 
     def _dir(self) -> Path:
         if self._root is None:
-            self._root = Path(tempfile.mkdtemp(prefix="moka-adapter-snapshots-"))
+            parent = os.environ.get(ENV_DIR) or None
+            if parent:
+                os.makedirs(parent, exist_ok=True)
+            self._root = Path(tempfile.mkdtemp(prefix="moka-adapter-snapshots-", dir=parent))
             atexit.register(shutil.rmtree, self._root, True)
         return self._root
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(self._bytes.values())
 
     def get(self, key: tuple[int, str]) -> Path | None:
         snap = self._paths.get(key)
         return snap if snap is not None and snap.is_dir() else None
 
     def take(self, key: tuple[int, str], folder: str) -> Path:
-        """Copy the regular top-level files of ``folder``; ``ValueError`` if it cannot be read."""
+        """Copy the regular top-level files of ``folder``; ``ValueError`` if it cannot be read,
+        changes while it is read, or would overfill the store."""
         self._count += 1
         snap = self._dir() / f"{key[0]}-{self._count}"
         try:
+            before = folder_signature(Path(folder))
+            files = [(n, size) for n, size, _ in before if size <= MAX_FILE_BYTES]
+            size = sum(s for _, s in files)
+            cap = max_store_bytes()
+            if self.stored_bytes + size > cap:
+                raise ValueError(
+                    f"the adapter snapshot store is full ({self.stored_bytes / 2**30:.2f} GiB of "
+                    f"{cap / 2**30:.2f} GiB, {ENV_MAX_GIB}); unload adapters or raise the cap"
+                )
             snap.mkdir()
-            for f in sorted(Path(folder).iterdir()):
-                if f.is_file() and f.stat().st_size <= MAX_FILE_BYTES:
-                    shutil.copyfile(f, snap / f.name)
-        except OSError as e:
+            for name, _ in files:
+                shutil.copyfile(Path(folder) / name, snap / name)
+            if folder_signature(Path(folder)) != before:
+                raise ValueError(
+                    f"the adapter folder {folder!r} changed while it was being read; try again "
+                    "once it is written"
+                )
+        except (OSError, ValueError) as e:
             shutil.rmtree(snap, ignore_errors=True)
-            raise ValueError(f"cannot read the adapter folder {folder!r}: {e}") from None
+            if isinstance(e, ValueError):
+                raise
+            raise ValueError(f"cannot snapshot the adapter folder {folder!r}: {e}") from None
         self._paths[key] = snap
+        self._bytes[key] = size
         return snap
 
     def drop(self, key: tuple[int, str]) -> None:
         snap = self._paths.pop(key, None)
+        self._bytes.pop(key, None)
         if snap is not None:
             shutil.rmtree(snap, ignore_errors=True)
+
+    def drop_id(self, adapter_id: int) -> None:
+        """Drop every snapshot of adapter ``adapter_id`` (it was unloaded)."""
+        for key in [k for k in self._paths if k[0] == adapter_id]:
+            self.drop(key)
 
 
 SNAPSHOTS = AdapterSnapshots()

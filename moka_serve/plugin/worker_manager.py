@@ -4,7 +4,8 @@
 ``adapter_config.json``'s ``peft_type`` before vLLM's ``PEFTHelper`` and routes MOKA to
 :func:`~moka_serve.plugin.lora_model.load_moka_model` and checks what vLLM's own loader makes of
 a LoRA folder (:func:`~moka_serve.plugin.lora_model.check_lora_model`); :func:`install` also points
-``_manager_cls`` at :class:`~moka_serve.plugin.model_manager.MokaLRUCacheLoRAModelManager`.
+``_manager_cls`` at :class:`~moka_serve.plugin.model_manager.MokaLRUCacheLoRAModelManager` and
+drops an adapter's snapshot when it is unloaded (``remove_adapter``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from .model_manager import MokaLRUCacheLoRAModelManager
 from .snapshots import SNAPSHOTS
 
 _ORIGINAL_LOAD_ADAPTER: Callable | None = None
+_ORIGINAL_REMOVE_ADAPTER: Callable | None = None
 
 # Marks validation errors in messages that cross the engine-core process boundary as text, so
 # the API server can answer them with 400 instead of vLLM's 500 (see ``api.py``).
@@ -75,13 +77,19 @@ def _load_folder(self, lora_request):
     return lora
 
 
+def remove_adapter_with_snapshot(self, adapter_id: int) -> bool:
+    """``WorkerLoRAManager.remove_adapter`` (an explicit unload): the snapshot goes too."""
+    SNAPSHOTS.drop_id(adapter_id)
+    return _ORIGINAL_REMOVE_ADAPTER(self, adapter_id)
+
+
 def _is_dir(path: str) -> bool:
     return os.path.isdir(path)
 
 
 def install() -> None:
     """Point vLLM's LRU worker manager at the MoKA manager and loader (idempotent)."""
-    global _ORIGINAL_LOAD_ADAPTER
+    global _ORIGINAL_LOAD_ADAPTER, _ORIGINAL_REMOVE_ADAPTER
     from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
 
     if LRUCacheWorkerLoRAManager._load_adapter is load_adapter_with_moka:
@@ -89,3 +97,5 @@ def install() -> None:
     _ORIGINAL_LOAD_ADAPTER = LRUCacheWorkerLoRAManager._load_adapter
     LRUCacheWorkerLoRAManager._manager_cls = MokaLRUCacheLoRAModelManager
     LRUCacheWorkerLoRAManager._load_adapter = load_adapter_with_moka
+    _ORIGINAL_REMOVE_ADAPTER = LRUCacheWorkerLoRAManager.remove_adapter
+    LRUCacheWorkerLoRAManager.remove_adapter = remove_adapter_with_snapshot
