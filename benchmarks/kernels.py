@@ -177,8 +177,8 @@ def build_layer(
         layer.in_features,
         layer.out_features,
     )
-    bank = MokaBank(*args, dtype=dtype, device=device)
-    ref_bank = MokaBank(*args, dtype=torch.float64, device=device)
+    bank = MokaBank(*args, dtype=dtype, device=device, pooled=True)
+    ref_bank = MokaBank(*args, dtype=torch.float64, device=device, pooled=True)
     for slot in range(num_slots):
         entries = []
         for m1, n1, m2, n2 in layer.comps:
@@ -187,10 +187,12 @@ def build_layer(
             entries.append(KronEntry(b=b, a=a))
         bank.write_slot(slot, entries)
         ref_bank.write_slot(slot, [KronEntry(b=e.b.double(), a=e.a.double()) for e in entries])
-        # Poison the padding past each factor: a kernel that reads it produces NaN.
-        for e, s in enumerate(bank.entries[slot]):
-            bank.a[slot, e, s.m1 * s.n1 :] = float("nan")
-            bank.b[slot, e, s.m2 * s.n2 :] = float("nan")
+    # Poison the pool outside the slots' factors: a kernel that reads it produces NaN.
+    if bank.pool is not None:
+        used = torch.zeros(bank.pool_numel, dtype=torch.bool, device=bank.pool.device)
+        for start, n in bank.regions.values():
+            used[start : start + n] = True
+        bank.pool[~used] = float("nan")
     r = LORA_RANK
     lora_a = (
         torch.randn(num_slots + 1, r, layer.in_features, generator=gen) / layer.in_features**0.5

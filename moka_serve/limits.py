@@ -6,6 +6,11 @@ precheck (which leaves out folders the engine would refuse), so both give the sa
 * ``MOKA_MAX_COMPONENTS`` (default 4): Kronecker components per adapted module (per output
   slice of a fused layer: q, k and v of ``qkv_proj`` each get this many).
 * ``MOKA_MAX_FACTOR_NUMEL`` (default 4096): elements of one A or B factor.
+* ``MOKA_SLOT_NUMEL`` (default: room for every slot full at those caps): factor elements the
+  pool of one layer holds per slot, on average: the pool of a layer is ``max_loras`` times this.
+  One integer for every layer, or ``kind=N`` pairs by vLLM module (``qkv_proj=9216,o_proj=0``;
+  kinds not named keep the default). Adapters that would overfill a pool are refused at load
+  time with their sizes (``moka_kernels.bank``, admission).
 """
 
 from __future__ import annotations
@@ -35,3 +40,20 @@ def bank_limits() -> tuple[int, int]:
         _env_int("MOKA_MAX_COMPONENTS", DEFAULT_MAX_COMPONENTS),
         _env_int("MOKA_MAX_FACTOR_NUMEL", DEFAULT_MAX_FACTOR_NUMEL),
     )
+
+
+def slot_numel(kind: str, default: int) -> int:
+    """Pool elements per slot for layers of ``kind`` (e.g. ``qkv_proj``) from
+    ``MOKA_SLOT_NUMEL``, or ``default``."""
+    raw = os.environ.get("MOKA_SLOT_NUMEL", "").strip()
+    if not raw:
+        return default
+    if raw.isdigit():
+        return int(raw)
+    sizes = {}
+    for part in raw.split(","):
+        name, sep, value = part.strip().partition("=")
+        if not sep or not value.strip().isdigit():
+            raise ValueError(f"MOKA_SLOT_NUMEL={raw!r}: use N or kind=N,kind=N (N >= 0)")
+        sizes[name.strip()] = int(value)
+    return sizes.get(kind, default)

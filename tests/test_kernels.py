@@ -60,6 +60,18 @@ def random_entries(
     return entries
 
 
+def poison_unused(bank: MokaBank) -> None:
+    """NaN wherever a kernel must never read: the pool outside the slots' regions, unused
+    table entries' storage, and the CPU path's packed rows past each slot's own factors."""
+    used = torch.zeros(bank.pool_numel, dtype=torch.bool)
+    for start, n in bank.regions.values():
+        used[start : start + n] = True
+    bank.pool[~used.to(bank.pool.device)] = float("nan")
+    if bank.cpu is not None:
+        for slot in range(bank.num_slots):
+            bank.cpu.packed[slot, bank.cpu.packed_numel[slot] :] = float("nan")
+
+
 def make_bank(
     layer: str, num_slots: int, dtype: torch.dtype, seed: int, same_shapes: bool = False
 ) -> MokaBank:
@@ -68,24 +80,14 @@ def make_bank(
     max_a = max(m1 * n1 for comps in spec.values() for m1, n1, *_ in comps)
     max_b = max(m2 * n2 for comps in spec.values() for _, _, m2, n2, _ in comps)
     bank = MokaBank(
-        num_slots, max_entries, max_a, max_b, in_features, sum(widths), dtype, DEVICE, widths
-    )
+        num_slots, max_entries, max_a, max_b, in_features, sum(widths), dtype, DEVICE, widths,
+        pooled=True,  # the Triton kernel reads the pool (in the interpreter on CPU too)
+    )  # fmt: skip
     gen = torch.Generator().manual_seed(seed)
     for slot in range(num_slots - 1):  # the last slot stays empty
         variant = 0 if same_shapes else slot
         bank.write_slot(slot, random_entries(spec, gen, dtype, variant=variant))
-    # Poison everything a kernel must never read: padding past each factor, unused entries.
-    for slot in range(num_slots):
-        for e in range(bank.max_entries):
-            if e < len(bank.entries[slot]):
-                s = bank.entries[slot][e]
-                bank.a[slot, e, 0 if s.identity_a else s.m1 * s.n1 :] = float("nan")
-                bank.b[slot, e, s.m2 * s.n2 :] = float("nan")
-            else:
-                bank.a[slot, e] = float("nan")
-                bank.b[slot, e] = float("nan")
-        if bank.cpu is not None:  # the CPU path's packed copy: past the slot's own factors
-            bank.cpu.packed[slot, bank.cpu.packed_numel[slot] :] = float("nan")
+    poison_unused(bank)
     return bank
 
 
@@ -294,12 +296,8 @@ def test_delta_weight_is_sum_of_krons():
     delta = delta_weight(bank, 0)
     want = torch.zeros(40, 48, dtype=torch.float64)
     for i, s in enumerate(bank.entries[0]):
-        a = (
-            torch.eye(s.m1, dtype=torch.float64)
-            if s.identity_a
-            else bank.a[0, i, : s.m1 * s.n1].view(s.m1, s.n1)
-        )
-        b = bank.b[0, i, : s.m2 * s.n2].view(s.m2, s.n2)
+        a, b, _ = bank.factors(0, i)
+        a = torch.eye(s.m1, dtype=torch.float64) if s.identity_a else a
         for i1 in range(s.m1):  # the definition, element by element
             for j1 in range(s.n1):
                 want[
@@ -444,7 +442,7 @@ def test_cuda_graph_over_a_layer_stack_with_step_metadata():
 def _cpu_copy(bank: MokaBank) -> MokaBank:
     """The bank's factors on the CPU (the naive reference reads host-side views)."""
     copy = MokaBank(
-        bank.num_slots, bank.max_entries, bank.a.shape[2], bank.b.shape[2], bank.in_features,
+        bank.num_slots, bank.max_entries, bank.max_a_numel, bank.max_b_numel, bank.in_features,
         bank.out_features, torch.float64, "cpu", bank.slice_widths,
     )  # fmt: skip
     for slot in range(bank.num_slots):
@@ -457,3 +455,114 @@ def _cpu_copy(bank: MokaBank) -> MokaBank:
             )
         copy.write_slot(slot, entries)
     return copy
+
+
+def test_slot_written_in_inference_mode_can_be_rewritten_outside_it():
+    """vLLM activates an adapter inside the engine step (inference mode) after an eviction, and
+    outside it when ``add_lora`` loads one: a buffer grown in the first case used to be an
+    inference tensor, and the next ``add_lora`` failed writing it ("Inplace update to inference
+    tensor outside InferenceMode")."""
+    bank = MokaBank(2, 2, 256, 256, 48, 40, torch.float32, "cpu")
+    small = [KronEntry(a=torch.ones(2, 3), b=torch.ones(4, 4))]
+    big = [KronEntry(a=torch.ones(5, 6), b=torch.ones(8, 8))]
+    bank.write_slot(0, small)
+    with torch.inference_mode():
+        bank.write_slot(1, big)  # grows the CPU path's packed buffer
+    bank.write_slot(0, big)
+    bank.write_slot(1, small)
+    x = torch.randn(3, 48)
+    y, want = torch.zeros(3, 40), torch.zeros(3, 40)
+    slots = torch.tensor([0, 1, 0])
+    moka_apply_torch(x, y, slots, bank)
+    moka_apply_naive(x, want, slots, bank)
+    assert torch.allclose(y, want, atol=1e-5)
+
+
+def _entries_of(gen: torch.Generator, sizes: list[tuple[int, int, int, int]]) -> list[KronEntry]:
+    return [
+        KronEntry(
+            a=torch.randn(m1, n1, generator=gen, dtype=torch.float64),
+            b=torch.randn(m2, n2, generator=gen, dtype=torch.float64),
+        )
+        for m1, n1, m2, n2 in sizes
+    ]
+
+
+def _dense(entries: list[KronEntry]) -> torch.Tensor:
+    """The float64 ``sum kron(A, B)`` of whole-layer entries (the definition)."""
+    return sum(torch.kron(e.a, e.b) for e in entries)
+
+
+# Adapters for a 48 -> 40 layer of very different pool sizes (elements: 46, 104, 1960, 2040).
+POOL_ADAPTERS = [
+    [(5, 6, 8, 8)],
+    [(1, 48, 40, 1), (2, 3, 20, 16)],
+    [(40, 48, 1, 1)],
+    [(40, 1, 1, 48), (20, 24, 2, 2), (10, 12, 4, 4), (8, 16, 5, 3)],
+]
+
+
+@pytest.mark.parametrize("impl", ["naive", "torch", "triton"])
+def test_pool_holds_adapters_of_different_sizes_through_evictions(impl):
+    """Slots written, cleared and rewritten with adapters of very different sizes in one pool
+    too small for a worst case of every slot: regions are placed first fit and compacted when
+    the free space is fragmented, the pool and table never move (CUDA-graph rule), and every
+    slot's delta stays the float64 kron of what was written into it."""
+    gen = torch.Generator().manual_seed(5)
+    adapters = [_entries_of(gen, spec) for spec in POOL_ADAPTERS]
+    numel = [sum(e.a.numel() + e.b.numel() for e in ad) for ad in adapters]
+    pool = numel[2] + numel[3] + numel[1] + 10  # the two big ones, a small one and a gap
+    bank = MokaBank(3, 4, 48 * 40, 48 * 40, 48, 40, torch.float64, DEVICE, pool_numel=pool,
+                    pooled=True)  # fmt: skip
+    addresses = (bank.pool.data_ptr(), bank.table.data_ptr())
+    held: dict[int, int] = {}
+    apply = {"naive": moka_apply_naive, "torch": moka_apply_torch}.get(impl)
+    if apply is None:
+        apply = triton_ops.moka_apply_triton
+    sequence = [(0, 0), (1, 2), (2, 1), (0, 3), (2, 0), (1, 1), (2, 3), (0, 2), (1, 0), (0, 1)]
+    compacted = 0
+    for slot, which in sequence:
+        if slot in held and sum(numel[held[s]] for s in held if s != slot) + numel[which] > pool:
+            bank.clear_slot(slot)  # evicted: the other slots must fit with the new one
+            del held[slot]
+            continue
+        before = dict(bank.regions)
+        bank.write_slot(slot, adapters[which])
+        held[slot] = which
+        moved = [s for s in before if s != slot and bank.regions.get(s) != before[s]]
+        compacted += bool(moved)
+        assert (bank.pool.data_ptr(), bank.table.data_ptr()) == addresses
+        starts = sorted(bank.regions.values())
+        assert all(a + n <= b for (a, n), (b, _) in zip(starts, starts[1:], strict=False))
+        poison_unused(bank)
+        x = torch.randn(9, 48, generator=gen, dtype=torch.float64).to(DEVICE)
+        slots = torch.tensor([s for s in held for _ in range(3)], device=DEVICE)
+        y = torch.zeros(len(slots), 40, dtype=torch.float64, device=DEVICE)
+        apply(x[: len(slots)], y, slots, bank)
+        for k, s in enumerate(slots.tolist()):
+            want = _dense(adapters[held[s]]) @ x[k].double().cpu()
+            tol = 1e-5 if impl == "triton" else 1e-9  # the Triton dots run in fp32
+            torch.testing.assert_close(y[k].cpu(), want, rtol=tol, atol=tol * want.abs().max())
+    assert compacted >= 1  # the sequence needs at least one compaction
+
+
+def test_full_pool_is_a_clear_error_and_admission_keeps_it_from_filling():
+    gen = torch.Generator().manual_seed(6)
+    big, small = _entries_of(gen, [(40, 48, 1, 1)]), _entries_of(gen, [(5, 6, 8, 8)])
+    bank = MokaBank(2, 4, 48 * 40, 48 * 40, 48, 40, torch.float64, "cpu", pool_numel=2100,
+                    pooled=True)  # fmt: skip
+    bank.write_slot(0, big)
+    with pytest.raises(ValueError, match="pool is full: 1921 elements needed, 179 of 2100 free"):
+        bank.write_slot(1, big)
+    with pytest.raises(ValueError, match="its pool holds 2100"):
+        bank.check_entries(_entries_of(gen, [(40, 48, 1, 1), (40, 48, 1, 1)]))
+    # Admission: any 2 (= slots) admitted adapters must fit together.
+    bank.admit("big", 1921)
+    bank.admit("small", 104)
+    bank.admit("big", 1921)  # again (a reload after eviction): never fails
+    with pytest.raises(ValueError, match="2 slots could need 3842 of the pool's 2100"):
+        bank.admit("big-2", 1921)
+    assert "big-2" not in bank.admitted
+    bank.release("big")
+    bank.admit("big-2", 1921)
+    bank.write_slot(1, small)  # the slots of admitted adapters always fit

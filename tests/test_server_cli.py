@@ -185,3 +185,60 @@ def test_plain_serves_the_base_without_lora(tmp_path):
     assert "MOKA_ADAPTER_DIR" not in env
     with pytest.raises(SystemExit, match="--plain serves the base model alone"):
         _cmd(["--base", "/m", "--plain", "--adapters", str(tmp_path)])
+
+
+def test_moka_only_reserves_rank_1_lora_buffers_and_leaves_out_higher_rank_loras(tmp_path, capsys):
+    from moka_trainer.models import tiny_llama_dir
+
+    ad = tmp_path / "ad"
+    write_moka(ad / "moka-ok", random_moka({"q_proj": [[16, 16, 16, 16]]}, seed=1))
+    _write(ad / "lora-r8")
+    cmd, _ = _cmd(["--base", str(tiny_llama_dir()), "--adapters", str(ad), "--moka-only"])
+    assert cmd[cmd.index("--max-lora-rank") + 1] == "1"
+    assert [m.split("=")[0] for m in cmd if "=" in m and str(ad) in m] == ["moka-ok"]
+    assert "greater than max_lora_rank 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--moka-only sets --max-lora-rank 1"):
+        _cmd(["--adapters", str(ad), "--moka-only", "--max-lora-rank", "16"])
+
+
+def test_adapter_memory_sizes_slots_for_the_largest_adapter(tmp_path, capsys):
+    """--adapter-memory: slots = budget // (LoRA buffers + the largest MoKA adapter), the MoKA
+    pools sized for that adapter, and the arithmetic printed; --max-loras still wins."""
+    from moka_serve.slots import lora_slot_bytes
+    from moka_trainer.models import tiny_llama_dir
+
+    base = tiny_llama_dir()
+    ad = tmp_path / "ad"
+    write_moka(ad / "small", random_moka({"q_proj": [[16, 16, 16, 16]]}, seed=1))
+    write_moka(ad / "big", random_moka({"q_proj": [[16, 16, 16, 16]] * 2,
+                                        "down_proj": [[16, 32, 16, 16]]}, seed=2))  # fmt: skip
+    argv = ["--base", str(base), "--adapters", str(ad), "--quantize", "none", "--moka-only",
+            "--dtype", "float32", "--adapter-memory", "0.01"]  # fmt: skip
+    cmd, env = _cmd(argv)
+    lora = lora_slot_bytes(TINY_DIMS, TINY_LAYERS, 1024, 1, 4)
+    moka = TINY_LAYERS * (1024 + 768) * 4  # big: q 2 x 512, down 512 + 256 (float32 on CPU)
+    slots = int(0.01 * 2**30) // (lora + moka)
+    assert cmd[cmd.index("--max-loras") + 1] == str(slots) and cmd.count("--max-loras") == 1
+    assert env["MOKA_SLOT_NUMEL"] == "qkv_proj=1024,o_proj=0,gate_up_proj=0,down_proj=768"
+    err = capsys.readouterr().err
+    assert f"adapter slots: {slots}; per slot {(lora + moka) / 2**20:.2f} MiB" in err, err
+    cmd, _ = _cmd([*argv, "--max-loras", "3"])
+    assert cmd[cmd.index("--max-loras") + 1] == "3" and cmd.count("--max-loras") == 1
+    with pytest.raises(SystemExit, match="--adapter-memory sizes slots for --adapters"):
+        _cmd(["--base", str(base), "--adapter-memory", "1"])
+
+
+def test_an_all_moka_folder_gets_rank_1_lora_buffers_unless_a_rank_is_given(tmp_path, capsys):
+    from moka_trainer.models import tiny_llama_dir
+
+    ad = tmp_path / "ad"
+    write_moka(ad / "moka-ok", random_moka({"q_proj": [[16, 16, 16, 16]]}, seed=1))
+    base = ["--base", str(tiny_llama_dir()), "--adapters", str(ad)]
+    cmd, _ = _cmd(base)
+    assert cmd[cmd.index("--max-lora-rank") + 1] == "1"
+    assert "every adapter in" in capsys.readouterr().err
+    cmd, _ = _cmd([*base, "--max-lora-rank", "16"])
+    assert cmd.count("--max-lora-rank") == 1 and cmd[cmd.index("--max-lora-rank") + 1] == "16"
+    _write(ad / "lora-r8")  # a mixed folder keeps vLLM's default rank
+    cmd, _ = _cmd(base)
+    assert "--max-lora-rank" not in cmd

@@ -188,8 +188,9 @@ def _sharded_banks(dtype, device):
         numel = max(t.numel() for p in per_slot for e in p for t in (e.a, e.b) if t is not None)
         widths = shard.local_slice_widths
         bank = MokaBank(
-            4, max_e, numel, numel, shard.local_in_features, sum(widths), dtype, device, widths
-        )
+            4, max_e, numel, numel, shard.local_in_features, sum(widths), dtype, device, widths,
+            pooled=True,
+        )  # fmt: skip
         for slot, entries in enumerate(per_slot):
             bank.write_slot(slot, [_cast(e, dtype) for e in entries])
         banks.append(bank)

@@ -57,5 +57,6 @@ def test_short_soak_passes(tmp_path):
     assert f["mismatched_outputs"] == 0 and f["admin_5xx"] == 0
     assert f["requests_ok"] > 200, f
     assert f["failed_for_broken_adapters"] > 0, f  # the faults reached the server
-    assert "Traceback" not in log
+    serving = log.split("[shutdown]")[0]  # vLLM may log its own teardown of a killed engine
+    assert "Traceback" not in serving
     assert "adapter rejected: Invalid adapter" in log

@@ -161,7 +161,7 @@ def tiny_prompts(base_dir: Path) -> list[list[int]]:
 
 
 @contextmanager
-def tiny_engine(base_dir: Path, **env_vars: str) -> Iterator:
+def tiny_engine(base_dir: Path, engine_args: dict | None = None, **env_vars: str) -> Iterator:
     """The in-process engine of the engine tests (``collective_rpc`` can then run test
     functions on the worker): fp32, ``max_loras=2`` < the 4 adapters of the mixed batch,
     ``max_cpu_loras=4``; ``env_vars`` are set while it is built and used."""
@@ -172,7 +172,7 @@ def tiny_engine(base_dir: Path, **env_vars: str) -> Iterator:
         env.setenv(key, value)
     from vllm import LLM
 
-    engine = LLM(
+    args = dict(
         model=str(base_dir),
         enable_lora=True,
         max_loras=2,
@@ -183,6 +183,7 @@ def tiny_engine(base_dir: Path, **env_vars: str) -> Iterator:
         max_num_seqs=8,
         seed=0,
     )
+    engine = LLM(**(args | (engine_args or {})))
     try:
         yield engine
     finally:

@@ -163,6 +163,9 @@ class FaultInjector:
                     self.history.mark(name, True)
                     await asyncio.to_thread(self.break_folder, name, how)
                 elif how == "restore":
+                    # The folder is missing for a moment while it is replaced: a 404 then is
+                    # right, so the window counts as broken.
+                    self.history.mark(name, True)
                     await asyncio.to_thread(self._restore, name)
                     self.history.mark(name, False)
                 elif how == "add":

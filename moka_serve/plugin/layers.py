@@ -38,10 +38,10 @@ from vllm.lora.layers.row_parallel_linear import RowParallelLinearWithLoRA
 from vllm.lora.layers.vocab_parallel_embedding import VocabParallelEmbeddingWithLoRA
 from vllm.utils.torch_utils import direct_register_custom_op
 
-from moka_kernels import KronEntry, MokaBank
+from moka_kernels import EntryShape, KronEntry, MokaBank
 from moka_kernels.sharding import LayerShard, Run
 from moka_kernels.torch_ops import moka_apply_torch
-from moka_serve.limits import bank_limits
+from moka_serve.limits import bank_limits, slot_numel
 
 from .kernel_metadata import MokaKernelMeta
 
@@ -134,16 +134,24 @@ class MokaLayerMixin(AdapterLayerMixin):
         cap = min(max_numel, max(shard.slice_widths) * shard.in_features)
         # Under tensor parallelism one component becomes up to 3 entries per run of rows or
         # columns a rank holds (moka_kernels.sharding); the limit users see stays per component.
+        max_entries = max_components * sum(shard.max_pieces(i) for i in range(len(widths)))
+        kind = str(getattr(self.base_layer, "prefix", "")).rsplit(".", 1)[-1]
+        per_slot = slot_numel(kind, default=max_entries * 2 * cap)
+        device = self.lora_a_stacked[0].device
+        # On CPU the torch path's packed copy is the only storage (it grows with the adapters
+        # held); elsewhere the kernels read a preallocated pool.
         self.moka_bank = MokaBank(
             num_slots=max_loras,
-            max_entries=max_components * sum(shard.max_pieces(i) for i in range(len(widths))),
+            max_entries=max_entries,
             max_a_numel=cap,
             max_b_numel=cap,
             in_features=in_features,
             out_features=sum(widths),
             dtype=self.lora_a_stacked[0].dtype,
-            device=self.lora_a_stacked[0].device,
+            device=device,
             slice_widths=widths,
+            pool_numel=max_loras * per_slot,
+            pooled=device.type != "cpu",
         )
         self.moka_shard = shard
 
@@ -155,9 +163,12 @@ class MokaLayerMixin(AdapterLayerMixin):
         if self.moka_bank.entries[index]:
             self.moka_bank.clear_slot(index)
 
-    def set_moka(self, index: int, entries: list[KronEntry]) -> None:
-        """Write one adapter's folded factors into slot ``index`` (validated at load time)."""
-        self.moka_bank.write_slot(index, entries)
+    def set_moka(
+        self, index: int, entries: list[KronEntry], shapes: list[EntryShape] | None = None
+    ) -> None:
+        """Write one adapter's folded factors into slot ``index`` (validated at load time,
+        which gave ``shapes``)."""
+        self.moka_bank.write_slot(index, entries, shapes)
 
     def _apply_lora_to_output(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         self.run_adapters(x, output)

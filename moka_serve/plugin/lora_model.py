@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from vllm.lora.lora_model import LoRAModel
 
-from moka_kernels import KronEntry
+from moka_kernels import EntryShape, KronEntry
+from moka_kernels.bank import entries_numel
 from moka_serve.adapter_check import lora_shape_problem, moka_limit_problem
 from moka_serve.adapter_format import (
     CONFIG_NAME,
@@ -57,19 +58,22 @@ class MokaLoRAModel(LoRAModel):
 
     Being a ``LoRAModel`` is what lets vLLM's CPU LRU cache, slots, pinning and scheduler treat it
     like any LoRA. ``moka_entries`` maps a vLLM module name (e.g. ``...self_attn.qkv_proj``) to the
-    kernel entries for that layer, already validated against the layer's bank.
+    kernel entries for that layer, already validated against the layer's bank; ``moka_shapes``
+    their table rows (``MokaBank.check_entries``), so activation only copies.
     """
 
     def __init__(
         self,
         lora_model_id: int,
         moka_entries: dict[str, list[KronEntry]],
+        moka_shapes: dict[str, list[EntryShape]] | None = None,
     ) -> None:
         super().__init__(lora_model_id, rank=1, loras={})
         self.moka_entries = moka_entries
+        self.moka_shapes = moka_shapes or {}
 
     def clone(self, lora_model_id: int) -> MokaLoRAModel:
-        return MokaLoRAModel(lora_model_id, dict(self.moka_entries))
+        return MokaLoRAModel(lora_model_id, dict(self.moka_entries), dict(self.moka_shapes))
 
 
 def moka_targets(manager) -> dict[str, tuple[str | None, int, int, int]]:
@@ -173,16 +177,42 @@ def load_moka_model(manager, lora_request, path: str) -> MokaLoRAModel:
         # This tensor-parallel rank's part of the term (the term itself at TP=1).
         layer = manager.modules[layer_name]
         by_layer.setdefault(layer_name, []).extend(layer.moka_shard.shard(term))
+    shapes: dict[str, list[EntryShape]] = {}
     for layer_name, entries in by_layer.items():
         bank = manager.modules[layer_name].moka_bank
         try:
-            bank.check_entries(entries)
-        except ValueError as e:  # the checks above make this a bug, not a user error
+            shapes[layer_name] = bank.check_entries(entries)
+        except ValueError as e:
             raise ValueError(
                 f"{where}: layer {layer_name!r}: {e} (bank limits: MOKA_MAX_COMPONENTS, "
-                "MOKA_MAX_FACTOR_NUMEL)"
+                "MOKA_MAX_FACTOR_NUMEL, MOKA_SLOT_NUMEL)"
             ) from None
-    return MokaLoRAModel(lora_request.lora_int_id, by_layer)
+    admit_moka_model(manager, lora_request.lora_int_id, by_layer, shapes, terms, where)
+    return MokaLoRAModel(lora_request.lora_int_id, by_layer, shapes)
+
+
+def admit_moka_model(manager, adapter_id, by_layer, shapes, terms, where: str) -> None:
+    """Admit the adapter into every layer's pool (``moka_kernels.bank``), all or none.
+
+    At TP=1 a layer's size is what its entries take. Under tensor parallelism each rank's
+    pieces differ a little, and a check failing on one rank only must not happen, so every
+    rank admits the same bound: each whole term times the pieces one component can become.
+    """
+    sizes: dict[str, int] = {}
+    for layer_name in by_layer:
+        if manager.modules[layer_name].moka_shard.is_whole:
+            sizes[layer_name] = entries_numel(shapes[layer_name])
+    for layer_name, term in terms:
+        if layer_name is None or manager.modules[layer_name].moka_shard.is_whole:
+            continue
+        pieces = manager.modules[layer_name].moka_shard.max_pieces(term.slice)
+        numel = (0 if term.a is None else term.a.numel()) + term.b.numel()
+        sizes[layer_name] = sizes.get(layer_name, 0) + pieces * numel
+    for layer_name, numel in sizes.items():
+        if problem := manager.modules[layer_name].moka_bank.admission_problem(adapter_id, numel):
+            raise ValueError(f"{where}: layer {layer_name!r}: {problem} (MOKA_SLOT_NUMEL)")
+    for layer_name, numel in sizes.items():
+        manager.modules[layer_name].moka_bank.admit(adapter_id, numel)
 
 
 def check_lora_model(manager, lora: LoRAModel, where: str) -> None:

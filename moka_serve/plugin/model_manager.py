@@ -52,9 +52,15 @@ class MokaLRUCacheLoRAModelManager(LRUCacheLoRAModelManager):
                 raise RuntimeError(f"moka-serve: duplicate layer name {layer_name!r}")
             forward_context[layer_name] = module
             module.moka_layer_name = layer_name
+        _log_slot_memory(self)
 
     def moka_layers(self) -> dict[str, MokaLayerMixin]:
         return {n: m for n, m in self.modules.items() if isinstance(m, MokaLayerMixin)}
+
+    def release_moka(self, adapter_id: int) -> None:
+        """An adapter was unloaded: its room in every layer's pool is free for others."""
+        for module in self.moka_layers().values():
+            module.moka_bank.release(adapter_id)
 
     def _set_adapter_mapping(self, mapping) -> None:
         super()._set_adapter_mapping(mapping)
@@ -73,11 +79,62 @@ class MokaLRUCacheLoRAModelManager(LRUCacheLoRAModelManager):
             return activated
         index = self.lora_index_to_id.index(lora_id)
         adapter = self._registered_adapters[lora_id]
-        entries = adapter.moka_entries if isinstance(adapter, MokaLoRAModel) else {}
+        is_moka = isinstance(adapter, MokaLoRAModel)
+        entries = adapter.moka_entries if is_moka else {}
+        shapes = adapter.moka_shapes if is_moka else {}
         for name, module in self.moka_layers().items():
             layer_entries = entries.get(name)
             if layer_entries:
-                module.set_moka(index, layer_entries)
+                module.set_moka(index, layer_entries, shapes.get(name))
             else:
                 module.reset_moka(index)
         return activated
+
+
+def slot_memory(manager) -> dict[str, int]:
+    """Bytes per adapter slot on this rank: vLLM's LoRA buffers (``lora_bytes``), the MoKA
+    pools as preallocated (``moka_pool_bytes``) and their capacity (``moka_capacity_bytes``,
+    equal on GPU; on CPU nothing is preallocated, storage grows with the adapters held)."""
+    import torch
+
+    lora = pool = capacity = 0
+    slots = max(manager.lora_slots, 1)
+    for module in manager.modules.values():
+        if not isinstance(module, AdapterLayerMixin):
+            continue
+        for name in ("lora_a_stacked", "lora_b_stacked"):
+            value = getattr(module, name, None)
+            tensors = [value] if isinstance(value, torch.Tensor) else list(value or ())
+            lora += sum(t.numel() * t.element_size() for t in tensors)
+        bank = getattr(module, "moka_bank", None)
+        if bank is not None:
+            elt = torch.empty((), dtype=bank.dtype).element_size()
+            capacity += bank.pool_numel * elt
+            if bank.pool is not None:
+                pool += bank.pool_numel * elt
+    return {
+        "lora_bytes": lora // slots,
+        "moka_pool_bytes": pool // slots,
+        "moka_capacity_bytes": capacity // slots,
+    }
+
+
+def _log_slot_memory(manager) -> None:
+    from vllm.logger import init_logger
+
+    m = slot_memory(manager)
+    rank = manager.lora_config.max_lora_rank
+    storage = (
+        f"MoKA pools {m['moka_pool_bytes'] / 2**20:.2f} MiB preallocated"
+        if m["moka_pool_bytes"]
+        else f"MoKA storage grows with the adapters held (capacity "
+        f"{m['moka_capacity_bytes'] / 2**20:.2f} MiB)"
+    )
+    init_logger(__name__).info(
+        "moka-serve: %d adapter slots; per slot: LoRA buffers %.2f MiB (max_lora_rank %d%s), %s",
+        manager.lora_slots,
+        m["lora_bytes"] / 2**20,
+        rank,
+        ", MoKA-only" if rank == 1 else "",
+        storage,
+    )

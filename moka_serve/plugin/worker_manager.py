@@ -78,8 +78,12 @@ def _load_folder(self, lora_request):
 
 
 def remove_adapter_with_snapshot(self, adapter_id: int) -> bool:
-    """``WorkerLoRAManager.remove_adapter`` (an explicit unload): the snapshot goes too."""
+    """``WorkerLoRAManager.remove_adapter`` (an explicit unload): the snapshot and the
+    adapter's admission into the MoKA pools go too."""
     SNAPSHOTS.drop_id(adapter_id)
+    manager = getattr(self, "_adapter_manager", None)
+    if isinstance(manager, MokaLRUCacheLoRAModelManager):
+        manager.release_moka(adapter_id)
     return _ORIGINAL_REMOVE_ADAPTER(self, adapter_id)
 
 

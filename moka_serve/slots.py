@@ -1,0 +1,118 @@
+"""How many adapter slots fit in a memory budget, and what one slot costs (no vLLM import).
+
+A slot is where one adapter sits while its requests run; a batch holds at most ``--max-loras``
+distinct adapters, so under a many-adapter load the slot count decides latency (issue #12). Per
+slot the engine keeps, in every adapted layer of every decoder layer:
+
+* vLLM's LoRA buffers: ``max_lora_rank x (in + out)`` per output slice (q, k, v; gate, up; o;
+  down), plus the embedding's and the LM head's. MoKA-only engines (``moka-serve --moka-only``)
+  keep them at rank 1, the smallest vLLM accepts.
+* MoKA factor storage: on GPU a preallocated pool of ``MOKA_SLOT_NUMEL`` elements per slot and
+  layer (``moka_kernels.bank``); on CPU the torch path's packed copy, which grows with the
+  adapters held (half precision is packed as float32 there).
+
+:func:`plan_slots` sizes the MoKA storage from the adapters in a folder (the largest one per
+layer kind) and divides the budget by the per-slot cost.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+# vLLM module (layer kind) -> the checkpoint modules packed into it, in slice order.
+KINDS = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "o_proj": ("o_proj",),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+    "down_proj": ("down_proj",),
+}
+DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2, "auto": 4}
+
+
+@dataclass(frozen=True)
+class SlotPlan:
+    """Per-slot bytes and the slot count a budget gives."""
+
+    max_loras: int
+    lora_bytes: int  # vLLM's LoRA buffers per slot
+    moka_bytes: int  # MoKA factor storage per slot
+    slot_numel: dict[str, int]  # MoKA pool elements per slot, per layer kind
+
+    @property
+    def slot_bytes(self) -> int:
+        return self.lora_bytes + self.moka_bytes
+
+    def env_value(self) -> str:
+        """``MOKA_SLOT_NUMEL`` for these sizes."""
+        return ",".join(f"{k}={n}" for k, n in self.slot_numel.items())
+
+
+def lora_slot_bytes(dims: dict[str, tuple[int, int]], layers: int, vocab: int, rank: int,
+                    elt: int) -> int:  # fmt: skip
+    """Bytes of vLLM's LoRA buffers for one slot at ``max_lora_rank = rank``."""
+    per_layer = 0
+    for parts in KINDS.values():
+        in_f = dims[parts[0]][1]
+        per_layer += sum(rank * (in_f + dims[p][0]) for p in parts)
+    hidden = dims["q_proj"][1]
+    return (layers * per_layer + 2 * rank * (vocab + hidden)) * elt
+
+
+def adapter_numel_by_kind(folder: Path) -> dict[str, int]:
+    """Factor elements a MoKA adapter takes per layer, by vLLM layer kind (from its config:
+    no tensor is read); ``{}`` for a LoRA or an unreadable folder."""
+    from moka_serve.adapter_format import read_config_json
+
+    try:
+        cfg = read_config_json(folder / "adapter_config.json")
+    except (OSError, ValueError):
+        return {}
+    if cfg.get("peft_type") != "MOKA" or not isinstance(cfg.get("targets"), dict):
+        return {}
+    identity = cfg.get("variant") == "mokas"
+    out: dict[str, int] = {}
+    for kind, parts in KINDS.items():
+        total = 0
+        for part in parts:
+            target = cfg["targets"].get(part)
+            if not isinstance(target, dict):
+                continue
+            for comp in target.get("components") or []:
+                m1, n1, m2, n2 = (int(v) for v in comp)
+                total += (0 if identity else m1 * n1) + m2 * n2
+        if total:
+            out[kind] = total
+    return out
+
+
+def plan_slots(
+    folders: list[Path],
+    base_dims: dict[str, tuple[int, int]],
+    layers: int,
+    vocab: int,
+    *,
+    budget_bytes: int,
+    max_lora_rank: int,
+    dtype: str,
+    on_cpu: bool,
+) -> SlotPlan:
+    """Slots that fit ``budget_bytes``, each sized for the largest adapter of ``folders``."""
+    elt = DTYPE_BYTES.get(dtype, 4)
+    moka_elt = 4 if on_cpu else elt  # the CPU path packs half precision as float32
+    slot_numel = {kind: 0 for kind in KINDS}
+    for folder in folders:
+        for kind, n in adapter_numel_by_kind(folder).items():
+            slot_numel[kind] = max(slot_numel[kind], n)
+    lora = lora_slot_bytes(base_dims, layers, vocab, max_lora_rank, elt)
+    moka = layers * sum(slot_numel.values()) * moka_elt
+    count = max(1, budget_bytes // max(lora + moka, 1))
+    return SlotPlan(int(count), lora, moka, slot_numel)
+
+
+def vocab_size(base: str | Path) -> int | None:
+    try:
+        return int(json.loads((Path(base) / "config.json").read_text())["vocab_size"])
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
