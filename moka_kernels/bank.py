@@ -193,8 +193,8 @@ class MokaBank:
 
     @property
     def held_numel(self) -> int:
-        """Pool elements the slots hold now."""
-        return sum(n for _, n in self.regions.values())
+        """Factor elements the slots hold now (their pool regions, when pooled)."""
+        return sum(entries_numel(e) for e in self.entries)
 
     def nbytes(self) -> int:
         """Bytes this bank keeps (pool, table and the CPU path's packed copy)."""

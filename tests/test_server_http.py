@@ -331,6 +331,12 @@ def test_adapter_inventory(server, setup):
     assert any(a["location"].startswith("slot ") for a in items.values())
     with urllib.request.urlopen(server["url"] + "/v1/moka/adapters/lora-qv") as r:
         assert json.load(r)["name"] == "lora-qv"
+    with urllib.request.urlopen(server["url"] + "/v1/moka/pools") as r:
+        pools = json.load(r)
+    assert pools["slots"] >= 1 and pools["slot_memory"]["lora_bytes"] > 0
+    qkv = [v for k, v in pools["layers"].items() if k.endswith("qkv_proj")]
+    assert len(qkv) == 4 and all(p["capacity_numel"] > 0 for p in qkv)
+    assert all(p["admitted_adapters"] >= 1 for p in qkv)  # moka-qv is admitted in every layer
     # Folders of the served directory by the resolver's rule; broken ones listed with a reason.
     assert "link-out" not in items
     assert "nested too deeply" in items["nested"]["error"]

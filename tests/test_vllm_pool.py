@@ -101,7 +101,7 @@ def test_moka_only_slots_cost_what_their_adapters_weigh(llm, setup):
     assert not m["padded_buffers"]
     assert m["qkv_pool_numel"] == [2 * SLOT_NUMEL] * 4
     assert m["moka_pool_bytes"] == 0  # CPU: nothing preallocated
-    assert m["qkv_held"] == [0] * 4  # CPU: the packed copy is the storage, not a pool
+    assert m["qkv_held"] == [512 + 1792] * 4  # what the two slots hold, in every layer
     # The packed copy keeps each slot's factors in a row as wide as the larger adapter.
     weigh = 4 * 4 * (512 + 1792)  # float32 bytes of the two adapters' factors, 4 layers
     assert m["qkv_packed_bytes"] == 4 * 4 * 2 * 1792

@@ -14,7 +14,7 @@ plain engine's run of the same repeat), and the reported ratio is the median ove
 Also measured: cold load (TTFT of the first request to never-seen adapters, found on disk by the
 resolver, minus TTFT of the same request once warm), the bytes each adapter holds (parameters x
 dtype size: what the CPU cache keeps and what is copied into a device slot) and what the engine
-reserves per slot for every method (MoKA banks and vLLM's LoRA buffers exist in every slot).
+keeps per slot (vLLM's LoRA buffers in every slot; MoKA storage as a MoKA adapter uses it).
 
 Results: ``<out-dir>/<name>.json`` (everything, including every run's full summary),
 ``<name>.md`` (the tables) and ``<name>.png`` (TPOT and TTFT ratio against N, per method).
@@ -95,37 +95,34 @@ def adapter_params(method: str, dims: dict, layers: int, targets: list[str], sha
 
 
 def slot_reservation_bytes(
-    dims: dict, layers: int, max_rank: int, elt: int, tp: int = 1
+    dims: dict,
+    layers: int,
+    max_rank: int,
+    elt: int,
+    tp: int = 1,
+    moka_bytes: int = 0,
+    vocab: int | None = None,
 ) -> dict[str, int]:
-    """Bytes one rank keeps per adapter slot in every adapted layer, per method.
-
-    vLLM wraps qkv_proj (3 slices), o_proj, gate_up_proj (2 slices) and down_proj whatever the
-    adapters target, with ``max_lora_rank`` buffers; the plugin adds a MoKA bank to each
-    (``components x slices`` entries of A and B, each capped at ``MOKA_MAX_FACTOR_NUMEL``).
-    At ``tp > 1`` a rank holds 1/tp of LoRA B (column-parallel) or A (row-parallel), and its
-    bank up to 3 entries per component (``moka_kernels.sharding``); replicated KV heads are
-    counted as split.
+    """Bytes one rank keeps per adapter slot: vLLM's LoRA buffers at ``max_rank`` in every
+    wrapped layer (and the embedding and LM head when ``vocab`` is known), whatever the adapters;
+    and the MoKA storage a slot holding a MoKA adapter of ``moka_bytes`` uses (on CPU the packed
+    copy, grown on demand; ``moka_kernels.bank``). At ``tp > 1`` a rank holds 1/tp of LoRA B
+    (column-parallel) or A (row-parallel); replicated KV heads are counted as split.
     """
-    from moka_serve.limits import bank_limits
+    from moka_serve.slots import KINDS
 
-    comps, cap_numel = bank_limits()
-    fused = {
-        "qkv_proj": ["q_proj", "k_proj", "v_proj"],
-        "o_proj": ["o_proj"],
-        "gate_up_proj": ["gate_proj", "up_proj"],
-        "down_proj": ["down_proj"],
-    }
-    lora = moka = 0
-    for parts in fused.values():
+    lora = 0
+    for parts in KINDS.values():
         in_f = dims[parts[0]][1]
         outs = [dims[p][0] for p in parts]
         row_parallel = parts[0] in ("o_proj", "down_proj")
         a_in = in_f // tp if row_parallel else in_f
         b_out = sum(outs) if row_parallel else sum(outs) // tp
         lora += max_rank * (len(parts) * a_in + b_out)
-        pieces = 3 if tp > 1 else 1
-        moka += comps * pieces * len(parts) * 2 * min(cap_numel, max(outs) * in_f)
-    return {"lora": layers * lora * elt, "moka": layers * moka * elt}
+    lora *= layers
+    if vocab is not None:
+        lora += 2 * max_rank * (vocab + dims["q_proj"][1])
+    return {"lora": lora * elt, "moka": moka_bytes}
 
 
 def write_adapters(root: Path, base: Path, names: dict[str, str], spec: dict) -> None:
@@ -228,6 +225,7 @@ def plan_configs(methods: list[str], ns: list[int], pops: list[str]) -> list[tup
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    from moka_serve.slots import vocab_size
     from moka_trainer.models import cache_dir, materialize_default_base
 
     from .plot import plot_ratios
@@ -329,7 +327,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
         "cold_loads": cold_loads,
         "memory_per_adapter": memory,
         "slot_reservation_bytes": slot_reservation_bytes(
-            dims, layers, 16, elt, args.tensor_parallel_size
+            dims,
+            layers,
+            16,
+            elt,
+            args.tensor_parallel_size,
+            moka_bytes=memory.get("moka", {}).get("params", 0) * 4,  # packed float32 on CPU
+            vocab=vocab_size(base),
         ),
         "runs": [
             {"method": m, "n": n, "popularity": p, "summaries": summaries[(m, n, p)]}
@@ -418,7 +422,8 @@ def compare_markdown(report: dict) -> str:
             f"{r['output_tok_s']:.1f} |"
         )
     lines += ["", "| method | params/adapter | bytes/adapter | cold load ms (median) | "
-              "slot reservation per rank (all methods share it) |", "|---|---|---|---|---|"]  # fmt: skip
+              "per slot and rank: LoRA buffers (rank 16) + MoKA storage when a MoKA adapter "
+              "is held |", "|---|---|---|---|---|"]  # fmt: skip
     res = report["slot_reservation_bytes"]
     for m, mem in report["memory_per_adapter"].items():
         cold = report["cold_loads"].get(m, {}).get("cold_load_ms_median")

@@ -44,8 +44,24 @@ def worker_adapter_state(self) -> dict[str, list]:
     lora = getattr(runner, "lora_manager", None)
     manager = getattr(lora, "_adapter_manager", None)
     if manager is None:
-        return {"cpu": [], "slots": []}
-    return {"cpu": sorted(manager.list_adapters()), "slots": list(manager.lora_index_to_id)}
+        return {"cpu": [], "slots": [], "pools": {}}
+    from .model_manager import slot_memory
+
+    pools = {
+        name: {
+            "capacity_numel": m.moka_bank.pool_numel,
+            "held_numel": m.moka_bank.held_numel,
+            "admitted_adapters": len(m.moka_bank.admitted),
+            "preallocated": m.moka_bank.pool is not None,
+        }
+        for name, m in manager.moka_layers().items()
+    }
+    return {
+        "cpu": sorted(manager.list_adapters()),
+        "slots": list(manager.lora_index_to_id),
+        "pools": pools,
+        "slot_memory": slot_memory(manager),
+    }
 
 
 def _describe_moka(folder: Path) -> dict[str, Any]:
@@ -197,6 +213,24 @@ def build_router() -> APIRouter:
     async def list_adapters(raw_request: Request):
         items = await inventory(raw_request.app.state)
         return JSONResponse({"object": "list", "data": list(items.values())})
+
+    @router.get("/v1/moka/pools")
+    async def pools(raw_request: Request):
+        """Slot count, bytes per slot and each layer's MoKA pool use (rank 0)."""
+        engine = getattr(raw_request.app.state, "engine_client", None)
+        try:
+            state = (await engine.collective_rpc("moka_adapter_state"))[0]
+        except Exception as e:  # noqa: BLE001 - reported, the server goes on
+            return JSONResponse({"error": {"message": f"engine did not answer: {e}",
+                                           "type": "ServiceUnavailable", "code": 503}},
+                                status_code=503)  # fmt: skip
+        return JSONResponse(
+            {
+                "slots": len(state.get("slots", [])),
+                "slot_memory": state.get("slot_memory", {}),
+                "layers": state.get("pools", {}),
+            }  # fmt: skip
+        )
 
     @router.get("/v1/moka/adapters/{name}")
     async def get_adapter(name: str, raw_request: Request):
