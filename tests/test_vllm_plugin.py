@@ -273,6 +273,11 @@ def _bad(workdir: Path, adapters, case: str) -> tuple[Path, str]:
         dims = {"q_proj": (320, 320), "v_proj": (64, 320)}
         write_random_lora(folder, ["q_proj", "v_proj"], seed=14, dims=dims)
         return folder, "do not fit this base's 256x256 layer"
+    if case == "lora-truncated":  # vLLM's loader raised safetensors' own error: a 500
+        shutil.copytree(adapters["lora-qvdown"][0], folder)
+        f = folder / "adapter_model.safetensors"
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+        return folder, "cannot read its weights (truncated or corrupt?)"
     if case == "lora-rank-not-config":  # rank-8 tensors, r=4 in the config: wrong alpha / r
         write_random_lora(folder, ["q_proj"], seed=15, r=8)
         cfg = json.loads((folder / "adapter_config.json").read_text())
@@ -283,6 +288,7 @@ def _bad(workdir: Path, adapters, case: str) -> tuple[Path, str]:
 
 
 BAD_CASES = [
+    "lora-truncated",
     "lora-rank-not-config",
     "lora-nan",
     "lora-wrong-shapes",

@@ -72,7 +72,15 @@ def _load_folder(self, lora_request):
     check_peft_type(peft_type, path)
     if peft_type == "MOKA":
         return load_moka_model(self._adapter_manager, lora_request, path)
-    lora = _ORIGINAL_LOAD_ADAPTER(self, lora_request)
+    try:
+        lora = _ORIGINAL_LOAD_ADAPTER(self, lora_request)
+    except (LoRAAdapterNotFoundError, ValueError, KeyError):
+        raise
+    except Exception as e:  # e.g. safetensors' own error for a truncated or corrupt file
+        raise ValueError(
+            f"LoRA adapter {lora_request.lora_name!r}: cannot read its weights (truncated or "
+            f"corrupt?): {type(e).__name__}: {e}"
+        ) from None
     check_lora_model(self._adapter_manager, lora, f"LoRA adapter {lora_request.lora_name!r}")
     return lora
 
