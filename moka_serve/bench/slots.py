@@ -32,7 +32,7 @@ from pathlib import Path
 
 from .client import run_workload
 from .report import machine
-from .server import free_port, running_server
+from .server import children_rss_bytes, free_port, running_server
 from .workload import WorkloadConfig, build_workload
 
 METHODS = ("moka", "lora8", "lora16", "today")
@@ -89,18 +89,6 @@ def phase_slot_bytes(method: str, spec: dict, dtype: str) -> int:
     return lora_slot_bytes(dims, layers, vocab, int(method.removeprefix("lora")), elt)
 
 
-def _rss_mb() -> float:
-    import psutil
-
-    total = 0
-    for p in psutil.Process().children(recursive=True):
-        try:
-            total += p.memory_info().rss
-        except psutil.Error:
-            pass
-    return total / 2**20
-
-
 def run_phase(args, base: Path, adapters: Path, names: list[str], method: str, slots: int,
               log: Path) -> dict:  # fmt: skip
     from moka_serve.cli import build_command, build_parser
@@ -141,7 +129,7 @@ def run_phase(args, base: Path, adapters: Path, names: list[str], method: str, s
                  for s in specs]  # fmt: skip
         results, wall = asyncio.run(run_workload(url, specs, concurrency=args.concurrency,
                                                  timeout_s=args.timeout, progress=False))  # fmt: skip
-        rss = _rss_mb()
+        rss = children_rss_bytes() / 2**20
     failed = [r for r in results if not r.ok]
     if failed:
         raise BenchError(f"{method} x {slots}: {len(failed)} request(s) failed: {failed[0].error}")

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .report import machine
-from .server import free_port, running_server
+from .server import children_rss_bytes, free_port, running_server
 
 BREAKS = ("nan", "truncate", "delete", "bad_json", "other_base")
 # Weighted so that folders are broken about half of the time.
@@ -235,17 +235,8 @@ async def _health(url: str, deadline: float, log: list[tuple[float, int | None]]
 
 
 async def _rss(deadline: float, interval: float, samples: list[tuple[float, float]]) -> None:
-    import psutil
-
-    me = psutil.Process()
     while True:
-        total = 0
-        for p in me.children(recursive=True):
-            try:
-                total += p.memory_info().rss
-            except psutil.Error:
-                pass
-        samples.append((time.monotonic(), total / 2**20))
+        samples.append((time.monotonic(), children_rss_bytes() / 2**20))
         if time.monotonic() >= deadline:
             return
         await asyncio.sleep(min(interval, max(0.0, deadline - time.monotonic())))
