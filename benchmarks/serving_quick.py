@@ -42,8 +42,8 @@ def main() -> None:
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
 
+    from moka_serve.base_models import materialize_default_base
     from moka_serve.bench.random_adapters import random_moka, write_moka, write_random_lora
-    from moka_trainer.models import materialize_default_base
 
     base = materialize_default_base()
     root = Path(args.adapters_dir)

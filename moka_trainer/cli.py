@@ -21,6 +21,8 @@ output (--out DIR):
                                                    with --method lora)
   train_log.jsonl    one JSON line per step: step, loss, lr, tokens_per_s (+ eval entries)
   train_info.json    parameter counts, shapes, timings, eval before/after
+  eval_predictions.jsonl  with --eval-data: every held-out generation of the final eval
+                     (line, prompt, expected, generated, correct)
   checkpoints/step-N with --save-every N (resume with --resume latest)
 
 examples:
@@ -43,6 +45,9 @@ def _csv(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .moka_layer import INITS
+    from .shapes import FAMILIES
+
     p = _Parser(
         prog="moka-train",
         description="Train a MoKA (Mixture of Kronecker Adapters) adapter over a frozen base "
@@ -84,14 +89,32 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=4,
         metavar="R",
-        help="MoKA components per layer, with diverse Kronecker shapes (default: 4)",
+        help="MoKA components per layer when no --budget is given (default: 4; with the mixed "
+        "family about a rank-4 LoRA's parameters)",
     )
     g.add_argument(
         "--budget",
         metavar="B",
         help="total trainable-parameter budget for automatic shapes: a percentage of the base "
-        "model's parameters (0.1%%) or a count (200000, 200k). Default: the cheapest diverse "
-        "shapes (both factors near sqrt size)",
+        "model's parameters (0.1%%) or a count (200000, 200k), down to a rank-1 LoRA's size. "
+        "Families lora and mixed take as many components as fit; kron takes --components "
+        "shapes as large as fit",
+    )
+    g.add_argument(
+        "--shape-family",
+        choices=FAMILIES,
+        default=None,
+        help="automatic shapes: mixed = one balanced Kronecker component (full rank) plus "
+        "rank-1 components (out x 1 kron 1 x in, each a LoRA rank); lora = rank-1 components "
+        "only (exactly a LoRA); kron = diverse balanced Kronecker shapes (default: mixed, "
+        "kron for --variant mokas; docs/training.md has the study behind it)",
+    )
+    g.add_argument(
+        "--init",
+        choices=INITS,
+        default="lora",
+        help="which factor starts at zero: lora = B (input side) Kaiming, A zero, as LoRA; "
+        "a-random = A Kaiming, B zero (default: lora)",
     )
     g.add_argument(
         "--shapes",
@@ -112,15 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-gating",
         dest="gating",
         action="store_false",
-        help="sum the components with weight 1 instead of softmax(gate) (ablation)",
+        help="sum the components with weight 1 instead of softmax(gate) (ablation; a single "
+        "component never has a gate)",
     )
     g.add_argument(
         "--scaling",
         type=float,
         default=None,
-        help="global factor on delta_W (default: the number of components, so that each "
-        "softmax-gated component starts with weight 1; with 1 the adapter learns r times "
-        "slower under Adam)",
+        help="global factor on delta_W (default: 2 x the number of components with gating, "
+        "2 without, so each component starts with coefficient 2 like a LoRA term with alpha "
+        "= 2 x rank)",
     )
     g.add_argument("--rank", type=int, default=8, help="LoRA rank for --method lora (default: 8)")
     g.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: 2 x rank)")
@@ -139,6 +163,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="compute dtype; auto: bfloat16 on GPUs that support it, float32 on CPU",
     )
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
+    g.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        metavar="N",
+        help="torch CPU threads (default 0: torch's choice, all cores). On a shared machine "
+        "fewer threads than cores can be much faster than threads fighting for them",
+    )
     g.add_argument(
         "--gradient-checkpointing",
         action="store_true",
@@ -221,7 +253,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="always show a progress bar (default: when stderr is a terminal)",
     )
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    g.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        help="no progress bar (status lines instead, see --progress-every)",
+    )
+    g.add_argument(
+        "--progress-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="without a bar (stderr not a terminal, or --no-progress): a status line every N "
+        "steps with step, epoch, loss, tokens/s and ETA (default 0: about 20 lines per run)",
+    )
     g.add_argument("--quiet", action="store_true", help="no status messages")
     g.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     return p
@@ -241,6 +286,8 @@ def config_from_args(args: argparse.Namespace):
         budget=args.budget,
         shapes=args.shapes,
         variant=args.variant,
+        shape_family=args.shape_family,
+        init=args.init,
         gating=args.gating,
         scaling=args.scaling,
         rank=args.rank,
@@ -268,6 +315,8 @@ def config_from_args(args: argparse.Namespace):
         save_every=args.save_every,
         resume=args.resume,
         progress=args.progress,
+        progress_every=args.progress_every,
+        threads=args.threads,
         quiet=args.quiet,
     )
 

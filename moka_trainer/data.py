@@ -43,7 +43,8 @@ class Example:
     labels: list[int]
     kind: str
     line: int
-    # For prompt/completion records: the prompt ids (for greedy generation) and the target.
+    # For prompt/completion records, and messages records that end with an assistant turn: the
+    # prompt ids (for greedy generation) and the target text.
     prompt_ids: list[int] | None = None
     completion: str | None = None
     extra: dict = field(default_factory=dict)
@@ -191,7 +192,13 @@ class Tokenize:
             if end > len(full) or start > end:
                 raise DataError(f"{where}: the chat template does not render turns as prefixes")
             labels[start:end] = full[start:end]
-        return Example(full, labels, "messages", line)
+        ex = Example(full, labels, "messages", line)
+        if msgs[-1]["role"] == "assistant":
+            # Greedy eval: the rendered conversation up to the last turn's generation prompt,
+            # as a chat client sends it, against the last assistant message.
+            ex.prompt_ids = full[:start]
+            ex.completion = msgs[-1]["content"]
+        return ex
 
 
 def load_examples(

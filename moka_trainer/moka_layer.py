@@ -28,6 +28,7 @@ from moka_serve.adapter_format import (
 )
 
 FACTOR_DTYPE = torch.float32
+INITS = ("lora", "a-random")
 
 
 class MokaLinear(nn.Module):
@@ -35,9 +36,22 @@ class MokaLinear(nn.Module):
 
     ``base`` is an ``nn.Linear`` or a bitsandbytes ``Linear4bit`` (anything with
     ``in_features``/``out_features`` that maps ``(..., in)`` to ``(..., out)``). The factors are
-    kept in float32 whatever the base's dtype. Initialisation: ``A_i`` Kaiming-uniform and
-    ``B_i`` zero (MoKAs: only ``B_i``, zero), so the update is exactly zero at step 0 while the
-    gradient of every ``B_i`` is not.
+    kept in float32 whatever the base's dtype.
+
+    ``init`` says which factor starts at zero, so that the update is exactly zero at step 0
+    while the other factor's gradient is not:
+
+    * ``"lora"`` (default): ``B_i`` (the input side: it sees ``x``'s last ``n2`` features)
+      Kaiming-uniform over its fan-in ``n2``, ``A_i`` zero. For a rank-1 component
+      ``(out, 1, 1, in)`` this is exactly LoRA's initialisation (random input-side row, zero
+      output-side column), so such components train like LoRA for the same coefficient.
+    * ``"a-random"``: ``A_i`` Kaiming-uniform, ``B_i`` zero (the first release's choice; for a
+      rank-1 component it puts a U(-1, 1) column on the output side).
+
+    MoKAs (identity ``A_i``) has only ``B_i``, which starts at zero.
+
+    Components whose A is a column (``n1 == 1``: every rank-1 component) are computed together
+    as one LoRA-like pair of matmuls, so r rank-1 components cost what a rank-r LoRA costs.
     """
 
     def __init__(
@@ -48,8 +62,12 @@ class MokaLinear(nn.Module):
         gating: bool = True,
         variant: str = "moka",
         scaling: float = 1.0,
+        init: str = "lora",
     ) -> None:
         super().__init__()
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        self.init = init
         if variant not in ("moka", "mokas"):
             raise ValueError(f"variant must be 'moka' or 'mokas', got {variant!r}")
         if not components:
@@ -93,6 +111,14 @@ class MokaLinear(nn.Module):
         else:
             self.register_parameter("moka_gate", None)
         self._a_first = [choose_a_first(c.m1, c.n1, c.m2, c.n2, identity) for c in self.components]
+        # Components computed together (A a column: n1 == 1, same m1 and m2) and the others.
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, c in enumerate(self.components):
+            if c.n1 == 1 and not identity:
+                groups.setdefault((c.m1, c.m2), []).append(i)
+        self._column_groups = [g for g in groups.values() if len(g) > 1]
+        grouped = {i for g in self._column_groups for i in g}
+        self._single = [i for i in range(len(self.components)) if i not in grouped]
         self.reset_parameters()
 
     @property
@@ -100,12 +126,20 @@ class MokaLinear(nn.Module):
         return self.variant == "mokas"
 
     def reset_parameters(self) -> None:
-        """A_i Kaiming-uniform (as nn.Linear), B_i zero, gate logits zero: delta_W = 0."""
+        """One factor Kaiming-uniform (as nn.Linear), the other zero (see ``init``), gate logits
+        zero: delta_W = 0."""
         with torch.no_grad():
+            random_b = self.init == "lora" and not self.identity_a
             for a in self.moka_A:
-                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+                if random_b:
+                    a.zero_()
+                else:
+                    nn.init.kaiming_uniform_(a, a=math.sqrt(5))
             for b in self.moka_B:
-                b.zero_()
+                if random_b:
+                    nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+                else:
+                    b.zero_()
             if self.moka_gate is not None:
                 self.moka_gate.zero_()
 
@@ -122,7 +156,17 @@ class MokaLinear(nn.Module):
         t = xf.shape[0]
         coeff = self.coefficients().to(xf.device)
         out = None
-        for i, c in enumerate(self.components):
+        for group in self._column_groups:
+            # sum_i c_i kron(a_i, B_i) x  with a_i an (m1 x 1) column and B_i (m2 x in):
+            # z = x @ [B_1; ...; B_k]^T, then out[:, p*m2 + q] = sum_i a_i[p] c_i z_i[q].
+            m2 = self.components[group[0]].m2
+            b = torch.cat([self.moka_B[i] for i in group])  # (k * m2, in)
+            a = torch.cat([self.moka_A[i] for i in group], dim=1) * coeff[group]  # (m1, k)
+            z = (xf @ b.t()).reshape(t, len(group), m2)
+            y = torch.einsum("tkq,pk->tpq", z, a).reshape(t, self.out_features)
+            out = y if out is None else out + y
+        for i in self._single:
+            c = self.components[i]
             a = None if self.identity_a else self.moka_A[i]
             y = kron_matmul(xf.reshape(t, c.n1, c.n2), a, self.moka_B[i], self._a_first[i])
             y = y.reshape(t, self.out_features) * coeff[i]
@@ -177,7 +221,8 @@ class MokaLinear(nn.Module):
     def extra_repr(self) -> str:
         shapes = ",".join("x".join(map(str, c.as_list())) for c in self.components)
         return (
-            f"variant={self.variant}, gating={self.gating}, scaling={self.scaling}, shapes={shapes}"
+            f"variant={self.variant}, gating={self.gating}, scaling={self.scaling}, "
+            f"init={self.init}, shapes={shapes}"
         )
 
 
@@ -247,6 +292,7 @@ def inject_moka(
     gating: bool = True,
     variant: str = "moka",
     scaling: float = 1.0,
+    init: str = "lora",
     freeze_base: bool = True,
 ) -> dict[str, MokaLinear]:
     """Wrap every linear named by a key of ``shapes`` in a :class:`MokaLinear`.
@@ -261,7 +307,9 @@ def inject_moka(
     wrapped = {}
     for path, base in find_target_modules(model, list(shapes)).items():
         target = path.rsplit(".", 1)[-1]
-        m = MokaLinear(base, shapes[target], gating=gating, variant=variant, scaling=scaling)
+        m = MokaLinear(
+            base, shapes[target], gating=gating, variant=variant, scaling=scaling, init=init
+        )
         _set_submodule(model, path, m)
         wrapped[path] = m
     return wrapped

@@ -4,6 +4,17 @@ A component of a layer with weight ``(out, in)`` is ``kron(A, B)`` with ``A`` of
 ``(m1, n1)`` and ``B`` of shape ``(m2, n2)``, ``m1 * m2 == out`` and ``n1 * n2 == in``. It stores
 ``m1*n1 + m2*n2`` parameters (``m2*n2`` for MoKAs, whose ``A`` is the identity), which depends
 only on ``p = m1*n1``: ``p + out*in/p``, smallest at ``p = sqrt(out*in)``.
+
+Shape families (``--shape-family``) for automatic shapes:
+
+* ``kron``: distinct, diverse, balanced Kronecker shapes (the first release's only choice):
+  full-rank updates, but per parameter they trained worse than LoRA on capacity-bound tasks.
+* ``lora``: ``(out, 1, 1, in)`` components only. ``kron`` of an ``out x 1`` column and a
+  ``1 x in`` row is a rank-1 outer product, so r of them are exactly a rank-r LoRA (same
+  ``r * (out + in)`` parameters, same cost per token).
+* ``mixed`` (the default): one balanced Kronecker component (a full-rank term at the price of
+  about one rank-1 term) plus rank-1 components filling the rest of the budget. MoKA then
+  contains LoRA of one rank less and adds a high-rank term on top.
 """
 
 from __future__ import annotations
@@ -177,8 +188,6 @@ def parse_shapes(specs: Iterable[str]) -> dict[str, list[ComponentShape]]:
                         "with positive integers (e.g. 24x24x24x24)"
                     )
                 shapes.append(ComponentShape(*(int(v) for v in m.groups())))
-            if len(set(shapes)) != len(shapes):
-                raise ValueError(f"--shapes {target}: the same component shape is given twice")
             out[target] = shapes
     return out
 
@@ -234,6 +243,59 @@ def parse_budget(text: str, base_params: int) -> float:
     return value
 
 
+FAMILIES = ("mixed", "lora", "kron")
+
+
+def rank_one_shape(out_features: int, in_features: int) -> ComponentShape:
+    """The LoRA-equivalent component: ``kron(column of out, row of in)``, a rank-1 term."""
+    return ComponentShape(out_features, 1, 1, in_features)
+
+
+def balanced_shape(out_features: int, in_features: int) -> ComponentShape:
+    """The cheapest two-sided Kronecker shape (both factors near sqrt size, least lopsided)."""
+    return choose_components(out_features, in_features, 1, 0.0)[0][0]
+
+
+def family_components(
+    out_features: int,
+    in_features: int,
+    family: str,
+    *,
+    num_components: int | None,
+    budget: float,
+    gating: bool = True,
+) -> tuple[list[ComponentShape], bool]:
+    """Shapes of family ``lora`` or ``mixed`` for one module: a count, or as many as ``budget``.
+
+    ``num_components=None`` takes the most components whose parameters (gate logits included,
+    one per component when there is more than one) fit ``budget``; any budget down to one
+    rank-1 term (``out + in``, a rank-1 LoRA's size) is reachable. ``mixed`` with one component
+    is a single rank-1 term (at that size the rank-1 term trained better than a Kronecker one).
+    Returns the shapes and whether they fit.
+    """
+    one = rank_one_shape(out_features, in_features)
+    kron = balanced_shape(out_features, in_features)
+    if kron.as_list() == one.as_list() or family == "lora":
+        kron = None
+
+    def shapes(k: int) -> list[ComponentShape]:
+        if kron is None or k == 1:
+            return [one] * k
+        return [kron] + [one] * (k - 1)
+
+    def cost(k: int) -> int:
+        return module_params(shapes(k), "moka", gating and k > 1)
+
+    if num_components is not None:
+        if num_components < 1:
+            raise ValueError(f"the number of components must be >= 1, got {num_components}")
+        return shapes(num_components), cost(num_components) <= budget
+    k = 1
+    while cost(k + 1) <= budget:
+        k += 1
+    return shapes(k), cost(k) <= budget
+
+
 def plan_shapes(
     layer_dims: Mapping[str, tuple[int, int]],
     module_counts: Mapping[str, int],
@@ -243,15 +305,24 @@ def plan_shapes(
     explicit: Mapping[str, Sequence[ComponentShape]] | None = None,
     variant: str = "moka",
     gating: bool = True,
+    family: str = "kron",
 ) -> tuple[dict[str, list[ComponentShape]], list[str]]:
     """Shapes for every target: explicit ones where given, the rest chosen from the budget.
 
     ``layer_dims`` maps target -> ``(out, in)``; ``module_counts`` how many modules each target
-    adapts. The budget (total trainable parameters) is shared equally by all adapted modules.
-    ``budget=None`` means "no limit": the largest diverse shapes whose factors are balanced,
-    i.e. the cheapest ones (a MoKA component is cheapest when both factors are ~sqrt-sized).
+    adapts. The budget (total trainable parameters) is shared by all adapted modules.
+
+    ``family`` ``kron``: ``num_components`` diverse balanced shapes within the budget;
+    ``budget=None`` means the cheapest such set. ``lora`` / ``mixed`` (see the module
+    docstring): with a budget, the most components per module that fit it, the same count on
+    every target as a LoRA has one rank (``num_components`` is ignored); without one,
+    ``num_components`` components.
     Returns the shapes and human-readable notes (e.g. that the budget was too small).
     """
+    if family not in FAMILIES:
+        raise ValueError(f"shape family must be one of {FAMILIES}, got {family!r}")
+    if family != "kron" and variant == "mokas":
+        raise ValueError("shape families lora and mixed need variant moka (mokas has no A)")
     explicit = dict(explicit or {})
     notes: list[str] = []
     unknown = sorted(set(explicit) - set(layer_dims))
@@ -268,6 +339,31 @@ def plan_shapes(
     if not remaining:
         return result, notes
     used = sum(module_params(result[t], variant, gating) * module_counts.get(t, 0) for t in result)
+    if family != "kron":
+        # One component count for every target (as a LoRA has one rank): the largest that fits.
+        def with_k(k: int) -> tuple[dict[str, list[ComponentShape]], int]:
+            got = {
+                t: family_components(*layer_dims[t], family, num_components=k, budget=0)[0]
+                for t in remaining
+            }
+            cost = sum(module_params(got[t], variant, gating and k > 1) * module_counts.get(t, 0)
+                       for t in remaining)  # fmt: skip
+            return got, cost
+
+        left = math.inf if budget is None else budget - used
+        k = num_components
+        if budget is not None:
+            k = 1
+            while with_k(k + 1)[1] <= left:
+                k += 1
+        got, cost = with_k(k)
+        if cost > left:
+            notes.append(
+                f"budget too small: {max(left, 0):,.0f} params left for {sorted(remaining)}, "
+                f"one rank-1 component on each needs {cost:,}; using that"
+            )
+        result.update(got)
+        return result, notes
     n_modules = sum(module_counts.get(t, 0) for t in remaining)
     per_module = math.inf if budget is None else (budget - used) / max(n_modules, 1)
     for target in remaining:

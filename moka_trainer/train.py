@@ -27,12 +27,21 @@ import torch
 from torch import nn
 
 from moka_serve.adapter_format import save_adapter
+from moka_serve.base_models import DEFAULT_BASE_ID
 
 from . import data as data_mod
 from .bnb_cpu import keep_portable_4bit_layout
 from .data import IGNORE_INDEX, DataError, Example
-from .moka_layer import export_adapter, inject_moka, moka_modules, target_dims, trainable_parameters
+from .moka_layer import (
+    INITS,
+    export_adapter,
+    inject_moka,
+    moka_modules,
+    target_dims,
+    trainable_parameters,
+)
 from .shapes import (
+    FAMILIES,
     format_shapes,
     lora_params,
     module_params,
@@ -43,6 +52,7 @@ from .shapes import (
 
 LOG_NAME = "train_log.jsonl"
 INFO_NAME = "train_info.json"
+PREDICTIONS_NAME = "eval_predictions.jsonl"
 CHECKPOINTS = "checkpoints"
 STATE_NAME = "trainer_state.pt"
 
@@ -66,8 +76,11 @@ class TrainConfig:
     budget: str | None = None  # "0.1%" of base params, or a count; None: cheapest diverse set
     shapes: Sequence[str] = ()
     variant: str = "moka"
-    gating: bool = True
-    # None: the number of components, so each softmax-gated component starts at weight 1
+    # mixed | lora | kron (moka_trainer.shapes); None: mixed, or kron for variant mokas
+    shape_family: str | None = None
+    init: str = "lora"  # lora | a-random: which factor starts at zero (MokaLinear)
+    gating: bool = True  # softmax gates; never for a single component (softmax of one is 1)
+    # None: each component starts with coefficient 2, as a LoRA term with alpha = 2 * rank
     scaling: float | None = None
     # LoRA baseline
     rank: int = 8
@@ -99,6 +112,8 @@ class TrainConfig:
     save_every: int = 0
     resume: str | None = None  # a checkpoint folder, or "latest"
     progress: bool | None = None  # None: a bar when stderr is a terminal
+    progress_every: int = 0  # without a bar: a status line every N steps (0: about 20 lines)
+    threads: int = 0  # torch CPU threads (0: torch's default)
     quiet: bool = False
     extra: dict = field(default_factory=dict)
 
@@ -120,6 +135,15 @@ def check_config(cfg: TrainConfig) -> None:
 
     need(cfg.method in ("moka", "lora"), f"--method must be moka or lora, got {cfg.method!r}")
     need(cfg.variant in ("moka", "mokas"), f"--variant must be moka or mokas, got {cfg.variant!r}")
+    need(
+        cfg.shape_family in (None, *FAMILIES),
+        f"--shape-family must be one of {', '.join(FAMILIES)}",
+    )
+    need(cfg.init in INITS, f"--init must be one of {', '.join(INITS)}")
+    need(
+        cfg.variant == "moka" or cfg.shape_family in (None, "kron") or cfg.method != "moka",
+        "--variant mokas needs --shape-family kron (rank-1 components need their A)",
+    )
     need(bool(cfg.targets), "--targets must name at least one module, e.g. q_proj,v_proj")
     for t in cfg.targets:
         need(bool(t) and "." not in t and " " not in t, f"--targets: {t!r} is not a module name")
@@ -146,7 +170,8 @@ def check_config(cfg: TrainConfig) -> None:
     need(cfg.max_length >= 8, f"--max-length must be >= 8, got {cfg.max_length}")
     need(cfg.prompt_format in ("plain", "chat"), "--prompt-format must be plain or chat")
     need(cfg.dtype in ("auto", "float32", "bfloat16"), "--dtype must be auto, float32 or bfloat16")
-    for name in ("eval_every", "log_every", "save_every"):
+    need(cfg.threads >= 0, f"--threads must be >= 0, got {cfg.threads}")
+    for name in ("eval_every", "log_every", "save_every", "progress_every"):
         need(getattr(cfg, name) >= 0, f"--{name.replace('_', '-')} must be >= 0")
     need(cfg.max_eval_examples >= 1, "--max-eval-examples must be >= 1")
     need(cfg.eval_batch_size >= 1, "--eval-batch-size must be >= 1")
@@ -219,7 +244,7 @@ def compute_dtype(name: str, device: torch.device) -> torch.dtype:
 def resolve_base(base: str | None, say: Callable[[str], None]) -> str:
     if base is not None:
         return str(Path(base).expanduser()) if _looks_like_path(base) else base
-    from .models import materialize_default_base
+    from moka_serve.base_models import materialize_default_base
 
     say("no --base given: using the embedded SmolLM2-135M-Instruct")
     try:
@@ -282,6 +307,11 @@ def count_base_params(model: nn.Module) -> int:
 # --------------------------------------------------------------------------- adapters
 
 
+def shape_family(cfg: TrainConfig) -> str:
+    """The family of automatic shapes: as given, else mixed (kron for MoKAs, which has no A)."""
+    return cfg.shape_family or ("kron" if cfg.variant == "mokas" else "mixed")
+
+
 def setup_moka(model: nn.Module, cfg: TrainConfig, base_params: int) -> dict:
     """Inject MoKA modules; return a summary (shapes, parameter counts, LoRA comparison)."""
     try:
@@ -296,18 +326,21 @@ def setup_moka(model: nn.Module, cfg: TrainConfig, base_params: int) -> dict:
             explicit=explicit,
             variant=cfg.variant,
             gating=cfg.gating,
+            family=shape_family(cfg),
         )
     except ValueError as e:
         raise TrainError(str(e)) from None
-    # Default scaling r: alpha_i = softmax(0) = 1/r at init, so each component starts with
-    # weight 1 (as in an ungated sum). With scaling 1 the update is r times smaller, which with
-    # Adam means r times slower learning in function space.
-    scaling = (
-        cfg.scaling if cfg.scaling is not None else float(max(len(v) for v in shapes.values()))
-    )
-    inject_moka(model, shapes, gating=cfg.gating, variant=cfg.variant, scaling=scaling)
+    # No gate for a single component: softmax over one logit is 1, the gate would not train.
+    r = max(len(v) for v in shapes.values())
+    gating = cfg.gating and r > 1
+    # Default scaling: alpha_i = softmax(0) = 1/r at init, so scaling 2r (2 ungated) starts each
+    # component at coefficient 2, the alpha / rank = 2 of a LoRA with alpha = 2 * rank: rank-1
+    # components then train exactly like that LoRA's terms. Scaling 1 would make the update 2r
+    # times smaller, which under Adam means that much slower learning in function space.
+    scaling = cfg.scaling if cfg.scaling is not None else float(2 * r if gating else 2)
+    inject_moka(model, shapes, gating=gating, variant=cfg.variant, scaling=scaling, init=cfg.init)
     trainable = trainable_parameters(model)
-    expected = sum(module_params(shapes[t], cfg.variant, cfg.gating) * counts[t] for t in dims)
+    expected = sum(module_params(shapes[t], cfg.variant, gating) * counts[t] for t in dims)
     assert trainable == expected, (trainable, expected)
     return {
         "method": "moka",
@@ -318,7 +351,9 @@ def setup_moka(model: nn.Module, cfg: TrainConfig, base_params: int) -> dict:
         "notes": notes,
         "budget_params": budget,
         "scaling": scaling,
-        "gating": cfg.gating,
+        "gating": gating,
+        "shape_family": shape_family(cfg),
+        "init": cfg.init,
         "variant": cfg.variant,
         "trainable_params": trainable,
         "base_params": base_params,
@@ -365,8 +400,11 @@ def describe(info: dict) -> list[str]:
             o, i = d["out_x_in"]
             lines.append(f"{t} ({o}x{i}, {d['modules']} modules): components {d['shapes']}")
         lines += info["notes"]
+        one = all(len(d["shapes"].split(",")) == 1 for d in info["targets"].values())
+        gating = "softmax" if info["gating"] else "none (one component)" if one else "off"
         lines.append(
-            f"gating {'softmax' if info['gating'] else 'off'}, scaling {info['scaling']:g}"
+            f"shape family {info['shape_family']}, init {info['init']}, gating {gating}, "
+            f"scaling {info['scaling']:g}"
         )
     else:
         lines.append(
@@ -490,7 +528,7 @@ def evaluate(
                 total += float(loss)
                 count += n
             result = {"eval_loss": total / max(count, 1), "eval_examples": len(examples)}
-            pc = [e for e in examples if e.kind == "prompt_completion"]
+            pc = [e for e in examples if e.prompt_ids is not None]
             if pc:
                 longest = max(len(e.input_ids) - len(e.prompt_ids) for e in pc)
                 texts = greedy_completions(
@@ -501,14 +539,18 @@ def evaluate(
                     cfg.eval_batch_size,
                     device,
                 )
-                hits = sum(
-                    t.strip() == e.completion.strip() for t, e in zip(texts, pc, strict=True)
-                )
-                result["eval_exact_match"] = hits / len(pc)
-                result["eval_samples"] = [
-                    {"completion": e.completion, "generated": t}
-                    for t, e in zip(texts[:3], pc[:3], strict=True)
+                preds = [
+                    {
+                        "line": e.line,
+                        "prompt": tokenizer.decode(e.prompt_ids, skip_special_tokens=False),
+                        "expected": e.completion,
+                        "generated": t,
+                        "correct": t.strip() == e.completion.strip(),
+                    }
+                    for t, e in zip(texts, pc, strict=True)
                 ]
+                result["eval_exact_match"] = sum(p["correct"] for p in preds) / len(pc)
+                result["eval_predictions"] = preds
     finally:
         model.train(was_training)
     return result
@@ -610,6 +652,8 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler, cfg: T
 def train(cfg: TrainConfig) -> dict:
     """Run training end to end; returns the summary also written to ``train_info.json``."""
     check_config(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     say = lambda msg: _say(cfg, msg)  # noqa: E731
     start_time = time.monotonic()
     out = Path(cfg.out)
@@ -687,7 +731,8 @@ def train(cfg: TrainConfig) -> dict:
     results: dict = {}
     if eval_ex and start_step == 0 and cfg.eval_before:
         results["before"] = evaluate(model, tokenizer, eval_ex, cfg, device, dtype)
-        log({"step": 0, **{k: v for k, v in results["before"].items() if k != "eval_samples"}})
+        log({"step": 0, **{k: v for k, v in results["before"].items() if k != "eval_predictions"}})
+        results["before"].pop("eval_predictions", None)
         say(f"eval before training: {_fmt_eval(results['before'])}")
 
     from tqdm.auto import tqdm
@@ -699,6 +744,8 @@ def train(cfg: TrainConfig) -> dict:
         unit="step",
         disable=(not sys.stderr.isatty()) if cfg.progress is None else not cfg.progress,
     )
+    # Without a bar (a log file, CI, nohup): a plain status line every N steps instead.
+    every = 0 if not bar.disable or cfg.quiet else cfg.progress_every or max(1, total // 20)
     model.train()
     pad = tokenizer.pad_token_id
     losses: list[float] = []
@@ -735,16 +782,24 @@ def train(cfg: TrainConfig) -> dict:
                 log(
                     {
                         "step": done,
-                        "epoch": round(step / per_epoch, 4),
+                        "epoch": round(done / per_epoch, 4),
                         "loss": mean_loss,
                         "lr": lr,
                         "tokens_per_s": tokens / dt if dt > 0 else None,
                         "elapsed_s": round(time.monotonic() - start_time, 3),
                     }
                 )
+            if every and (done % every == 0 or done == total):
+                rate = train_tokens / train_time if train_time else 0.0
+                eta = train_time / (done - start_step) * (total - done)
+                say(
+                    f"step {done}/{total} (epoch {done / per_epoch:.2f}) loss {mean_loss:.4f} "
+                    f"{rate:.0f} tokens/s, eta {_fmt_duration(eta)}"
+                )
             if eval_ex and cfg.eval_every and done % cfg.eval_every == 0 and done != total:
                 ev = evaluate(model, tokenizer, eval_ex, cfg, device, dtype)
-                log({"step": done, **{k: v for k, v in ev.items() if k != "eval_samples"}})
+                ev.pop("eval_predictions", None)
+                log({"step": done, **{k: v for k, v in ev.items() if k != "eval_predictions"}})
                 say(f"step {done}: {_fmt_eval(ev)}")
             if cfg.save_every and done % cfg.save_every == 0 and done != total:
                 save_checkpoint(
@@ -761,10 +816,16 @@ def train(cfg: TrainConfig) -> dict:
 
     if eval_ex:
         results["after"] = evaluate(model, tokenizer, eval_ex, cfg, device, dtype)
-        log({"step": total, **{k: v for k, v in results["after"].items() if k != "eval_samples"}})
+        _write_predictions(out / PREDICTIONS_NAME, results["after"].pop("eval_predictions", []))
+        log(
+            {
+                "step": total,
+                **{k: v for k, v in results["after"].items() if k != "eval_predictions"},
+            }
+        )
         say(f"eval after training: {_fmt_eval(results['after'])}")
     log_f.close()
-    save_trained(model, cfg, out, base_name)
+    save_trained(model, cfg, out, base_name if cfg.base is not None else DEFAULT_BASE_ID)
     summary = {
         **info,
         "base_model": base_name,
@@ -793,6 +854,20 @@ def train(cfg: TrainConfig) -> dict:
     summary["model"] = model
     summary["tokenizer"] = tokenizer
     return summary
+
+
+def _write_predictions(path: Path, preds: list[dict]) -> None:
+    """Every held-out generation of the final eval, so a user can see what failed."""
+    with open(path, "w", encoding="utf-8") as f:
+        for p in preds:
+            f.write(json.dumps(p, ensure_ascii=False) + "\n")
+
+
+def _fmt_duration(seconds: float) -> str:
+    s = int(round(seconds))
+    return (
+        f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+    )
 
 
 def _log_lines_up_to(path: Path, step: int) -> list[str]:

@@ -1,4 +1,4 @@
-"""Local base models (moka_trainer.models) and the merged-adapter reference (moka_trainer.reference).
+"""Local base models (moka_serve.base_models) and the merged-adapter reference (moka_trainer.reference).
 
 The reference is what later serving tests compare vLLM against, so it is checked here against
 independent computations: a hand-merged weight, a forward hook adding ``delta_W x`` beside a
@@ -22,7 +22,7 @@ from moka_serve.adapter_format import (
     TargetSpec,
     save_adapter,
 )
-from moka_trainer.models import MARKER_NAME, build_tiny_llama, materialize_default_base
+from moka_serve.base_models import MARKER_NAME, build_tiny_llama, materialize_default_base
 from moka_trainer.reference import (
     greedy_generate,
     load_reference_model,

@@ -72,7 +72,7 @@ def test_precheck_uses_the_base_dims_limits_and_lora_rank(tmp_path, capsys):
     left out with one line each (they used to abort vLLM's start on ``--lora-modules``)."""
     from safetensors.torch import load_file, save_file
 
-    from moka_trainer.models import tiny_llama_dir
+    from moka_serve.base_models import tiny_llama_dir
 
     base = tiny_llama_dir()
     ad = tmp_path / "ad"
@@ -188,7 +188,7 @@ def test_plain_serves_the_base_without_lora(tmp_path):
 
 
 def test_moka_only_reserves_rank_1_lora_buffers_and_leaves_out_higher_rank_loras(tmp_path, capsys):
-    from moka_trainer.models import tiny_llama_dir
+    from moka_serve.base_models import tiny_llama_dir
 
     ad = tmp_path / "ad"
     write_moka(ad / "moka-ok", random_moka({"q_proj": [[16, 16, 16, 16]]}, seed=1))
@@ -204,8 +204,8 @@ def test_moka_only_reserves_rank_1_lora_buffers_and_leaves_out_higher_rank_loras
 def test_adapter_memory_sizes_slots_for_the_largest_adapter(tmp_path, capsys):
     """--adapter-memory: slots = budget // (LoRA buffers + the largest MoKA adapter), the MoKA
     pools sized for that adapter, and the arithmetic printed; --max-loras still wins."""
+    from moka_serve.base_models import tiny_llama_dir
     from moka_serve.slots import lora_slot_bytes
-    from moka_trainer.models import tiny_llama_dir
 
     base = tiny_llama_dir()
     ad = tmp_path / "ad"
@@ -229,7 +229,7 @@ def test_adapter_memory_sizes_slots_for_the_largest_adapter(tmp_path, capsys):
 
 
 def test_an_all_moka_folder_gets_rank_1_lora_buffers_unless_a_rank_is_given(tmp_path, capsys):
-    from moka_trainer.models import tiny_llama_dir
+    from moka_serve.base_models import tiny_llama_dir
 
     ad = tmp_path / "ad"
     write_moka(ad / "moka-ok", random_moka({"q_proj": [[16, 16, 16, 16]]}, seed=1))
@@ -242,3 +242,35 @@ def test_an_all_moka_folder_gets_rank_1_lora_buffers_unless_a_rank_is_given(tmp_
     _write(ad / "lora-r8")  # a mixed folder keeps vLLM's default rank
     cmd, _ = _cmd(base)
     assert "--max-lora-rank" not in cmd
+
+
+def test_the_embedded_base_is_served_under_its_short_name(monkeypatch):
+    monkeypatch.setattr(cli, "_default_base", lambda: "/cache/SmolLM2-135M-Instruct")
+    cmd, _ = _cmd(["--quantize", "none", "--plain"])
+    i = cmd.index("--served-model-name")
+    assert cmd[i + 1] == "SmolLM2-135M-Instruct"
+    cmd, _ = _cmd(["--plain", "--served-model-name", "mine"])
+    assert (
+        cmd.count("--served-model-name") == 1
+        and cmd[cmd.index("--served-model-name") + 1] == "mine"
+    )
+    cmd, _ = _cmd(["--base", "/m"])  # a given base keeps vLLM's default (its path or id)
+    assert "--served-model-name" not in cmd
+
+
+def test_the_server_does_not_import_the_trainer():
+    """``moka-serve`` with no ``--base`` (the embedded model) and the plugin need no ``train`` extra."""
+    import subprocess
+
+    code = (
+        "import importlib, pkgutil, sys\n"
+        "from moka_serve import cli, plugin\n"
+        "for m in pkgutil.iter_modules(plugin.__path__):\n"
+        "    importlib.import_module('moka_serve.plugin.' + m.name)\n"
+        "assert cli.main(['--print-command']) == 0\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('moka_trainer', 'peft'))\n"
+        "assert not bad, bad\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "--served-model-name SmolLM2-135M-Instruct" in r.stdout

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from moka_serve.adapter_format import load_adapter
+from moka_serve.base_models import tiny_llama_dir
 from moka_trainer.cli import main as cli_main
 from moka_trainer.data import IGNORE_INDEX, DataError, load_examples
-from moka_trainer.models import tiny_llama_dir
 from moka_trainer.moka_layer import MokaLinear, attach_adapter, inject_moka, target_dims
 from moka_trainer.shapes import plan_shapes
 from moka_trainer.train import TrainConfig, latest_checkpoint, load_base_model, train
@@ -323,6 +323,11 @@ def test_cli_help_explains_options():
         "--resume",
         "--save-every",
         "--gradient-checkpointing",
+        "--threads",
+        "--progress-every",
+        "--shape-family",
+        "--init",
+        "eval_predictions.jsonl",
     ]:
         assert opt in proc.stdout
 
@@ -391,3 +396,68 @@ def test_cli_resume_latest_rewrites_the_log(trained, tiny, task, tmp_path, capsy
     a, b = load_adapter(trained["config"]["out"]), load_adapter(out)
     for path, wa in a.modules.items():
         torch.testing.assert_close(wa.B[0], b.modules[path].B[0], rtol=1e-5, atol=1e-6)
+
+
+def test_eval_predictions_file_and_epoch_counter(trained):
+    """Every held-out generation is saved; the log's epoch reaches 1.0 at the last step."""
+    out = Path(trained["config"]["out"])
+    preds = [json.loads(x) for x in (out / "eval_predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 4  # max_eval_examples
+    assert all(set(p) == {"line", "prompt", "expected", "generated", "correct"} for p in preds)
+    assert all(p["prompt"].startswith("Echo: ") for p in preds)
+    assert all(p["correct"] == (p["generated"].strip() == p["expected"].strip()) for p in preds)
+    assert sum(p["correct"] for p in preds) / 4 == trained["after"]["eval_exact_match"]
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    # 4 steps of 8 over 32 records: one epoch exactly.
+    assert [e["epoch"] for e in log if "loss" in e] == [0.25, 0.5, 0.75, 1.0]
+
+
+def test_progress_lines_without_a_terminal_and_chat_records_evaluated(tiny, tmp_path, capsys):
+    """stderr is not a TTY here: status lines every N steps instead of a bar. Messages records
+    that end with an assistant turn get greedy exact-match like prompt/completion ones."""
+    rows = [
+        {"messages": [{"role": "user", "content": f"Echo: {w}"},
+                      {"role": "assistant", "content": f"{w} {w}"}]}
+        for w in WORDS
+    ]  # fmt: skip
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    rc, err = _run_cli(
+        capsys, "--base", str(tiny), "--data", str(data), "--eval-data", str(data), "--out",
+        str(out), "--max-steps", "4", "--batch-size", "4", "--micro-batch-size", "4",
+        "--progress-every", "2", "--threads", "1", "--max-eval-examples", "3", "--no-eval-before",
+    )  # fmt: skip
+    assert rc == 0, err
+    lines = [x for x in err.splitlines() if x.startswith("[moka-train] step ")]
+    assert [x.split()[2] for x in lines] == ["2/4", "4/4"], err
+    assert all("loss" in x and "tokens/s" in x and "eta" in x for x in lines)
+    assert "epoch 1.33" in lines[-1]  # 4 steps of 4 over 12 records
+    preds = [json.loads(x) for x in (out / "eval_predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 3 and "<|im_start|>assistant" in preds[0]["prompt"]
+    assert preds[0]["expected"] == "red red"
+    info = json.loads((out / "train_info.json").read_text())
+    assert "eval_exact_match" in info["after"]
+
+
+@pytest.mark.parametrize("family", ["mixed", "lora"])
+def test_budget_of_a_rank_1_lora_gives_one_ungated_component(tiny, task, tmp_path, family):
+    """The budget search reaches a rank-1 LoRA's size: one rank-1 component, no gate."""
+    model, _ = load_base_model(str(tiny), quantize=True, device=CPU, dtype=torch.float32)
+    dims, counts = target_dims(model, ["q_proj", "v_proj"])
+    rank1 = sum((o + i) * counts[t] for t, (o, i) in dims.items())
+    del model
+    cfg = _cfg(tiny, task, tmp_path / "r1", budget=str(rank1), shape_family=family, max_steps=1)
+    res = train(cfg)
+    assert res["trainable_params"] == rank1 and res["gating"] is False
+    mods = [m for m in res["model"].modules() if isinstance(m, MokaLinear)]
+    assert mods and all(m.moka_gate is None and len(m.components) == 1 for m in mods)
+    assert all(m.components[0].n1 == 1 and m.components[0].m2 == 1 for m in mods)
+    saved = load_adapter(tmp_path / "r1")
+    assert saved.config.gating is False
+    # Twice the budget: two components, gated (the gate logits fit in the 0.5% over).
+    cfg = _cfg(tiny, task, tmp_path / "r2", budget=str(int(2 * rank1 * 1.005)),
+               shape_family=family, max_steps=1)  # fmt: skip
+    res = train(cfg)
+    assert res["gating"] is True
+    assert all(len(m.components) == 2 for m in res["model"].modules() if isinstance(m, MokaLinear))

@@ -14,11 +14,13 @@ from moka_trainer.shapes import (
     check_shapes,
     choose_components,
     divisors,
+    family_components,
     lora_params,
     module_params,
     parse_budget,
     parse_shapes,
     plan_shapes,
+    rank_one_shape,
 )
 from moka_trainer.train import lr_factor
 
@@ -83,10 +85,11 @@ def test_parse_shapes_and_errors():
         ("q_proj=24x24x24", "M1xN1xM2xN2"),
         ("q_proj=0x1x1x1", "positive"),
         ("a.b=2x2x2x2", "module name"),
-        ("q_proj=2x2x2x2,2x2x2x2", "twice"),
     ]:
         with pytest.raises(ValueError, match=msg):
             parse_shapes([bad])
+    # The same shape twice is allowed: two rank-1 components are a rank-2 LoRA.
+    assert parse_shapes(["q_proj=8x1x1x8,8x1x1x8"])["q_proj"] == [ComponentShape(8, 1, 1, 8)] * 2
     with pytest.raises(ValueError, match="m1\\*m2 must be 576"):
         check_shapes("q_proj", 576, 576, [ComponentShape(24, 24, 23, 24)])
     with pytest.raises(ValueError, match="not among the targets"):
@@ -242,3 +245,88 @@ def test_lr_schedule_warmup_then_linear_decay():
     assert f[2] == pytest.approx(1.0) and f[-1] == pytest.approx(1 / 8)
     assert all(a >= b for a, b in zip(f[1:], f[2:], strict=False))
     assert lr_factor(0, 5, 0) == 1.0
+
+
+# --------------------------------------------------------------------------- shape families
+
+SMOL = {"q_proj": (576, 576), "v_proj": (192, 576)}
+SMOL_COUNTS = {"q_proj": 30, "v_proj": 30}
+
+
+@pytest.mark.parametrize("family", ["lora", "mixed"])
+@pytest.mark.parametrize("rank", [1, 2, 3, 8])
+def test_family_budgets_reach_down_to_a_rank_1_lora(family, rank):
+    """At a rank-r LoRA's size, lora/mixed use r components and never exceed the budget."""
+    budget = lora_params(SMOL, SMOL_COUNTS, rank) + (2 * 30 * rank if rank > 1 else 0)
+    shapes, notes = plan_shapes(SMOL, SMOL_COUNTS, num_components=4, budget=budget, family=family)
+    assert notes == []
+    for t, (o, i) in SMOL.items():
+        assert len(shapes[t]) == rank
+        assert all(c.m1 * c.m2 == o and c.n1 * c.n2 == i for c in shapes[t])
+        ones = [c for c in shapes[t] if c == rank_one_shape(o, i)]
+        assert len(ones) == (rank if family == "lora" or rank == 1 else rank - 1)
+    total = sum(module_params(shapes[t], "moka", rank > 1) * SMOL_COUNTS[t] for t in SMOL)
+    assert total <= budget
+    # A budget below one rank-1 term says so and uses one.
+    shapes, notes = plan_shapes(SMOL, SMOL_COUNTS, num_components=4, budget=1000, family=family)
+    assert all(len(v) == 1 for v in shapes.values()) and notes
+
+
+def test_mixed_family_is_one_balanced_kronecker_term_plus_rank_1_terms():
+    shapes, ok = family_components(576, 576, "mixed", num_components=4, budget=1e9)
+    assert ok and shapes[0] == ComponentShape(24, 24, 24, 24)
+    assert shapes[1:] == [ComponentShape(576, 1, 1, 576)] * 3
+    # Default (no budget): --components of them, about a rank-4 LoRA's size on SmolLM2 q/v.
+    shapes, _ = plan_shapes(SMOL, SMOL_COUNTS, num_components=4, budget=None, family="mixed")
+    n = sum(module_params(shapes[t], "moka", True) * 30 for t in SMOL)
+    assert 0.95 < n / lora_params(SMOL, SMOL_COUNTS, 4) <= 1.0
+
+
+def _lora_like(m: MokaLinear) -> torch.Tensor:
+    """delta_W of rank-1 components read as a LoRA: B_lora = [a_i c_i], A_lora = [b_i]."""
+    coeff = m.coefficients().detach().double()
+    a = torch.cat([m.moka_A[i].double() * coeff[i] for i in range(len(m.components))], dim=1)
+    b = torch.cat([m.moka_B[i].double() for i in range(len(m.components))], dim=0)
+    return a.detach() @ b.detach()
+
+
+@pytest.mark.parametrize("init", ["lora", "a-random"])
+@pytest.mark.parametrize("gating", [True, False])
+def test_grouped_rank_1_and_kronecker_components_match_torch_kron(init, gating):
+    """Rank-1 components are computed together: compare with float64 torch.kron, odd dims."""
+    torch.manual_seed(1)
+    out_f, in_f = 35, 21  # odd: 5x7 by 3x7 factorisations
+    comps = [ComponentShape(5, 3, 7, 7), ComponentShape(35, 1, 1, 21), ComponentShape(35, 1, 1, 21)]
+    comps += [
+        ComponentShape(7, 1, 5, 21),
+        ComponentShape(7, 1, 5, 21),
+        ComponentShape(35, 1, 1, 21),
+    ]
+    base = nn.Linear(in_f, out_f)
+    m = MokaLinear(base, comps, gating=gating, scaling=1.7, init=init)
+    assert len(m._column_groups) == 2  # the three rank-1 and the two 7x1 / 5x21 components
+    x = torch.randn(3, 4, in_f)
+    assert torch.equal(m(x), base(x)), "delta_W must be exactly zero at step 0"
+    zero, rand = (m.moka_A, m.moka_B) if init == "lora" else (m.moka_B, m.moka_A)
+    assert all(torch.count_nonzero(p) == 0 for p in zero)
+    assert all(torch.count_nonzero(p) == p.numel() for p in rand)
+    _random_factors(m, seed=3)
+    ref = base(x).double() + x.double() @ m.delta_weight().T
+    torch.testing.assert_close(m(x).double(), ref, rtol=1e-5, atol=1e-5)
+    # Gradients flow to every factor (and gate) through the grouped path.
+    m(x).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters()
+               if p.requires_grad)  # fmt: skip
+
+
+def test_rank_1_components_are_a_lora():
+    torch.manual_seed(2)
+    base = nn.Linear(24, 40, bias=False)
+    m = MokaLinear(base, [ComponentShape(40, 1, 1, 24)] * 3, gating=False, scaling=2.0)
+    _random_factors(m, seed=4)
+    torch.testing.assert_close(m.delta_weight(), _lora_like(m), rtol=1e-9, atol=1e-9)
+    # LoRA's initialisation: the input-side row random (Kaiming over in), the output side zero.
+    m.reset_parameters()
+    assert all(torch.count_nonzero(a) == 0 for a in m.moka_A)
+    bound = 1 / 24**0.5
+    assert all(0 < b.abs().max() <= bound for b in m.moka_B)

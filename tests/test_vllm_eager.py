@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from moka_trainer.models import build_tiny_llama
+    from moka_serve.base_models import build_tiny_llama
 
     workdir: Path = tmp_path_factory.mktemp("vllm-eager")
     base = build_tiny_llama(workdir / "tiny-llama", seed=0)

@@ -47,7 +47,7 @@ def workdir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def base_dir(workdir) -> Path:
-    from moka_trainer.models import build_tiny_llama
+    from moka_serve.base_models import build_tiny_llama
 
     return build_tiny_llama(workdir / "tiny-llama", seed=0)
 

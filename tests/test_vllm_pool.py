@@ -34,7 +34,7 @@ SLOT_NUMEL = 1536  # pool of 2 slots: 3072 >= BIG's 1792 + SMALL's 512, < 2 x BI
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from moka_trainer.models import build_tiny_llama
+    from moka_serve.base_models import build_tiny_llama
 
     root = tmp_path_factory.mktemp("pool")
     base = build_tiny_llama(root / "tiny-llama", seed=0)

@@ -21,7 +21,7 @@ from moka_serve.bench.random_adapters import write_random_lora as _write_random_
 from moka_serve.bench.server import ServerError, free_port  # noqa: F401 (re-exported)
 from moka_serve.bench.server import running_server as _running_server
 
-# The tiny Llama of moka_trainer.models.build_tiny_llama: hidden 256, 4 layers, 4 heads / 2 KV
+# The tiny Llama of moka_serve.base_models.build_tiny_llama: hidden 256, 4 layers, 4 heads / 2 KV
 # heads (head_dim 64, so k/v are 128 wide), intermediate 512.
 TINY_DIMS = {
     "q_proj": (256, 256),

@@ -225,8 +225,8 @@ def plan_configs(methods: list[str], ns: list[int], pops: list[str]) -> list[tup
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    from moka_serve.base_models import cache_dir, materialize_default_base
     from moka_serve.slots import vocab_size
-    from moka_trainer.models import cache_dir, materialize_default_base
 
     from .plot import plot_ratios
     from .random_adapters import llama_dims

