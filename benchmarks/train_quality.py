@@ -12,7 +12,8 @@ wins. The held-out set is only used for the final numbers.
 
 Methods: ``lora`` (PEFT LoRA, alpha = 2 x rank), ``moka`` (the defaults: mixed family, LoRA
 init), ``moka-lora`` (rank-1 components only), ``moka-kron`` (balanced Kronecker shapes only,
-the first release's family), ``moka-arand`` (mixed, A random / B zero).
+the first release's family), ``moka-arand`` (mixed, A random / B zero), ``moka-nogate``
+(mixed, components summed without softmax gates).
 
 Writes ``OUT/results.json`` (every run), ``OUT/summary.md`` (mean and spread over seeds) and
 ``OUT/<task>.png`` (held-out exact match and eval loss against trainable parameters). Runs that
@@ -46,6 +47,7 @@ METHODS = {
     "moka-lora": ["--method", "moka", "--shape-family", "lora"],
     "moka-kron": ["--method", "moka", "--shape-family", "kron"],
     "moka-arand": ["--method", "moka", "--init", "a-random"],
+    "moka-nogate": ["--method", "moka", "--no-gating"],
 }
 BUDGET_SLACK = 1.005
 

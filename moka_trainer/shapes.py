@@ -257,43 +257,20 @@ def balanced_shape(out_features: int, in_features: int) -> ComponentShape:
 
 
 def family_components(
-    out_features: int,
-    in_features: int,
-    family: str,
-    *,
-    num_components: int | None,
-    budget: float,
-    gating: bool = True,
-) -> tuple[list[ComponentShape], bool]:
-    """Shapes of family ``lora`` or ``mixed`` for one module: a count, or as many as ``budget``.
+    out_features: int, in_features: int, family: str, num_components: int
+) -> list[ComponentShape]:
+    """``num_components`` shapes of family ``lora`` or ``mixed`` for one ``(out, in)`` module.
 
-    ``num_components=None`` takes the most components whose parameters (gate logits included,
-    one per component when there is more than one) fit ``budget``; any budget down to one
-    rank-1 term (``out + in``, a rank-1 LoRA's size) is reachable. ``mixed`` with one component
-    is a single rank-1 term (at that size the rank-1 term trained better than a Kronecker one).
-    Returns the shapes and whether they fit.
+    ``mixed`` with one component is a single rank-1 term: at the size of one rank-1 term a
+    balanced Kronecker term costs about the same, and LoRA-like terms are the safer choice.
     """
+    if num_components < 1:
+        raise ValueError(f"the number of components must be >= 1, got {num_components}")
     one = rank_one_shape(out_features, in_features)
     kron = balanced_shape(out_features, in_features)
-    if kron.as_list() == one.as_list() or family == "lora":
-        kron = None
-
-    def shapes(k: int) -> list[ComponentShape]:
-        if kron is None or k == 1:
-            return [one] * k
-        return [kron] + [one] * (k - 1)
-
-    def cost(k: int) -> int:
-        return module_params(shapes(k), "moka", gating and k > 1)
-
-    if num_components is not None:
-        if num_components < 1:
-            raise ValueError(f"the number of components must be >= 1, got {num_components}")
-        return shapes(num_components), cost(num_components) <= budget
-    k = 1
-    while cost(k + 1) <= budget:
-        k += 1
-    return shapes(k), cost(k) <= budget
+    if family == "lora" or num_components == 1 or kron == one:
+        return [one] * num_components
+    return [kron] + [one] * (num_components - 1)
 
 
 def plan_shapes(
@@ -342,10 +319,7 @@ def plan_shapes(
     if family != "kron":
         # One component count for every target (as a LoRA has one rank): the largest that fits.
         def with_k(k: int) -> tuple[dict[str, list[ComponentShape]], int]:
-            got = {
-                t: family_components(*layer_dims[t], family, num_components=k, budget=0)[0]
-                for t in remaining
-            }
+            got = {t: family_components(*layer_dims[t], family, k) for t in remaining}
             cost = sum(module_params(got[t], variant, gating and k > 1) * module_counts.get(t, 0)
                        for t in remaining)  # fmt: skip
             return got, cost

@@ -307,6 +307,26 @@ def count_base_params(model: nn.Module) -> int:
 # --------------------------------------------------------------------------- adapters
 
 
+def serving_notes(shapes: dict) -> list[str]:
+    """What ``moka-serve`` needs beyond its default bank limits to serve these shapes."""
+    from moka_serve.limits import DEFAULT_MAX_COMPONENTS, DEFAULT_MAX_FACTOR_NUMEL
+
+    notes = []
+    r = max(len(v) for v in shapes.values())
+    if r > DEFAULT_MAX_COMPONENTS:
+        notes.append(
+            f"{r} components per module: serve with MOKA_MAX_COMPONENTS={r} (moka-serve's "
+            f"default is {DEFAULT_MAX_COMPONENTS})"
+        )
+    numel = max(max(c.m1 * c.n1, c.m2 * c.n2) for v in shapes.values() for c in v)
+    if numel > DEFAULT_MAX_FACTOR_NUMEL:
+        notes.append(
+            f"a factor of {numel} elements: serve with MOKA_MAX_FACTOR_NUMEL={numel} "
+            f"(moka-serve's default is {DEFAULT_MAX_FACTOR_NUMEL})"
+        )
+    return notes
+
+
 def shape_family(cfg: TrainConfig) -> str:
     """The family of automatic shapes: as given, else mixed (kron for MoKAs, which has no A)."""
     return cfg.shape_family or ("kron" if cfg.variant == "mokas" else "mixed")
@@ -332,6 +352,7 @@ def setup_moka(model: nn.Module, cfg: TrainConfig, base_params: int) -> dict:
         raise TrainError(str(e)) from None
     # No gate for a single component: softmax over one logit is 1, the gate would not train.
     r = max(len(v) for v in shapes.values())
+    notes += serving_notes(shapes)
     gating = cfg.gating and r > 1
     # Default scaling: alpha_i = softmax(0) = 1/r at init, so scaling 2r (2 ungated) starts each
     # component at coefficient 2, the alpha / rank = 2 of a LoRA with alpha = 2 * rank: rank-1

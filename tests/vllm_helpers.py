@@ -113,7 +113,8 @@ def mixed_adapters(workdir: Path) -> dict[str, tuple[Path, dict[str, torch.Tenso
     out = {}
     a = random_moka(
         {
-            "q_proj": [[16, 16, 16, 16], [8, 32, 32, 8]],
+            # moka-train's default (mixed) form: a balanced term plus repeated rank-1 terms.
+            "q_proj": [[16, 16, 16, 16], [256, 1, 1, 256], [256, 1, 1, 256]],
             "k_proj": [[8, 32, 16, 8], [128, 1, 1, 256]],
             "v_proj": [[8, 16, 16, 16]],
         },
