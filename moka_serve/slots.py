@@ -49,15 +49,24 @@ class SlotPlan:
         return ",".join(f"{k}={n}" for k, n in self.slot_numel.items())
 
 
-def lora_slot_bytes(dims: dict[str, tuple[int, int]], layers: int, vocab: int, rank: int,
-                    elt: int) -> int:  # fmt: skip
-    """Bytes of vLLM's LoRA buffers for one slot at ``max_lora_rank = rank``."""
+def lora_slot_bytes(dims: dict[str, tuple[int, int]], layers: int, vocab: int | None,
+                    rank: int, elt: int, tp: int = 1) -> int:  # fmt: skip
+    """Bytes of vLLM's LoRA buffers for one slot at ``max_lora_rank = rank``, on one rank.
+
+    Every wrapped layer, and the embedding and LM head when ``vocab`` is known. At ``tp > 1`` a
+    rank holds 1/tp of LoRA B (column-parallel layers) or of A (row-parallel o/down);
+    replicated KV heads are counted as split.
+    """
     per_layer = 0
     for parts in KINDS.values():
         in_f = dims[parts[0]][1]
-        per_layer += sum(rank * (in_f + dims[p][0]) for p in parts)
-    hidden = dims["q_proj"][1]
-    return (layers * per_layer + 2 * rank * (vocab + hidden)) * elt
+        outs = sum(dims[p][0] for p in parts)
+        row_parallel = parts[0] in ("o_proj", "down_proj")
+        a_in = in_f // tp if row_parallel else in_f
+        b_out = outs if row_parallel else outs // tp
+        per_layer += rank * (len(parts) * a_in + b_out)
+    edges = 2 * rank * (vocab + dims["q_proj"][1]) if vocab is not None else 0
+    return (layers * per_layer + edges) * elt
 
 
 def adapter_numel_by_kind(folder: Path) -> dict[str, int]:

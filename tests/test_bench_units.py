@@ -211,3 +211,18 @@ def test_adapter_params_count_factors_gates_and_lora_ranks():
         adapter_params("lora8", dims, 30, ["q_proj"], shapes) * 2,
         adapter_params("lora16", dims, 30, ["q_proj"], shapes),
     )
+
+
+def test_lora_slot_bytes_splits_per_tensor_parallel_rank():
+    """One formula for moka-serve's slot sizing and compare's report: A full and B split on
+    column-parallel layers, A split and B full on row-parallel o/down; edges at every rank."""
+    from moka_serve.slots import lora_slot_bytes
+
+    dims = {"q_proj": (8, 8), "k_proj": (4, 8), "v_proj": (4, 8), "o_proj": (8, 8),
+            "gate_proj": (16, 8), "up_proj": (16, 8), "down_proj": (8, 16)}  # fmt: skip
+    # rank 2, 1 layer: qkv 2*(3*8 + 16), o 2*(8 + 8), gate_up 2*(2*8 + 32), down 2*(16 + 8)
+    per_layer = 2 * (24 + 16) + 2 * 16 + 2 * 48 + 2 * 24
+    assert lora_slot_bytes(dims, 1, None, 2, 4) == per_layer * 4
+    assert lora_slot_bytes(dims, 1, 10, 2, 4) == (per_layer + 2 * 2 * (10 + 8)) * 4
+    tp2 = 2 * (24 + 8) + 2 * (4 + 8) + 2 * (16 + 16) + 2 * (8 + 8)
+    assert lora_slot_bytes(dims, 1, None, 2, 4, tp=2) == tp2 * 4

@@ -39,7 +39,6 @@ from .workload import WorkloadConfig
 METHODS = ("plain", "base", "moka", "lora8", "lora16")
 # Runs against the engine started without --enable-lora (the others share the adapter engine).
 PLAIN = "plain"
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def add_compare_args(p: argparse.ArgumentParser) -> None:
@@ -72,7 +71,8 @@ def _csv(text: str) -> list[str]:
 
 
 def moka_shapes(dims: dict, layers: int, targets: list[str], components: int) -> dict:
-    """The cheapest diverse component shapes per target (``moka-train``'s default choice)."""
+    """The cheapest diverse Kronecker shapes per target (``moka-train --shape-family kron``):
+    the shapes every published serving number was measured with."""
     from moka_trainer.shapes import plan_shapes
 
     shapes, _ = plan_shapes(
@@ -103,26 +103,13 @@ def slot_reservation_bytes(
     moka_bytes: int = 0,
     vocab: int | None = None,
 ) -> dict[str, int]:
-    """Bytes one rank keeps per adapter slot: vLLM's LoRA buffers at ``max_rank`` in every
-    wrapped layer (and the embedding and LM head when ``vocab`` is known), whatever the adapters;
-    and the MoKA storage a slot holding a MoKA adapter of ``moka_bytes`` uses (on CPU the packed
-    copy, grown on demand; ``moka_kernels.bank``). At ``tp > 1`` a rank holds 1/tp of LoRA B
-    (column-parallel) or A (row-parallel); replicated KV heads are counted as split.
-    """
-    from moka_serve.slots import KINDS
+    """Bytes one rank keeps per adapter slot: vLLM's LoRA buffers at ``max_rank``
+    (:func:`moka_serve.slots.lora_slot_bytes`), whatever the adapters; and the MoKA storage a
+    slot holding a MoKA adapter of ``moka_bytes`` uses (on CPU the packed copy, grown on demand;
+    ``moka_kernels.bank``)."""
+    from moka_serve.slots import lora_slot_bytes
 
-    lora = 0
-    for parts in KINDS.values():
-        in_f = dims[parts[0]][1]
-        outs = [dims[p][0] for p in parts]
-        row_parallel = parts[0] in ("o_proj", "down_proj")
-        a_in = in_f // tp if row_parallel else in_f
-        b_out = sum(outs) if row_parallel else sum(outs) // tp
-        lora += max_rank * (len(parts) * a_in + b_out)
-    lora *= layers
-    if vocab is not None:
-        lora += 2 * max_rank * (vocab + dims["q_proj"][1])
-    return {"lora": lora * elt, "moka": moka_bytes}
+    return {"lora": lora_slot_bytes(dims, layers, vocab, max_rank, elt, tp), "moka": moka_bytes}
 
 
 def write_adapters(root: Path, base: Path, names: dict[str, str], spec: dict) -> None:
@@ -305,6 +292,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
             for n in names_:
                 _rmtree(adapters / n)
     rows = ratio_rows(summaries, runs, args.repeats)
+    from moka_serve.slots import DTYPE_BYTES
+
     elt = DTYPE_BYTES.get(dtype, 4)
     params = {m: adapter_params(m, dims, layers, targets, shapes) for m in adapter_methods}
     memory = {m: {"params": p, "adapter_bytes": p * elt} for m, p in params.items()}
