@@ -123,7 +123,7 @@ def _shift(rng: random.Random) -> dict:
 CODE_WORDS = (
     "red blue green black white gold river stone cloud apple lamp road bird glass chair music "
     "paper storm light horse seed field bread water fire wind snow moon star tree door house "
-    "ship king queen child wolf bear fish salt iron milk rain hill lake boat rope bell wheel"
+    "ship king queen child wolf bear fish salt iron milk rain hill lake boat rope bell"
 ).split()
 
 
