@@ -162,8 +162,11 @@ class MokaLinear(nn.Module):
             m2 = self.components[group[0]].m2
             b = torch.cat([self.moka_B[i] for i in group])  # (k * m2, in)
             a = torch.cat([self.moka_A[i] for i in group], dim=1) * coeff[group]  # (m1, k)
-            z = (xf @ b.t()).reshape(t, len(group), m2)
-            y = torch.einsum("tkq,pk->tpq", z, a).reshape(t, self.out_features)
+            z = xf @ b.t()  # (t, k * m2)
+            if m2 == 1:  # rank-1 components: exactly a LoRA's second matmul
+                y = z @ a.t()
+            else:
+                y = torch.matmul(a, z.reshape(t, len(group), m2)).reshape(t, self.out_features)
             out = y if out is None else out + y
         for i in self._single:
             c = self.components[i]
