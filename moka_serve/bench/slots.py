@@ -25,13 +25,12 @@ import dataclasses
 import json
 import random
 import shlex
-import statistics
 import sys
 import time
 from pathlib import Path
 
 from .client import run_workload
-from .report import machine
+from .report import machine, stats
 from .server import children_rss_bytes, free_port, running_server
 from .workload import WorkloadConfig, build_workload
 
@@ -133,20 +132,13 @@ def run_phase(args, base: Path, adapters: Path, names: list[str], method: str, s
     failed = [r for r in results if not r.ok]
     if failed:
         raise BenchError(f"{method} x {slots}: {len(failed)} request(s) failed: {failed[0].error}")
-    ad = [r.ttft_s for r in results if r.model != str(base)]
-    bs = [r.ttft_s for r in results if r.model == str(base)]
-
-    def pct(v: list[float], q: float) -> float | None:
-        if not v:
-            return None
-        v = sorted(v)
-        return v[min(len(v) - 1, int(round(q * (len(v) - 1))))]
-
+    ad = stats([r.ttft_s for r in results if r.model != str(base)])
+    bs = stats([r.ttft_s for r in results if r.model == str(base)])
     return {
-        "ttft_p50_s": statistics.median(ad) if ad else None,
-        "ttft_p99_s": pct(ad, 0.99),
-        "base_ttft_p50_s": statistics.median(bs) if bs else None,
-        "base_ttft_p99_s": pct(bs, 0.99),
+        "ttft_p50_s": ad["p50"],
+        "ttft_p99_s": ad["p99"],
+        "base_ttft_p50_s": bs["p50"],
+        "base_ttft_p99_s": bs["p99"],
         "requests_per_s": len(results) / wall,
         "wall_s": wall,
         "rss_mb": rss,
