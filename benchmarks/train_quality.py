@@ -58,16 +58,11 @@ def _csv(text: str) -> list[str]:
 
 def lora_size(base: Path, targets: list[str], rank: int) -> int:
     """A rank-``rank`` LoRA's parameters on ``targets`` of a Llama-style base (config.json)."""
-    cfg = json.loads((base / "config.json").read_text())
-    h, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
-    head = cfg.get("head_dim") or h // cfg["num_attention_heads"]
-    kv = cfg.get("num_key_value_heads", cfg["num_attention_heads"]) * head
-    inter = cfg["intermediate_size"]
-    dims = {
-        "q_proj": (h, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, h),
-        "gate_proj": (inter, h), "up_proj": (inter, h), "down_proj": (h, inter),
-    }  # fmt: skip
-    return sum(rank * sum(dims[t]) * layers for t in targets)
+    from moka_serve.bench.random_adapters import llama_dims
+    from moka_trainer.shapes import lora_params
+
+    dims, layers = llama_dims(base)
+    return lora_params({t: dims[t] for t in targets}, dict.fromkeys(targets, layers), rank)
 
 
 def run_args(method: str, rank: int, base: Path, targets: list[str], components: int) -> list[str]:

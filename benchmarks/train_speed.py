@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             "moka": TrainConfig(data="-", out="-", budget=str(int(size * 1.005)), targets=targets),
         }
         per = {m: [] for m in cfgs}
-        params = {}
+        infos = {}
         for _ in range(args.repeats):
             for m, cfg in cfgs.items():  # interleaved: lora, moka, lora, moka, ...
                 torch.manual_seed(0)
@@ -115,13 +115,13 @@ def main(argv: list[str] | None = None) -> int:
                         statistics.median(time_steps(peft_model, batches, args.steps, args.warmup))
                     )
                     model = peft_model.unload()
-                params[m] = info["trainable_params"]
+                infos[m] = info
                 for q in model.parameters():
                     q.requires_grad_(False)
         med = {m: statistics.median(v) for m, v in per.items()}
         rows.append({
             "budget_rank": r,
-            "params": params,
+            "params": {m: i["trainable_params"] for m, i in infos.items()},
             "step_s": med,
             "step_s_all": per,
             "tokens_per_s": {m: tokens / s for m, s in med.items()},
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             "moka_over_lora_tokens_per_s": statistics.median(
                 lo / mo for lo, mo in zip(per["lora"], per["moka"], strict=True)
             ),
-            "moka_shapes": {t: d["shapes"] for t, d in info_moka(model, cfgs["moka"], base_params).items()},
+            "moka_shapes": {t: d["shapes"] for t, d in infos["moka"]["targets"].items()},
         })  # fmt: skip
         print(json.dumps(rows[-1]), file=sys.stderr)
     out = Path(args.out)
@@ -154,15 +154,6 @@ def main(argv: list[str] | None = None) -> int:
     (out / "train-speed.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
-
-
-def info_moka(model, cfg, base_params: int) -> dict:
-    """The MoKA shapes a config gets (attached and removed again)."""
-    info = setup_moka(model, cfg, base_params)
-    remove_moka(model)
-    for q in model.parameters():
-        q.requires_grad_(False)
-    return info["targets"]
 
 
 if __name__ == "__main__":

@@ -749,11 +749,16 @@ def train(cfg: TrainConfig) -> dict:
         log_f.write(json.dumps(entry) + "\n")
         log_f.flush()
 
+    def logged_eval(step: int) -> tuple[dict, list[dict]]:
+        """Evaluate, log the metrics at ``step``; the metrics and every generation apart."""
+        ev = evaluate(model, tokenizer, eval_ex, cfg, device, dtype)
+        preds = ev.pop("eval_predictions", [])
+        log({"step": step, **ev})
+        return ev, preds
+
     results: dict = {}
     if eval_ex and start_step == 0 and cfg.eval_before:
-        results["before"] = evaluate(model, tokenizer, eval_ex, cfg, device, dtype)
-        log({"step": 0, **{k: v for k, v in results["before"].items() if k != "eval_predictions"}})
-        results["before"].pop("eval_predictions", None)
+        results["before"], _ = logged_eval(0)
         say(f"eval before training: {_fmt_eval(results['before'])}")
 
     from tqdm.auto import tqdm
@@ -818,9 +823,7 @@ def train(cfg: TrainConfig) -> dict:
                     f"{rate:.0f} tokens/s, eta {_fmt_duration(eta)}"
                 )
             if eval_ex and cfg.eval_every and done % cfg.eval_every == 0 and done != total:
-                ev = evaluate(model, tokenizer, eval_ex, cfg, device, dtype)
-                ev.pop("eval_predictions", None)
-                log({"step": done, **{k: v for k, v in ev.items() if k != "eval_predictions"}})
+                ev, _ = logged_eval(done)
                 say(f"step {done}: {_fmt_eval(ev)}")
             if cfg.save_every and done % cfg.save_every == 0 and done != total:
                 save_checkpoint(
@@ -836,14 +839,8 @@ def train(cfg: TrainConfig) -> dict:
         bar.close()
 
     if eval_ex:
-        results["after"] = evaluate(model, tokenizer, eval_ex, cfg, device, dtype)
-        _write_predictions(out / PREDICTIONS_NAME, results["after"].pop("eval_predictions", []))
-        log(
-            {
-                "step": total,
-                **{k: v for k, v in results["after"].items() if k != "eval_predictions"},
-            }
-        )
+        results["after"], preds = logged_eval(total)
+        _write_predictions(out / PREDICTIONS_NAME, preds)
         say(f"eval after training: {_fmt_eval(results['after'])}")
     log_f.close()
     save_trained(model, cfg, out, base_name if cfg.base is not None else DEFAULT_BASE_ID)

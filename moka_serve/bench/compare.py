@@ -213,7 +213,7 @@ def plan_configs(methods: list[str], ns: list[int], pops: list[str]) -> list[tup
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from moka_serve.base_models import cache_dir, materialize_default_base
-    from moka_serve.slots import vocab_size
+    from moka_serve.slots import DTYPE_BYTES, vocab_size
 
     from .plot import plot_ratios
     from .random_adapters import llama_dims
@@ -292,8 +292,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
             for n in names_:
                 _rmtree(adapters / n)
     rows = ratio_rows(summaries, runs, args.repeats)
-    from moka_serve.slots import DTYPE_BYTES
-
     elt = DTYPE_BYTES.get(dtype, 4)
     params = {m: adapter_params(m, dims, layers, targets, shapes) for m in adapter_methods}
     memory = {m: {"params": p, "adapter_bytes": p * elt} for m, p in params.items()}
