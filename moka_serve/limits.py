@@ -11,6 +11,10 @@ precheck (which leaves out folders the engine would refuse), so both give the sa
   One integer for every layer, or ``kind=N`` pairs by vLLM module (``qkv_proj=9216,o_proj=0``;
   kinds not named keep the default). Adapters that would overfill a pool are refused at load
   time with their sizes (``moka_kernels.bank``, admission).
+* ``MOKA_ONLY`` (``1`` to turn on; ``moka-serve --moka-only`` and a folder of MoKA adapters set
+  it): the engine serves MoKA adapters only. vLLM's per-slot LoRA buffers become read-only views
+  of one zero element (no memory per slot), vLLM's LoRA ops never run, and LoRA adapters are
+  refused when they are loaded.
 """
 
 from __future__ import annotations
@@ -40,6 +44,16 @@ def bank_limits() -> tuple[int, int]:
         _env_int("MOKA_MAX_COMPONENTS", DEFAULT_MAX_COMPONENTS),
         _env_int("MOKA_MAX_FACTOR_NUMEL", DEFAULT_MAX_FACTOR_NUMEL),
     )
+
+
+def moka_only_engine() -> bool:
+    """Whether ``MOKA_ONLY`` asks for an engine that serves MoKA adapters only."""
+    raw = os.environ.get("MOKA_ONLY", "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"MOKA_ONLY={raw!r}: use 1 or 0")
 
 
 def slot_numel(kind: str, default: int) -> int:

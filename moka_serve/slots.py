@@ -5,11 +5,12 @@ distinct adapters, so under a many-adapter load the slot count decides latency (
 slot the engine keeps, in every adapted layer of every decoder layer:
 
 * vLLM's LoRA buffers: ``max_lora_rank x (in + out)`` per output slice (q, k, v; gate, up; o;
-  down), plus the embedding's and the LM head's. MoKA-only engines (``moka-serve --moka-only``)
-  keep them at rank 1, the smallest vLLM accepts.
+  down), plus the embedding's and the LM head's. MoKA-only engines (``moka-serve --moka-only``,
+  ``MOKA_ONLY``) keep none: rank 0 here.
 * MoKA factor storage: on GPU a preallocated pool of ``MOKA_SLOT_NUMEL`` elements per slot and
   layer (``moka_kernels.bank``); on CPU the torch path's packed copy, which grows with the
-  adapters held (half precision is packed as float32 there).
+  adapters held (half precision is packed as float32 there). Plus the slot table: one row per
+  Kronecker entry a slot can hold (``MOKA_MAX_COMPONENTS`` per output slice).
 
 :func:`plan_slots` sizes the MoKA storage from the adapters in a folder (the largest one per
 layer kind) and divides the budget by the per-slot cost.
@@ -29,6 +30,8 @@ KINDS = {
     "down_proj": ("down_proj",),
 }
 DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2, "auto": 4}
+# One row of a MoKA bank's slot table: ``moka_kernels.bank.NUM_FIELDS`` int32 fields.
+TABLE_ROW_BYTES = 11 * 4
 
 
 @dataclass(frozen=True)
@@ -37,7 +40,7 @@ class SlotPlan:
 
     max_loras: int
     lora_bytes: int  # vLLM's LoRA buffers per slot
-    moka_bytes: int  # MoKA factor storage per slot
+    moka_bytes: int  # MoKA factor storage and slot table per slot
     slot_numel: dict[str, int]  # MoKA pool elements per slot, per layer kind
 
     @property
@@ -51,7 +54,8 @@ class SlotPlan:
 
 def lora_slot_bytes(dims: dict[str, tuple[int, int]], layers: int, vocab: int | None,
                     rank: int, elt: int, tp: int = 1) -> int:  # fmt: skip
-    """Bytes of vLLM's LoRA buffers for one slot at ``max_lora_rank = rank``, on one rank.
+    """Bytes of vLLM's LoRA buffers for one slot at ``max_lora_rank = rank``, on one rank
+    (``rank`` 0: a MoKA-only engine, whose buffers are zero views with no memory per slot).
 
     Every wrapped layer, and the embedding and LM head when ``vocab`` is known. At ``tp > 1`` a
     rank holds 1/tp of LoRA B (column-parallel layers) or of A (row-parallel o/down);
@@ -67,6 +71,15 @@ def lora_slot_bytes(dims: dict[str, tuple[int, int]], layers: int, vocab: int | 
         per_layer += rank * (len(parts) * a_in + b_out)
     edges = 2 * rank * (vocab + dims["q_proj"][1]) if vocab is not None else 0
     return (layers * per_layer + edges) * elt
+
+
+def table_slot_bytes(layers: int) -> int:
+    """Bytes of the MoKA slot tables for one slot (every layer kind, ``MOKA_MAX_COMPONENTS``
+    entries per output slice; at TP=1)."""
+    from moka_serve.limits import bank_limits
+
+    slices = sum(len(parts) for parts in KINDS.values())
+    return layers * slices * bank_limits()[0] * TABLE_ROW_BYTES
 
 
 def adapter_numel_by_kind(folder: Path) -> dict[str, int]:
@@ -115,7 +128,7 @@ def plan_slots(
         for kind, n in adapter_numel_by_kind(folder).items():
             slot_numel[kind] = max(slot_numel[kind], n)
     lora = lora_slot_bytes(base_dims, layers, vocab, max_lora_rank, elt)
-    moka = layers * sum(slot_numel.values()) * moka_elt
+    moka = layers * sum(slot_numel.values()) * moka_elt + table_slot_bytes(layers)
     count = max(1, budget_bytes // max(lora + moka, 1))
     return SlotPlan(int(count), lora, moka, slot_numel)
 

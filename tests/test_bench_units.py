@@ -226,3 +226,14 @@ def test_lora_slot_bytes_splits_per_tensor_parallel_rank():
     assert lora_slot_bytes(dims, 1, 10, 2, 4) == (per_layer + 2 * 2 * (10 + 8)) * 4
     tp2 = 2 * (24 + 8) + 2 * (4 + 8) + 2 * (16 + 16) + 2 * (8 + 8)
     assert lora_slot_bytes(dims, 1, None, 2, 4, tp=2) == tp2 * 4
+
+
+def test_table_slot_bytes_is_one_bank_row_per_entry_a_slot_can_hold(monkeypatch):
+    """The planner's slot-table bytes: the bank's row size (NUM_FIELDS int32 fields) times
+    MOKA_MAX_COMPONENTS entries per output slice (q, k, v, o, gate, up, down) and layer."""
+    from moka_kernels.bank import NUM_FIELDS
+    from moka_serve.slots import TABLE_ROW_BYTES, table_slot_bytes
+
+    assert TABLE_ROW_BYTES == NUM_FIELDS * 4
+    monkeypatch.setenv("MOKA_MAX_COMPONENTS", "3")
+    assert table_slot_bytes(2) == 2 * 7 * 3 * NUM_FIELDS * 4

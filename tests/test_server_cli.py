@@ -187,23 +187,30 @@ def test_plain_serves_the_base_without_lora(tmp_path):
         _cmd(["--base", "/m", "--plain", "--adapters", str(tmp_path)])
 
 
-def test_moka_only_reserves_rank_1_lora_buffers_and_leaves_out_higher_rank_loras(tmp_path, capsys):
+def test_moka_only_starts_a_moka_only_engine_and_leaves_out_every_lora(tmp_path, capsys):
+    """--moka-only: MOKA_ONLY=1 for the engine (no LoRA buffers), vLLM's smallest rank for its
+    warm-up, and LoRA folders left out with the reason, a rank-1 one too."""
     from moka_serve.base_models import tiny_llama_dir
 
     ad = tmp_path / "ad"
     write_moka(ad / "moka-ok", random_moka({"q_proj": [[16, 16, 16, 16]]}, seed=1))
     _write(ad / "lora-r8")
-    cmd, _ = _cmd(["--base", str(tiny_llama_dir()), "--adapters", str(ad), "--moka-only"])
+    write_random_lora(ad / "lora-r1", ["q_proj"], seed=2, dims=TINY_DIMS, layers=TINY_LAYERS, r=1)
+    cmd, env = _cmd(["--base", str(tiny_llama_dir()), "--adapters", str(ad), "--moka-only"])
     assert cmd[cmd.index("--max-lora-rank") + 1] == "1"
+    assert env["MOKA_ONLY"] == "1"
     assert [m.split("=")[0] for m in cmd if "=" in m and str(ad) in m] == ["moka-ok"]
-    assert "greater than max_lora_rank 1" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "'lora-r1': a LoRA adapter, and --moka-only serves MoKA adapters only" in err, err
+    assert "'lora-r8'" in err
     with pytest.raises(SystemExit, match="--moka-only sets --max-lora-rank 1"):
         _cmd(["--adapters", str(ad), "--moka-only", "--max-lora-rank", "16"])
 
 
 def test_adapter_memory_sizes_slots_for_the_largest_adapter(tmp_path, capsys):
     """--adapter-memory: slots = budget // (LoRA buffers + the largest MoKA adapter), the MoKA
-    pools sized for that adapter, and the arithmetic printed; --max-loras still wins."""
+    pools sized for that adapter, and the arithmetic printed; --max-loras still wins. A
+    MoKA-only engine keeps no LoRA buffers; one that may serve LoRA (rank 8) keeps them."""
     from moka_serve.base_models import tiny_llama_dir
     from moka_serve.slots import lora_slot_bytes
 
@@ -215,33 +222,40 @@ def test_adapter_memory_sizes_slots_for_the_largest_adapter(tmp_path, capsys):
     argv = ["--base", str(base), "--adapters", str(ad), "--quantize", "none", "--moka-only",
             "--dtype", "float32", "--adapter-memory", "0.01"]  # fmt: skip
     cmd, env = _cmd(argv)
-    lora = lora_slot_bytes(TINY_DIMS, TINY_LAYERS, 1024, 1, 4)
-    moka = TINY_LAYERS * (1024 + 768) * 4  # big: q 2 x 512, down 512 + 256 (float32 on CPU)
-    slots = int(0.01 * 2**30) // (lora + moka)
+    # big: q 2 x 512, down 512 + 256 (float32 on CPU); slot tables of 4 entries per slice
+    moka = TINY_LAYERS * (1024 + 768) * 4 + TINY_LAYERS * 7 * 4 * 44
+    slots = int(0.01 * 2**30) // moka
     assert cmd[cmd.index("--max-loras") + 1] == str(slots) and cmd.count("--max-loras") == 1
     assert env["MOKA_SLOT_NUMEL"] == "qkv_proj=1024,o_proj=0,gate_up_proj=0,down_proj=768"
     err = capsys.readouterr().err
-    assert f"adapter slots: {slots}; per slot {(lora + moka) / 2**20:.2f} MiB" in err, err
+    assert f"adapter slots: {slots}; per slot {moka / 2**20:.2f} MiB" in err, err
+    assert "no LoRA buffers: MoKA-only" in err, err
+    cmd, env = _cmd([a for a in argv if a != "--moka-only"] + ["--max-lora-rank", "8"])
+    lora = lora_slot_bytes(TINY_DIMS, TINY_LAYERS, 1024, 8, 4)
+    assert cmd[cmd.index("--max-loras") + 1] == str(int(0.01 * 2**30) // (lora + moka))
+    assert "MOKA_ONLY" not in env
+    assert "LoRA buffers" in (err := capsys.readouterr().err) and "at rank 8" in err, err
     cmd, _ = _cmd([*argv, "--max-loras", "3"])
     assert cmd[cmd.index("--max-loras") + 1] == "3" and cmd.count("--max-loras") == 1
     with pytest.raises(SystemExit, match="--adapter-memory sizes slots for --adapters"):
         _cmd(["--base", str(base), "--adapter-memory", "1"])
 
 
-def test_an_all_moka_folder_gets_rank_1_lora_buffers_unless_a_rank_is_given(tmp_path, capsys):
+def test_an_all_moka_folder_gets_a_moka_only_engine_unless_a_rank_is_given(tmp_path, capsys):
     from moka_serve.base_models import tiny_llama_dir
 
     ad = tmp_path / "ad"
     write_moka(ad / "moka-ok", random_moka({"q_proj": [[16, 16, 16, 16]]}, seed=1))
     base = ["--base", str(tiny_llama_dir()), "--adapters", str(ad)]
-    cmd, _ = _cmd(base)
-    assert cmd[cmd.index("--max-lora-rank") + 1] == "1"
+    cmd, env = _cmd(base)
+    assert cmd[cmd.index("--max-lora-rank") + 1] == "1" and env["MOKA_ONLY"] == "1"
     assert "every adapter in" in capsys.readouterr().err
-    cmd, _ = _cmd([*base, "--max-lora-rank", "16"])
+    cmd, env = _cmd([*base, "--max-lora-rank", "16"])
     assert cmd.count("--max-lora-rank") == 1 and cmd[cmd.index("--max-lora-rank") + 1] == "16"
+    assert "MOKA_ONLY" not in env
     _write(ad / "lora-r8")  # a mixed folder keeps vLLM's default rank
-    cmd, _ = _cmd(base)
-    assert "--max-lora-rank" not in cmd
+    cmd, env = _cmd(base)
+    assert "--max-lora-rank" not in cmd and "MOKA_ONLY" not in env
 
 
 def test_the_embedded_base_is_served_under_its_short_name(monkeypatch):

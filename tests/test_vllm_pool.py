@@ -1,9 +1,10 @@
 """MoKA pools in a real engine (issue #12): slots cost what their adapters weigh.
 
-One tiny-Llama engine, MoKA-only (``max_lora_rank=1``: the smallest LoRA buffers vLLM accepts)
-with 2 slots and ``MOKA_SLOT_NUMEL`` sized so that the q/k/v pool holds one big and one small
-adapter at once. A second big one is refused at load time with its sizes, the engine keeps
-serving exactly, and unloading the first makes room. Bytes are measured on the engine's layers.
+One tiny-Llama engine, MoKA-only (``MOKA_ONLY=1``, as ``moka-serve --moka-only`` starts it: no
+LoRA buffers per slot, LoRA adapters refused) with 2 slots and ``MOKA_SLOT_NUMEL`` sized so that
+the q/k/v pool holds one big and one small adapter at once. A second big one is refused at load
+time with its sizes, the engine keeps serving exactly, and unloading the first makes room. Bytes
+are measured on the engine's layers.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from vllm_helpers import (  # noqa: E402
     tiny_engine,
     tiny_prompts,
     write_moka,
+    write_random_lora,
 )
 
 pytestmark = pytest.mark.slow
@@ -49,7 +51,10 @@ def setup(tmp_path_factory):
 @pytest.fixture(scope="module")
 def llm(setup):
     with tiny_engine(
-        setup["base"], {"max_lora_rank": 1}, MOKA_SLOT_NUMEL=f"qkv_proj={SLOT_NUMEL},o_proj=0"
+        setup["base"],
+        {"max_lora_rank": 1},
+        MOKA_SLOT_NUMEL=f"qkv_proj={SLOT_NUMEL},o_proj=0",
+        MOKA_ONLY="1",
     ) as engine:
         yield engine
 
@@ -60,13 +65,24 @@ def _memory(worker) -> dict:
     w = getattr(worker, "worker", worker)
     manager = w.model_runner.lora_manager._adapter_manager
     qkv = [m.moka_bank for n, m in manager.moka_layers().items() if n.endswith("qkv_proj")]
+    lora = [t for m in manager.modules.values() for name in ("lora_a_stacked", "lora_b_stacked")
+            for t in _tensors(getattr(m, name, None))]  # fmt: skip
     return {
         **slot_memory(manager),
+        "lora_buffer_storage_bytes": sum(t.untyped_storage().nbytes() for t in lora),
+        "lora_buffer_numel": sum(t.numel() for t in lora),
+        "lora_slots_seen": [t.shape[0] for t in lora],
         "qkv_pool_numel": [b.pool_numel for b in qkv],
         "qkv_held": [b.held_numel for b in qkv],
         "qkv_packed_bytes": sum(b.cpu.packed.numel() * b.cpu.packed.element_size() for b in qkv),
         "padded_buffers": any(hasattr(b, "a") for b in qkv),
     }
+
+
+def _tensors(value) -> list:
+    import torch
+
+    return [value] if isinstance(value, torch.Tensor) else list(value or ())
 
 
 def test_pool_admits_what_fits_refuses_the_rest_and_keeps_serving(llm, setup):
@@ -92,8 +108,9 @@ def test_pool_admits_what_fits_refuses_the_rest_and_keeps_serving(llm, setup):
 
 
 def test_moka_only_slots_cost_what_their_adapters_weigh(llm, setup):
-    """MoKA-only engine on CPU: vLLM's LoRA buffers at rank 1 (1/16 of rank 16), no padded
-    MoKA buffers; what the q/k/v layers keep is the two adapters held, in float32."""
+    """MoKA-only engine on CPU: no LoRA buffers (vLLM's are zero views with every slot: one
+    element of memory each), no padded MoKA buffers; what the q/k/v layers keep is the two
+    adapters held, in float32."""
     run(llm, [tiny_prompts(setup["base"])[0]] * 2,
         [lora_request("pool-small", setup["folders"]["small"]),
          lora_request("pool-big-2", setup["folders"]["big-2"])])  # fmt: skip
@@ -106,16 +123,38 @@ def test_moka_only_slots_cost_what_their_adapters_weigh(llm, setup):
     weigh = 4 * 4 * (512 + 1792)  # float32 bytes of the two adapters' factors, 4 layers
     assert m["qkv_packed_bytes"] == 4 * 4 * 2 * 1792
     assert m["qkv_packed_bytes"] <= 1.6 * weigh
-    # LoRA buffers at rank 1: A and B of every wrapped layer (q/k/v, o, gate/up, down) in 4
-    # layers, and of the embedding and the LM head; rank 16 would be 16x this.
+    # vLLM's LoRA buffers: rank-1 shapes with both slots (what vLLM reads), 4 bytes of memory
+    # each. Every wrapped layer (q/k/v, o, gate/up, down) of 4 layers, embedding and LM head:
+    # A and B of 11 slices per layer, 2 + 2 at the edges.
+    assert m["lora_slots_seen"] and set(m["lora_slots_seen"]) == {2}
     import json
 
     vocab = json.loads((setup["base"] / "config.json").read_text())["vocab_size"]
     per_rank = 4 * (3 * 256 + 512 + 256 + 256 + 2 * 256 + 1024 + 512 + 256) + 2 * (256 + vocab)
-    assert m["lora_bytes"] == 4 * per_rank, m
-    # moka-serve's slot planner (--adapter-memory) predicts what the engine reserves.
+    assert m["lora_buffer_numel"] == 2 * per_rank  # the shapes of rank-1 buffers for 2 slots
+    assert m["lora_buffer_storage_bytes"] == 4 * (4 * 14 + 4)  # 60 tensors, one float32 each
+    assert m["lora_bytes"] == m["lora_buffer_storage_bytes"] // 2  # per slot, what the log says
+    # moka-serve's slot planner (--adapter-memory) predicts what the engine reserves: rank 0
+    # (MoKA-only) gives no LoRA bytes, rank 1 what a rank-1 engine would keep.
     from vllm_helpers import TINY_DIMS, TINY_LAYERS
 
-    from moka_serve.slots import lora_slot_bytes
+    from moka_serve.slots import lora_slot_bytes, table_slot_bytes
 
-    assert lora_slot_bytes(TINY_DIMS, TINY_LAYERS, vocab, 1, 4) == m["lora_bytes"]
+    assert lora_slot_bytes(TINY_DIMS, TINY_LAYERS, vocab, 0, 4) == 0
+    assert lora_slot_bytes(TINY_DIMS, TINY_LAYERS, vocab, 1, 4) == 4 * per_rank
+    assert table_slot_bytes(TINY_LAYERS) == m["moka_table_bytes"] > 0
+
+
+def test_moka_only_engine_refuses_lora_adapters_and_keeps_serving(llm, setup, tmp_path):
+    """A LoRA on a MoKA-only engine (even of rank 1, which fits ``max_lora_rank``): a clear
+    load-time error naming the cause, and the engine keeps serving MoKA and base exactly."""
+    lora = tmp_path / "lora-r1"
+    write_random_lora(lora, ["q_proj", "v_proj"], r=1, seed=5)
+    with pytest.raises(Exception) as err:
+        llm.llm_engine.add_lora(lora_request("pool-lora", lora))
+    assert "serves MoKA adapters only" in str(err.value), err.value
+    reference = Reference(setup["base"])
+    prompts = tiny_prompts(setup["base"])
+    outs = run(llm, prompts[:2], [lora_request("pool-small", setup["folders"]["small"]), None])
+    check_against_reference(reference, prompts[0], setup["deltas"]["small"], outs[0])
+    check_against_reference(reference, prompts[1], None, outs[1])

@@ -75,12 +75,12 @@ def parse_phases(text: str) -> list[tuple[str, int]]:
 def phase_slot_bytes(method: str, spec: dict, dtype: str) -> int:
     """What one slot costs on this rank for ``method``'s engine (``moka_serve.slots``)."""
     from moka_serve.limits import bank_limits
-    from moka_serve.slots import DTYPE_BYTES, KINDS, lora_slot_bytes
+    from moka_serve.slots import DTYPE_BYTES, KINDS, lora_slot_bytes, table_slot_bytes
 
     elt = DTYPE_BYTES.get(dtype, 4)
     dims, layers, vocab = spec["dims"], spec["layers"], spec["vocab"]
     if method == "moka":
-        return lora_slot_bytes(dims, layers, vocab, 1, elt) + spec["moka_bytes"]
+        return spec["moka_bytes"] + table_slot_bytes(layers)  # MoKA-only: no LoRA buffers
     if method == "today":  # rank-16 buffers and banks padded to the limits, per slice
         comps, cap = bank_limits()
         padded = sum(comps * len(parts) * 2 * cap for parts in KINDS.values())

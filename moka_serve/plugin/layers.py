@@ -41,7 +41,7 @@ from vllm.utils.torch_utils import direct_register_custom_op
 from moka_kernels import EntryShape, KronEntry, MokaBank
 from moka_kernels.sharding import LayerShard, Run
 from moka_kernels.torch_ops import moka_apply_torch
-from moka_serve.limits import bank_limits, slot_numel
+from moka_serve.limits import bank_limits, moka_only_engine, slot_numel
 
 from .kernel_metadata import MokaKernelMeta
 
@@ -57,26 +57,41 @@ class AdapterLayerMixin:
       can skip vLLM's LoRA ops when no token of a step needs them: MoKA and empty slots hold
       zero LoRA weights, for which those ops would only add zeros at the cost of the whole
       LoRA path (on CUDA the ops always run: they may be captured in a graph).
+    * ``moka_only`` (``MOKA_ONLY``, read when the layer is built): no slot ever holds LoRA
+      weights, so vLLM's LoRA buffers are views of one zero element (``shared_zero_buffers``),
+      vLLM's LoRA ops never run and ``set_lora`` writes nothing (vLLM's warm-up still "sets"
+      dummy LoRAs; real ones are refused by the loader).
     """
 
     moka_meta: MokaKernelMeta
     moka_layer_name: str | None = None
+    moka_only: bool = False
     _lora_slots: set[int]
 
     def create_lora_weights(self, max_loras, lora_config, model_config=None) -> None:
-        super().create_lora_weights(max_loras, lora_config, model_config)
+        self.moka_only = moka_only_engine()
+        # MoKA-only: vLLM builds one slot's buffers (its shapes and attributes), which are then
+        # swapped for zero views with all max_loras slots.
+        super().create_lora_weights(1 if self.moka_only else max_loras, lora_config, model_config)
+        if self.moka_only:
+            shared_zero_buffers(self, max_loras)
         self._lora_slots = set()
 
     def set_lora(self, index: int, *args, **kwargs) -> None:
+        if self.moka_only:
+            return
         super().set_lora(index, *args, **kwargs)
         self._lora_slots.add(index)
 
     def reset_lora(self, index: int) -> None:
-        super().reset_lora(index)
+        if not self.moka_only:
+            super().reset_lora(index)
         self._lora_slots.discard(index)
 
     def lora_needed(self, device: torch.device) -> bool:
         """Whether vLLM's LoRA ops must run for this step's tokens."""
+        if self.moka_only:
+            return False
         return device.type != "cpu" or not self._lora_slots.isdisjoint(self.moka_meta.slots_present)
 
     def run_adapters(self, x: torch.Tensor, output: torch.Tensor) -> None:
@@ -189,7 +204,8 @@ class MokaLayerMixin(AdapterLayerMixin):
 
             x2, y2 = x.reshape(-1, x.shape[-1]), output.view(-1, output.shape[-1])
             n = x2.shape[0]
-            self._apply_vllm_lora(x, output)
+            if not self.moka_only:
+                self._apply_vllm_lora(x, output)
             moka_apply_triton(x2, y2, meta.slots_for(n), self.moka_bank, plan=meta.triton_plan(n))
             return
         # CPU: every shortcut is host-side and cheap; this runs ~4 times per decoder layer and
@@ -209,6 +225,32 @@ class MokaLayerMixin(AdapterLayerMixin):
         result = super()._apply_lora_to_output(x, output)
         if result.data_ptr() != output.data_ptr():  # platforms that cannot update in place
             output.copy_(result.view_as(output))
+
+
+_LORA_BUFFERS = ("lora_a_stacked", "lora_b_stacked")
+
+
+def shared_zero_buffers(layer, max_loras: int) -> None:
+    """Replace the layer's one-slot LoRA buffers by zero views with ``max_loras`` slots.
+
+    Every view has stride 0 over one zero element: the shapes, dtype and device vLLM reads
+    (``create_dummy_lora``, the bank's sizing) stay, the memory does not. Any write into them
+    fails loudly (overlapping memory), and none is made: MoKA-only layers skip vLLM's LoRA
+    writes and ops.
+    """
+
+    def zero_view(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.zeros((), dtype=t.dtype, device=t.device).expand(shape)
+
+    for name in _LORA_BUFFERS:
+        value = getattr(layer, name)
+        if isinstance(value, torch.Tensor):
+            setattr(layer, name, zero_view(value, (max_loras, *value.shape[1:])))
+        else:
+            setattr(layer, name, tuple(zero_view(t, (max_loras, *t.shape[1:])) for t in value))
+    flat = getattr(layer, "lora_a_stacked_2d", None)  # the embedding's (slots x vocab, rank)
+    if isinstance(flat, torch.Tensor):
+        layer.lora_a_stacked_2d = zero_view(flat, (max_loras * flat.shape[0], flat.shape[1]))
 
 
 def _adapters_op(x: torch.Tensor, output: torch.Tensor, layer_name: str) -> None:

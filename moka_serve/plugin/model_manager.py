@@ -37,6 +37,8 @@ class MokaLRUCacheLoRAModelManager(LRUCacheLoRAModelManager):
         self._moka_metas: dict[int, tuple[object, MokaKernelMeta]] = {}
         forward_context = vllm_config.compilation_config.static_forward_context
         adapter_layers = {n: m for n, m in self.modules.items() if isinstance(m, AdapterLayerMixin)}
+        # MOKA_ONLY, as the layers read it when they were built: the loader refuses LoRAs.
+        self.moka_only = any(m.moka_only for m in adapter_layers.values())
         for name, module in adapter_layers.items():
             wrapper = module.punica_wrapper
             if id(wrapper) not in self._moka_metas:
@@ -92,12 +94,15 @@ class MokaLRUCacheLoRAModelManager(LRUCacheLoRAModelManager):
 
 
 def slot_memory(manager) -> dict[str, int]:
-    """Bytes per adapter slot on this rank: vLLM's LoRA buffers (``lora_bytes``), the MoKA
-    pools as preallocated (``moka_pool_bytes``) and their capacity (``moka_capacity_bytes``,
-    equal on GPU; on CPU nothing is preallocated, storage grows with the adapters held)."""
+    """Bytes per adapter slot on this rank: vLLM's LoRA buffers (``lora_bytes``: the memory
+    behind them, so MoKA-only engines' zero views count one element each), the MoKA pools as
+    preallocated (``moka_pool_bytes``) and their capacity (``moka_capacity_bytes``, equal on
+    GPU; on CPU nothing is preallocated, storage grows with the adapters held), and the slot
+    tables (``moka_table_bytes``)."""
     import torch
 
-    lora = pool = capacity = 0
+    pool = capacity = table = 0
+    storages: dict[int, int] = {}  # data_ptr -> bytes: views of one buffer count once
     slots = max(manager.lora_slots, 1)
     for module in manager.modules.values():
         if not isinstance(module, AdapterLayerMixin):
@@ -105,17 +110,21 @@ def slot_memory(manager) -> dict[str, int]:
         for name in ("lora_a_stacked", "lora_b_stacked"):
             value = getattr(module, name, None)
             tensors = [value] if isinstance(value, torch.Tensor) else list(value or ())
-            lora += sum(t.numel() * t.element_size() for t in tensors)
+            for t in tensors:
+                storage = t.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
         bank = getattr(module, "moka_bank", None)
         if bank is not None:
             elt = torch.empty((), dtype=bank.dtype).element_size()
+            table += bank.table.numel() * bank.table.element_size()
             capacity += bank.pool_numel * elt
             if bank.pool is not None:
                 pool += bank.pool_numel * elt
     return {
-        "lora_bytes": lora // slots,
+        "lora_bytes": sum(storages.values()) // slots,
         "moka_pool_bytes": pool // slots,
         "moka_capacity_bytes": capacity // slots,
+        "moka_table_bytes": table // slots,
     }
 
 
@@ -124,6 +133,11 @@ def _log_slot_memory(manager) -> None:
 
     m = slot_memory(manager)
     rank = manager.lora_config.max_lora_rank
+    lora = (
+        "no LoRA buffers (MoKA-only: LoRA adapters are refused)"
+        if manager.moka_only
+        else f"LoRA buffers {m['lora_bytes'] / 2**20:.2f} MiB (max_lora_rank {rank})"
+    )
     storage = (
         f"MoKA pools {m['moka_pool_bytes'] / 2**20:.2f} MiB preallocated"
         if m["moka_pool_bytes"]
@@ -131,10 +145,9 @@ def _log_slot_memory(manager) -> None:
         f"{m['moka_capacity_bytes'] / 2**20:.2f} MiB)"
     )
     init_logger(__name__).info(
-        "moka-serve: %d adapter slots; per slot: LoRA buffers %.2f MiB (max_lora_rank %d%s), %s",
+        "moka-serve: %d adapter slots; per slot: %s, %s, slot tables %.3f MiB",
         manager.lora_slots,
-        m["lora_bytes"] / 2**20,
-        rank,
-        ", MoKA-only" if rank == 1 else "",
+        lora,
         storage,
+        m["moka_table_bytes"] / 2**20,
     )

@@ -72,6 +72,12 @@ def _load_folder(self, lora_request):
     check_peft_type(peft_type, path)
     if peft_type == "MOKA":
         return load_moka_model(self._adapter_manager, lora_request, path)
+    if getattr(self._adapter_manager, "moka_only", False):
+        raise ValueError(
+            f"LoRA adapter {lora_request.lora_name!r}: this engine serves MoKA adapters only "
+            "(MOKA_ONLY=1, set by moka-serve --moka-only or for a folder of MoKA adapters); "
+            "restart without it, with --max-lora-rank R, to serve LoRA adapters"
+        )
     try:
         lora = _ORIGINAL_LOAD_ADAPTER(self, lora_request)
     except (LoRAAdapterNotFoundError, ValueError, KeyError):
