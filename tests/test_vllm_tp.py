@@ -186,6 +186,44 @@ def _complete_all(server, jobs, model_of):
     return asyncio.run(go())
 
 
+def test_tp2_moka_only_engine_matches_reference(setup, reference):
+    """A folder of MoKA adapters only: ``moka-serve`` starts a MoKA-only engine (no LoRA
+    buffers, vLLM's LoRA ops never run) at TP=2; base and MoKA requests in flight together
+    equal the merged reference, and a LoRA is refused with 400 while serving goes on. Runs
+    before the module's mixed server starts (its own server stops at the end)."""
+    import shutil
+
+    folder = setup["root"] / "moka-only"
+    names = [n for n in NAMES if not n.startswith("lora")]
+    for name in names:
+        shutil.copytree(setup["served"] / name, folder / name)
+    port = free_port()
+    log = setup["root"] / "server-moka-only.log"
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("VLLM_CPU_OMP_THREADS_BIND", "MOKA_ONLY")
+    }
+    env["VLLM_CPU_KVCACHE_SPACE"] = "1"
+    cmd = [
+        sys.executable, "-m", "moka_serve.cli", "--base", str(setup["base"]),
+        "--adapters", str(folder), "--quantize", "none", "--dtype", "float32",
+        "--tensor-parallel-size", "2", "--max-model-len", "128", "--max-loras", "2",
+        "--max-cpu-loras", "3", "--max-num-seqs", "16", "--seed", "0",
+        "--host", "127.0.0.1", "--port", str(port),
+    ]  # fmt: skip
+    with running_server(cmd, env, log, port, START_TIMEOUT_S) as url:
+        server = {"url": url, "log": log}
+        with pytest.raises(urllib.error.HTTPError) as err:
+            _load(server, "lora-qvdown", setup["served"] / "lora-qvdown")
+        assert err.value.code == 400 and "serves MoKA adapters only" in err.value.read().decode()
+        jobs = [(n, setup["prompts"][p]) for p in range(3) for n in [None, *names]] * 2
+        results = _complete_all(server, jobs, lambda n: n or str(setup["base"]))
+    for (name, prompt), (tokens, _) in zip(jobs, results, strict=True):
+        deltas = None if name is None else setup["deltas"][name]
+        assert tokens == reference.generate(prompt, MAX_TOKENS, deltas)[0], name
+    text = log.read_text()
+    assert "no LoRA buffers (MoKA-only" in text, text[-3000:]
+
+
 def test_tp2_mixed_requests_match_tp1_and_reference(server, setup, tp1, reference):
     jobs = [(n, setup["prompts"][p]) for n, p in JOBS] * 2  # twice: evicted and reloaded
     keys = JOBS * 2

@@ -144,7 +144,9 @@ def _log_slot_memory(manager) -> None:
         else f"MoKA storage grows with the adapters held (capacity "
         f"{m['moka_capacity_bytes'] / 2**20:.2f} MiB)"
     )
-    init_logger(__name__).info(
+    # Under vLLM's "vllm" logger, whose handler prints INFO (a logger of our own name prints
+    # nothing: Python's default level is WARNING).
+    init_logger(f"vllm.{__name__}").info(
         "moka-serve: %d adapter slots; per slot: %s, %s, slot tables %.3f MiB",
         manager.lora_slots,
         lora,
