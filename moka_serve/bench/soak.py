@@ -60,7 +60,8 @@ def add_soak_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-tokens", type=int, default=8)
     g.add_argument("--base-fraction", type=float, default=0.1, help="requests to the base")
     g.add_argument("--faulty-fraction", type=float, default=0.2, help="adapters faults touch")
-    g.add_argument("--fault-interval", type=float, default=1.0, help="seconds between faults")
+    g.add_argument("--fault-interval", type=float, default=1.0,
+                   help="seconds between faults; 0: no faults")  # fmt: skip
     g.add_argument("--rss-interval", type=float, default=10.0)
     g.add_argument("--max-model-len", type=int, default=256)
     g.add_argument("--seed", type=int, default=0)
@@ -153,9 +154,13 @@ class FaultInjector:
     async def run(self, url: str, deadline: float, interval: float, admin: list[Outcome]) -> None:
         import httpx
 
+        if interval <= 0:
+            return  # a soak without faults (e.g. to watch memory under load alone)
         async with httpx.AsyncClient(base_url=url, timeout=120) as client:
-            while time.monotonic() < deadline:
-                await asyncio.sleep(interval)
+            while True:
+                await asyncio.sleep(min(interval, max(0.0, deadline - time.monotonic())))
+                if time.monotonic() >= deadline:
+                    return
                 name = self.rng.choice(self.faulty)
                 how = self.rng.choice(ACTIONS)
                 self.actions[how] += 1
