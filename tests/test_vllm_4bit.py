@@ -18,7 +18,12 @@ pytest.importorskip("vllm")
 pytest.importorskip("bitsandbytes")
 pytest.importorskip("vllm_bnb_plugin")
 
-from vllm_helpers import random_moka, write_moka, write_random_lora  # noqa: E402
+from vllm_helpers import (  # noqa: E402
+    collect_dead_engines,
+    random_moka,
+    write_moka,
+    write_random_lora,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -45,6 +50,7 @@ def test_4bit_base_serves_moka_lora_and_base_in_one_batch(tmp_path, monkeypatch)
     )
     write_moka(tmp_path / "moka", moka)
     write_random_lora(tmp_path / "lora", ["q_proj", "v_proj"], seed=2)
+    collect_dead_engines()
     llm = LLM(
         model=str(base),
         enable_lora=True,

@@ -31,6 +31,7 @@ openai = pytest.importorskip("openai")
 from vllm_helpers import (  # noqa: E402
     LOGPROB_TOL,
     Reference,
+    collect_dead_engines,
     free_port,
     lora_request,
     moka_deltas,
@@ -130,6 +131,7 @@ def tp1(setup):
     env = pytest.MonkeyPatch()
     env.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     env.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    collect_dead_engines()
     llm = LLM(model=str(setup["base"]), enable_lora=True, max_loras=2, max_cpu_loras=3,
               max_lora_rank=16, dtype="float32", max_model_len=128, max_num_seqs=16, seed=0)  # fmt: skip
     try:

@@ -161,6 +161,19 @@ def tiny_prompts(base_dir: Path) -> list[list[int]]:
     return [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 
+def collect_dead_engines() -> None:
+    """Collect earlier modules' engines now, before a new one is built in this process.
+
+    An ``LLM`` sits in reference cycles, so ``del`` leaves it to the cyclic GC, whose shutdown
+    destroys vLLM's process-wide parallel groups: run in the middle of the next engine's
+    construction, it kills that engine's groups ("tensor model parallel group is not
+    initialized").
+    """
+    import gc
+
+    gc.collect()
+
+
 @contextmanager
 def tiny_engine(base_dir: Path, engine_args: dict | None = None, **env_vars: str) -> Iterator:
     """The in-process engine of the engine tests (``collective_rpc`` can then run test
@@ -184,6 +197,7 @@ def tiny_engine(base_dir: Path, engine_args: dict | None = None, **env_vars: str
         max_num_seqs=8,
         seed=0,
     )
+    collect_dead_engines()
     engine = LLM(**(args | (engine_args or {})))
     try:
         yield engine
