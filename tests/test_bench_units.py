@@ -237,3 +237,18 @@ def test_table_slot_bytes_is_one_bank_row_per_entry_a_slot_can_hold(monkeypatch)
     assert TABLE_ROW_BYTES == NUM_FIELDS * 4
     monkeypatch.setenv("MOKA_MAX_COMPONENTS", "3")
     assert table_slot_bytes(2) == 2 * 7 * 3 * NUM_FIELDS * 4
+
+
+def test_soak_verdict_allows_a_404_only_while_its_adapter_is_being_unloaded():
+    """A request racing an HTTP unload of its adapter may get 404 (as in plain vLLM); a 400
+    then, or a 404 outside the unload, is still an unexpected failure."""
+    from moka_serve.bench.soak import FolderHistory, Outcome, verdict
+
+    unloads = FolderHistory(changes={"a": [(10.0, True), (10.2, False)]})
+    run = {"t0": 0.0, "admin": [], "health": [(0.0, 200)], "rss": [],
+           "requests": [Outcome("a", 10.1, 10.15, 404), Outcome("a", 11.0, 11.1, 404),
+                        Outcome("a", 10.05, 10.1, 400)]}  # fmt: skip
+    figures = verdict(run, {"a"}, FolderHistory(), 12.0, unloads)["figures"]
+    assert figures["unexpected_failures"] == 2, figures
+    figures = verdict(run, {"a"}, FolderHistory(), 12.0)["figures"]
+    assert figures["unexpected_failures"] == 3, figures
