@@ -60,13 +60,13 @@ def llm(setup):
 
 
 def _memory(worker) -> dict:
+    from moka_serve.plugin.layers import lora_buffers
     from moka_serve.plugin.model_manager import slot_memory
 
     w = getattr(worker, "worker", worker)
     manager = w.model_runner.lora_manager._adapter_manager
     qkv = [m.moka_bank for n, m in manager.moka_layers().items() if n.endswith("qkv_proj")]
-    lora = [t for m in manager.modules.values() for name in ("lora_a_stacked", "lora_b_stacked")
-            for t in _tensors(getattr(m, name, None))]  # fmt: skip
+    lora = [t for m in manager.modules.values() for t in lora_buffers(m)]
     return {
         **slot_memory(manager),
         "lora_buffer_storage_bytes": sum(t.untyped_storage().nbytes() for t in lora),
@@ -77,12 +77,6 @@ def _memory(worker) -> dict:
         "qkv_packed_bytes": sum(b.cpu.packed.numel() * b.cpu.packed.element_size() for b in qkv),
         "padded_buffers": any(hasattr(b, "a") for b in qkv),
     }
-
-
-def _tensors(value) -> list:
-    import torch
-
-    return [value] if isinstance(value, torch.Tensor) else list(value or ())
 
 
 def test_pool_admits_what_fits_refuses_the_rest_and_keeps_serving(llm, setup):

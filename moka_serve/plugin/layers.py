@@ -230,6 +230,15 @@ class MokaLayerMixin(AdapterLayerMixin):
 _LORA_BUFFERS = ("lora_a_stacked", "lora_b_stacked")
 
 
+def lora_buffers(layer) -> list[torch.Tensor]:
+    """vLLM's LoRA A and B buffers of ``layer`` (each one tensor, or a tuple of one per slice)."""
+    out: list[torch.Tensor] = []
+    for name in _LORA_BUFFERS:
+        value = getattr(layer, name, None)
+        out += [value] if isinstance(value, torch.Tensor) else list(value or ())
+    return out
+
+
 def shared_zero_buffers(layer, max_loras: int) -> None:
     """Replace the layer's one-slot LoRA buffers by zero views with ``max_loras`` slots.
 

@@ -12,7 +12,12 @@ from __future__ import annotations
 from vllm.lora.model_manager import LRUCacheLoRAModelManager
 
 from .kernel_metadata import MokaKernelMeta
-from .layers import AdapterLayerMixin, MokaLayerMixin, MokaLogitsProcessorWithLoRA
+from .layers import (
+    AdapterLayerMixin,
+    MokaLayerMixin,
+    MokaLogitsProcessorWithLoRA,
+    lora_buffers,
+)
 from .lora_model import MokaLoRAModel
 
 
@@ -107,12 +112,9 @@ def slot_memory(manager) -> dict[str, int]:
     for module in manager.modules.values():
         if not isinstance(module, AdapterLayerMixin):
             continue
-        for name in ("lora_a_stacked", "lora_b_stacked"):
-            value = getattr(module, name, None)
-            tensors = [value] if isinstance(value, torch.Tensor) else list(value or ())
-            for t in tensors:
-                storage = t.untyped_storage()
-                storages[storage.data_ptr()] = storage.nbytes()
+        for t in lora_buffers(module):
+            storage = t.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
         bank = getattr(module, "moka_bank", None)
         if bank is not None:
             elt = torch.empty((), dtype=bank.dtype).element_size()
