@@ -4,7 +4,9 @@
 over two MoKA adapters, a LoRA and the base; the report must have its structure and every request
 must succeed with exactly the asked-for tokens. A run naming an adapter that does not exist must
 record the failures, exit 1, and leave the server serving. ``compare`` runs its whole pipeline
-once, tiny (N = 1, 2, one repeat). No timing assertions: speed is for benchmarks.
+once, tiny (N = 1, 2, one repeat), its two engines eager (they start in half the time; what
+compilation changes is the plugin tests' subject). No timing assertions: speed is for
+benchmarks.
 """
 
 from __future__ import annotations
@@ -124,7 +126,7 @@ def test_compare_end_to_end_tiny(server, tmp_path):
         "--methods", "plain,base,moka,lora16", "--num-requests", "4", "--concurrency", "2",
         "--input-len", "8", "--output-len", "4", "--cold-loads", "1", "--max-model-len", "128",
         "--adapters-dir", str(tmp_path / "adapters"), "--out-dir", str(tmp_path / "out"),
-        "--name", "tiny", timeout=600,
+        "--name", "tiny", "--server-arg=--enforce-eager", timeout=600,
     )  # fmt: skip
     assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-3000:])
     report = json.loads((tmp_path / "out" / "tiny.json").read_text())

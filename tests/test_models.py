@@ -2,13 +2,13 @@
 
 The reference is what later serving tests compare vLLM against, so it is checked here against
 independent computations: a hand-merged weight, a forward hook adding ``delta_W x`` beside a
-4-bit layer, peft's own ``merge_and_unload``, and vLLM's greedy tokens on the tiny model.
+4-bit layer and peft's own ``merge_and_unload``. vLLM's greedy tokens against it, base requests
+included, are the mixed-batch test's (``test_vllm_plugin.py``).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -283,34 +283,3 @@ def test_default_base_materializes_and_knows_paris():
     tokens = greedy_generate(model, tokenizer, prompt, 12)
     assert "Paris" in tokenizer.decode(tokens)
     assert tokens[-1] == tokenizer.eos_token_id  # "<|im_end|>": it stops by itself
-
-
-# --------------------------------------------------------------------------- vLLM
-
-
-@pytest.fixture(scope="module")
-def vllm_engine(tiny_dir):
-    """One CPU engine for the module: starting one takes ~35-60 s."""
-    vllm = pytest.importorskip("vllm")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    llm = vllm.LLM(
-        model=str(tiny_dir), dtype="float32", enforce_eager=True, max_model_len=256, seed=0
-    )
-    yield llm
-    engine_core = getattr(llm.llm_engine, "engine_core", None)
-    if engine_core is not None:
-        engine_core.shutdown()
-    del llm
-
-
-@pytest.mark.slow
-def test_vllm_greedy_tokens_equal_transformers_reference(vllm_engine, tiny_dir, tokenizer):
-    from vllm import SamplingParams
-
-    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
-    outputs = vllm_engine.generate(PROMPTS, params)
-    model = load_reference_model(tiny_dir)
-    for prompt, out in zip(PROMPTS, outputs, strict=True):
-        assert list(out.prompt_token_ids) == tokenizer.encode(prompt)
-        expected = greedy_generate(model, tokenizer, prompt, 16, ignore_eos=True)
-        assert list(out.outputs[0].token_ids) == expected, prompt

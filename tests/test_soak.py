@@ -2,7 +2,7 @@
 fault injector breaks, restores and adds folders and unloads/reloads adapters (issue #9).
 
 The full soak (SmolLM2, 200 adapters, 64 streams, 10 minutes) is in docs/reliability.md; this one
-runs a minute in CI and must pass on the same rules: no engine death, no failure of a request for
+runs 30 s in CI (about 60 faults, hundreds of requests) and must pass on the same rules: no engine death, no failure of a request for
 a valid adapter, every failure a 4xx for a folder broken while its request ran, one greedy text
 per (adapter, prompt), and no traceback in the server's log.
 """
@@ -45,7 +45,7 @@ def test_short_soak_passes(tmp_path):
     cmd = [
         sys.executable, "-m", "moka_serve.bench.cli", "soak",
         "--base", str(tiny_llama_dir()), "--num-moka", "18", "--num-lora", "6",
-        "--streams", "16", "--duration", "60", "--max-loras", "2", "--max-cpu-loras", "4",
+        "--streams", "16", "--duration", "30", "--max-loras", "2", "--max-cpu-loras", "4",
         "--fault-interval", "0.5", "--faulty-fraction", "0.3",
         "--adapters-cache", str(tmp_path / "pristine"), "--out", str(out),
     ]  # fmt: skip
@@ -55,7 +55,7 @@ def test_short_soak_passes(tmp_path):
     f = json.loads(out.with_suffix(".json").read_text())["figures"]
     assert f["passed"] and f["unexpected_failures"] == 0 and f["unhealthy_polls"] == 0
     assert f["mismatched_outputs"] == 0 and f["admin_5xx"] == 0
-    assert f["requests_ok"] > 200, f
+    assert f["requests_ok"] > 100, f
     assert f["failed_for_broken_adapters"] > 0, f  # the faults reached the server
     serving = log.split("[shutdown]")[0]  # vLLM may log its own teardown of a killed engine
     assert "Traceback" not in serving

@@ -120,3 +120,37 @@ def test_bank_limits_from_env(monkeypatch):
     monkeypatch.setenv("MOKA_MAX_COMPONENTS", "zero")
     with pytest.raises(ValueError, match="MOKA_MAX_COMPONENTS"):
         bank_limits()
+
+
+@pytest.mark.parametrize(
+    "moka_compile, enforce_eager, enable_lora, compiled",
+    [
+        ("1", False, True, True),  # the plugin keeps an adapter engine compiled
+        ("0", False, True, False),  # MOKA_COMPILE=0: eager, as vLLM's CPU platform chooses
+        ("1", True, True, False),  # --enforce-eager stays eager
+        ("1", False, False, True),  # the plain engine: vLLM's own choice, untouched
+    ],
+)
+def test_compile_decision(monkeypatch, moka_compile, enforce_eager, enable_lora, compiled):
+    """The CPU platform's compilation mode for an engine's config, as the plugin leaves it.
+
+    No engine: the config is what ``LLM(...)`` builds first. The served tokens of the compiled
+    adapter engine are the mixed-batch test's; eager runs the same ops without the graph."""
+    from vllm.config import CompilationMode
+    from vllm.engine.arg_utils import EngineArgs
+
+    from moka_serve.base_models import tiny_llama_dir
+    from moka_serve.plugin import cpu_compile
+
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    monkeypatch.setenv(cpu_compile.ENV, moka_compile)
+    cpu_compile.install()
+    config = EngineArgs(
+        model=str(tiny_llama_dir()),
+        enable_lora=enable_lora,
+        enforce_eager=enforce_eager,
+        dtype="float32",
+        max_model_len=128,
+    ).create_engine_config()
+    expected = CompilationMode.DYNAMO_TRACE_ONCE if compiled else CompilationMode.NONE
+    assert config.compilation_config.mode == expected

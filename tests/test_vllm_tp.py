@@ -8,8 +8,9 @@ straddle the shard boundaries: q is 192 wide (96 per rank) with ``m2 = 64`` bloc
 assignment, not a split). ``max_loras=2 < max_cpu_loras=3 <`` the 4 adapters, so slots and the CPU
 cache both evict (vLLM PR #20873 fixed wrong TP LoRA outputs with ``max_cpu_loras > 1``).
 
-Every answer must equal the merged transformers reference token for token, and the TP=1 engine's
-tokens and logprobs (within 1e-4), for base, MoKA, MoKAs and LoRA requests in flight together.
+Every answer must equal the merged transformers reference token for token, logprobs within 1e-4,
+for base, MoKA, MoKAs and LoRA requests in flight together (the TP=1 engine is held to the same
+reference by ``test_vllm_plugin.py``, so TP=2 equals TP=1 without a third engine here).
 """
 
 from __future__ import annotations
@@ -31,12 +32,9 @@ openai = pytest.importorskip("openai")
 from vllm_helpers import (  # noqa: E402
     LOGPROB_TOL,
     Reference,
-    collect_dead_engines,
     free_port,
-    lora_request,
     moka_deltas,
     random_moka,
-    run,
     running_server,
     write_moka,
     write_random_lora,
@@ -122,32 +120,7 @@ JOBS = [(name, p) for p in range(3) for name in [None, *NAMES]]
 
 
 @pytest.fixture(scope="module")
-def tp1(setup):
-    """The TP=1 engine's ``(tokens, logprobs)`` per job (in-process, shut down after)."""
-    import gc
-
-    from vllm import LLM
-
-    env = pytest.MonkeyPatch()
-    env.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
-    env.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    collect_dead_engines()
-    llm = LLM(model=str(setup["base"]), enable_lora=True, max_loras=2, max_cpu_loras=3,
-              max_lora_rank=16, dtype="float32", max_model_len=128, max_num_seqs=16, seed=0)  # fmt: skip
-    try:
-        reqs = [
-            None if n is None else lora_request(f"tp-{n}", setup["served"] / n) for n, _ in JOBS
-        ]
-        outs = run(llm, [setup["prompts"][p] for _, p in JOBS], reqs, max_tokens=MAX_TOKENS)
-    finally:
-        del llm
-        gc.collect()
-        env.undo()
-    return dict(zip(JOBS, outs, strict=True))
-
-
-@pytest.fixture(scope="module")
-def server(setup, tp1):  # after tp1: the in-process engine is gone before the workers start
+def server(setup):
     port = free_port()
     log = setup["root"] / "server.log"
     env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_OMP_THREADS_BIND"}
@@ -226,18 +199,13 @@ def test_tp2_moka_only_engine_matches_reference(setup, reference):
     assert "no LoRA buffers (MoKA-only" in text, text[-3000:]
 
 
-def test_tp2_mixed_requests_match_tp1_and_reference(server, setup, tp1, reference):
+def test_tp2_mixed_requests_match_the_reference(server, setup, reference):
     jobs = [(n, setup["prompts"][p]) for n, p in JOBS] * 2  # twice: evicted and reloaded
-    keys = JOBS * 2
     results = _complete_all(server, jobs, lambda n: n or str(setup["base"]))
-    for key, (name, prompt), (tokens, lps) in zip(keys, jobs, results, strict=True):
+    for (name, prompt), (tokens, lps) in zip(jobs, results, strict=True):
         deltas = None if name is None else setup["deltas"][name]
         ref_tokens, ref_lps = reference.generate(prompt, MAX_TOKENS, deltas)
         assert tokens == ref_tokens, (name, "reference")
-        want_tokens, want_lps = tp1[key]
-        assert tokens == want_tokens, (name, "TP=1")
-        diff = max(abs(a - b) for a, b in zip(lps, want_lps, strict=True))
-        assert diff < LOGPROB_TOL, (name, diff)
         diff = max(abs(a - b) for a, b in zip(lps, ref_lps, strict=True))
         assert diff < LOGPROB_TOL, (name, diff)
     first = {n: results[i][0] for i, (n, p) in enumerate(JOBS) if p == 0}

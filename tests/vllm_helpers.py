@@ -15,24 +15,16 @@ import pytest
 import torch
 
 from moka_serve.adapter_format import MokaAdapter
-from moka_serve.bench.random_adapters import module_path, write_moka  # noqa: F401 (re-exported)
+from moka_serve.base_models import tiny_llama_dir
+from moka_serve.bench.random_adapters import llama_dims, module_path, write_moka  # noqa: F401 (re-exported)
 from moka_serve.bench.random_adapters import random_moka as _random_moka
 from moka_serve.bench.random_adapters import write_random_lora as _write_random_lora
 from moka_serve.bench.server import ServerError, free_port  # noqa: F401 (re-exported)
 from moka_serve.bench.server import running_server as _running_server
 
-# The tiny Llama of moka_serve.base_models.build_tiny_llama: hidden 256, 4 layers, 4 heads / 2 KV
-# heads (head_dim 64, so k/v are 128 wide), intermediate 512.
-TINY_DIMS = {
-    "q_proj": (256, 256),
-    "k_proj": (128, 256),
-    "v_proj": (128, 256),
-    "o_proj": (256, 256),
-    "gate_proj": (512, 256),
-    "up_proj": (512, 256),
-    "down_proj": (256, 512),
-}
-TINY_LAYERS = 4
+# Projection shapes and layer count of the tiny Llama (moka_serve.base_models.build_tiny_llama,
+# default sizes), read from its config.json: hidden 256, 4 layers, 4 heads / 2 KV heads.
+TINY_DIMS, TINY_LAYERS = llama_dims(tiny_llama_dir())
 
 
 def random_moka(components: dict[str, list[list[int]]], **kw) -> MokaAdapter:

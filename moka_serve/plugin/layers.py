@@ -200,13 +200,9 @@ class MokaLayerMixin(AdapterLayerMixin):
         if x.is_cuda:
             # No host-side shortcuts: the op may be captured in a CUDA graph, so both kernels
             # always run; the MoKA kernel skips empty slots and tokens of slot -1 itself.
-            from moka_kernels.triton_ops import moka_apply_triton
-
-            x2, y2 = x.reshape(-1, x.shape[-1]), output.view(-1, output.shape[-1])
-            n = x2.shape[0]
             if not self.moka_only:
                 self._apply_vllm_lora(x, output)
-            moka_apply_triton(x2, y2, meta.slots_for(n), self.moka_bank, plan=meta.triton_plan(n))
+            apply_moka_cuda(x, output, meta, self.moka_bank)
             return
         # CPU: every shortcut is host-side and cheap; this runs ~4 times per decoder layer and
         # step, adapted or not, so base-only steps and layers no present adapter touches return
@@ -225,6 +221,23 @@ class MokaLayerMixin(AdapterLayerMixin):
         result = super()._apply_lora_to_output(x, output)
         if result.data_ptr() != output.data_ptr():  # platforms that cannot update in place
             output.copy_(result.view_as(output))
+
+
+def apply_moka_cuda(
+    x: torch.Tensor, output: torch.Tensor, meta: MokaKernelMeta, bank: MokaBank
+) -> None:
+    """The MoKA half of the adapter op on CUDA: the step's Triton plan, then one kernel launch.
+
+    It runs inside CUDA-graph capture, so it must never read device data on the host (no
+    ``.item()``, ``.tolist()`` or branch on a tensor): sizes alone pick the plan.
+    ``tests/test_cuda_trace.py`` traces it with fake CUDA tensors and ``fullgraph=True`` on CPU,
+    so a data-dependent branch or a host sync fails CI before a GPU sees it.
+    """
+    from moka_kernels.triton_ops import moka_apply_triton
+
+    x2, y2 = x.reshape(-1, x.shape[-1]), output.view(-1, output.shape[-1])
+    n = x2.shape[0]
+    moka_apply_triton(x2, y2, meta.slots_for(n), bank, plan=meta.triton_plan(n))
 
 
 _LORA_BUFFERS = ("lora_a_stacked", "lora_b_stacked")
