@@ -10,8 +10,9 @@ out can still be requested later and then gets the engine's own error.
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -81,6 +82,36 @@ def moka_limit_problem(
     return None
 
 
+def update_size_problem(
+    module: str,
+    terms: Iterable[tuple[torch.Tensor | None, torch.Tensor]],
+    dtype: torch.dtype = torch.float32,
+) -> str | None:
+    """Why a module's update could overflow ``dtype`` in the model, or None. The one rule for
+    the start-up precheck and the engine's loader.
+
+    ``terms`` are the folded factor pairs ``(A, B)`` of ``delta_W = sum kron(A, B)`` (A None:
+    the identity), a LoRA's ``(scaling * lora_B, lora_A)`` one pair. On a unit-norm input
+    ``|delta_W x| <= sum ||A||_2 ||B||_2 <= sum ||A||_F ||B||_F`` (the identity's norm is 1),
+    a bound that costs one pass over the factors. The update lands in the residual stream, which
+    the next RMSNorm squares, so the bound must stay under the square root of ``dtype``'s
+    largest value (1.8e19 for float32 and bfloat16); any real adapter is many orders below it,
+    and one over it (``scaling: 1e30``) would answer with overflowed garbage.
+    """
+    bound = 0.0
+    for a, b in terms:
+        a_norm = 1.0 if a is None else float(torch.linalg.vector_norm(a.double()))
+        bound += a_norm * float(torch.linalg.vector_norm(b.double()))
+    limit = math.sqrt(torch.finfo(dtype).max)
+    if bound <= limit:
+        return None
+    return (
+        f"module {module!r}: its update can reach {bound:.3g} on a unit-norm input, over the "
+        f"{limit:.3g} that {str(dtype).removeprefix('torch.')} keeps finite once squared (the "
+        "next layer norm squares it); check the adapter's scaling"
+    )
+
+
 def lora_shape_problem(
     module: str,
     a_shape: tuple[int, ...] | None,
@@ -117,6 +148,9 @@ def _moka_problem(folder: Path, base: tuple[Dims, int] | None) -> str | None:
             return problem
         if problem := moka_limit_problem(module, w.A, w.B):
             return problem
+    for module, folded in adapter.fold(dtype=torch.float64).items():
+        if problem := update_size_problem(module, zip(folded.A, folded.B, strict=True)):
+            return problem
     return None
 
 
@@ -142,6 +176,21 @@ def _lora_problem(
     bad = first_non_finite({k: t for k, t in tensors.items() if t.is_floating_point()})
     if bad is not None:
         return f"tensor {bad!r} has non-finite values (NaN or Inf)"
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        if m := _LORA_KEY.match(key):
+            pairs.setdefault(m["module"], {})[m["kind"]] = t
+    alpha = cfg.get("lora_alpha", 8)
+    if (
+        isinstance(alpha, (int, float))
+        and not isinstance(alpha, bool)
+        and not cfg.get("alpha_pattern")
+    ):
+        scale = alpha / (math.sqrt(ranks[0]) if cfg.get("use_rslora") else ranks[0])
+        for module, ab in pairs.items():
+            if "A" in ab and "B" in ab:
+                if problem := update_size_problem(module, [(scale * ab["B"].double(), ab["A"])]):
+                    return problem
     if base is None:
         return None
     # With a rank_pattern the rank depends on the module: left to the engine's loader.

@@ -68,6 +68,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="the base model alone, LoRA disabled (no adapters): the baseline to compare with",
     )
     p.add_argument(
+        "--admin-key",
+        default=None,
+        help="the admin credential: clients that send it in the X-Moka-Admin-Key header may "
+        "load and unload adapters by path (/v1/load_lora_adapter, /v1/unload_lora_adapter); "
+        "without one those endpoints are off. Default: $MOKA_ADMIN_KEY. Must differ from "
+        "--api-key",
+    )
+    p.add_argument(
+        "--admin-root",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a folder besides --adapters that admin clients may load adapters from by path "
+        "(repeatable; added to $MOKA_ADMIN_ROOTS)",
+    )
+    p.add_argument(
         "--print-command",
         action="store_true",
         help="print the vLLM command and environment instead of starting the server",
@@ -191,6 +207,7 @@ def build_command(
         env.setdefault("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True")
     if moka_only:
         env["MOKA_ONLY"] = "1"
+    _admin_settings(args, rest, env)
     if not args.plain and not _has_option(rest, "--max-loras"):
         at = cmd.index("--enable-lora") + 1  # before the adapter list, which runs to its end
         cmd[at:at] = ["--max-loras", str(DEFAULT_MAX_LORAS)]
@@ -204,6 +221,53 @@ def build_command(
         if ranks > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in env:
             env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_thread_binding(ranks, _allowed_cores())
     return cmd + rest, env
+
+
+def _admin_settings(args, rest: list[str], env: dict[str, str]) -> None:
+    """``--admin-key`` and ``--admin-root`` into the server's environment (never its command
+    line, which every local user can read), checked first."""
+    from moka_serve.admin_access import ENV_ADMIN_KEY, ENV_ADMIN_ROOTS, key_problem
+
+    admin = args.admin_key if args.admin_key is not None else env.get(ENV_ADMIN_KEY)
+    api_key = _option_value(rest, "--api-key") or env.get("VLLM_API_KEY")
+    if problem := key_problem(admin, api_key):
+        raise SystemExit(f"moka-serve: {problem}")
+    if admin is not None:
+        env[ENV_ADMIN_KEY] = admin
+    roots = [r for r in env.get(ENV_ADMIN_ROOTS, "").split(os.pathsep) if r.strip()]
+    for root in args.admin_root:
+        if not Path(root).is_dir():
+            raise SystemExit(f"moka-serve: --admin-root {root} is not a folder")
+        roots.append(str(Path(root).resolve()))
+    if roots:
+        env[ENV_ADMIN_ROOTS] = os.pathsep.join(roots)
+
+
+def surfaces(env: dict[str, str], rest: list[str], plain: bool) -> list[str]:
+    """What the server opens to whom, one line each, printed at start-up."""
+    from moka_serve.admin_access import ADMIN_HEADER, ENV_ADMIN_KEY, allowed_roots
+
+    keyed = _has_option(rest, "--api-key") or bool(env.get("VLLM_API_KEY"))
+    who = "clients with the --api-key" if keyed else "every client"
+    if plain:
+        return [f"moka-serve: open to {who}: inference on the base model (no adapters)"]
+    adapter_dir = env.get("MOKA_ADAPTER_DIR")
+    found = f"; adapters in {adapter_dir} found by name" if adapter_dir else ""
+    admin = "/v1/load_lora_adapter, /v1/unload_lora_adapter"
+    if env.get(ENV_ADMIN_KEY, "").strip():
+        roots = ", ".join(str(r) for r in allowed_roots(env)) or "nowhere"
+        admin_line = (
+            f"moka-serve: adapter administration ({admin}): clients with the admin key "
+            f"({ADMIN_HEADER} header), loading only from {roots}"
+        )
+    else:
+        admin_line = f"moka-serve: adapter administration ({admin}): off (no --admin-key)"
+    return [
+        f"moka-serve: open to {who}: inference (/v1/completions, /v1/chat/completions), "
+        "/v1/models, the adapter inventory without server paths (/v1/moka/adapters, "
+        f"/v1/moka/pools){found}",
+        admin_line,
+    ]
 
 
 def _all_moka(folders: dict[str, Path]) -> bool:
@@ -307,9 +371,14 @@ def _cuda_available() -> bool:
 def main(argv: list[str] | None = None) -> int:
     args, rest = build_parser().parse_known_args(argv)
     cmd, env = build_command(args, rest)
+    for line in surfaces(env, rest, args.plain):
+        print(line, file=sys.stderr)
     if args.print_command:
+        if "MOKA_ADMIN_KEY" in env:
+            print("MOKA_ADMIN_KEY=<the admin key>")
         for key in (
             "MOKA_ADAPTER_DIR",
+            "MOKA_ADMIN_ROOTS",
             "MOKA_ONLY",
             "MOKA_SLOT_NUMEL",
             "VLLM_ALLOW_RUNTIME_LORA_UPDATING",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import urllib.request
@@ -149,3 +150,42 @@ def test_compare_end_to_end_tiny(server, tmp_path):
     # cold adapters are removed after the run; the timed ones stay for the next run
     left = sorted(d.name for d in (tmp_path / "adapters").iterdir())
     assert left == ["lora16-0", "lora16-1", "moka-0", "moka-1"]
+
+
+def test_admin_endpoints_are_off_without_an_admin_key(server):
+    """This server has no admin key: loading and unloading answer 403 and change nothing, and
+    the inventory shows no server path (issue #22)."""
+    import urllib.error
+
+    def models() -> set[str]:
+        with urllib.request.urlopen(server["url"] + "/v1/models") as r:
+            return {m["id"] for m in json.load(r)["data"]}
+
+    before = models()
+    folder = server["root"] / "adapters" / "moka-a"
+    for path, body in (
+        ("/v1/load_lora_adapter", {"lora_name": "moka-new", "lora_path": str(folder)}),
+        ("/v1/unload_lora_adapter", {"lora_name": "moka-a"}),
+    ):
+        req = urllib.request.Request(
+            server["url"] + path,
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json", "X-Moka-Admin-Key": "guess"},
+        )
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(req)
+        assert err.value.code == 403
+        assert "adapter administration is off" in err.value.read().decode()
+    assert models() == before
+    with urllib.request.urlopen(server["url"] + "/v1/moka/adapters") as r:
+        raw = r.read().decode()
+    assert "moka-a" in raw and str(server["root"]) not in raw
+    # The resolver needs no admin endpoint: a folder copied into the adapters folder is served.
+    shutil.copytree(folder, server["root"] / "adapters" / "moka-a-copy")
+    req = urllib.request.Request(
+        server["url"] + "/v1/completions",
+        data=json.dumps({"model": "moka-a-copy", "prompt": [1, 2, 3], "max_tokens": 2}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req) as r:
+        assert r.status == 200 and json.load(r)["model"] == "moka-a-copy"

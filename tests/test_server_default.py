@@ -47,11 +47,13 @@ def server(tmp_path_factory):
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_ALLOW_RUNTIME_LORA_UPDATING="True")
     cmd = [sys.executable, "-m", "moka_serve.cli", "--max-model-len", "512", "--max-loras", "2"]
     cmd += ["--enforce-eager", "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--admin-key", ADMIN_KEY, "--admin-root", str(root)]  # run-time loads from root
     with running_server(cmd, env, log, port, 480) as url:
         yield {"url": url, "root": root}
 
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+ADMIN_KEY = "default-test-admin-key"
 
 
 def test_the_base_is_served_under_its_short_name(server):
@@ -115,7 +117,7 @@ def test_default_4bit_smollm2_with_a_moka_adapter(server):
     req = urllib.request.Request(
         server["url"] + "/v1/load_lora_adapter",
         data=json.dumps({"lora_name": "moka-smol", "lora_path": str(folder)}).encode(),
-        headers={"Content-Type": "application/json"},
+        headers={"Content-Type": "application/json", "X-Moka-Admin-Key": ADMIN_KEY},
     )
     with urllib.request.urlopen(req) as r:
         assert r.status == 200

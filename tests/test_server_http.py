@@ -5,6 +5,9 @@ torch.compile on with adapters). Static (``--adapters``)
 MoKA and LoRA adapters, one loaded at run time through ``/v1/load_lora_adapter`` and one copied
 into the adapters folder after start-up (found by the plugin's resolver) are requested
 concurrently, streaming and not, and each answer must equal the transformers reference.
+
+The server has an admin key and one extra root (``extra``): loading and unloading need the key,
+and a path outside the adapters folder and that root is refused whoever asks (issue #22).
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from vllm_helpers import (  # noqa: E402
 )
 
 pytestmark = pytest.mark.slow
+
+ADMIN_KEY = "test-admin-key"
 
 MAX_TOKENS = 6
 START_TIMEOUT_S = 300
@@ -95,6 +100,10 @@ def server(setup):
         "16",
         "--seed",
         "0",
+        "--admin-key",
+        ADMIN_KEY,
+        "--admin-root",
+        str(setup["extra"]),
         "--host",
         "127.0.0.1",
         "--port",
@@ -116,6 +125,29 @@ def prompts(setup) -> list[list[int]]:
     tok = AutoTokenizer.from_pretrained(str(setup["base"]))
     texts = ["The quick brown fox", "Once upon a time", "12 + 7 = 19, and 3 * 4 =", "hello"]
     return [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def _admin_post(server, path: str, body: dict, key: str | None = ADMIN_KEY):
+    """POST to an admin endpoint; the response, or the ``HTTPError`` (which reads like one)."""
+    import json
+
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["X-Moka-Admin-Key"] = key
+    req = urllib.request.Request(
+        server["url"] + path, data=json.dumps(body).encode(), headers=headers
+    )
+    try:
+        return urllib.request.urlopen(req)
+    except urllib.error.HTTPError as e:
+        return e
+
+
+def _model_ids(server) -> set[str]:
+    import json
+
+    with urllib.request.urlopen(server["url"] + "/v1/models") as r:
+        return {m["id"] for m in json.load(r)["data"]}
 
 
 def _client(server):
@@ -184,18 +216,10 @@ def test_concurrent_mixed_requests_match_reference(server, setup, reference, pro
 
 
 def test_runtime_load_and_resolver(server, setup, reference, prompts):
-    import json
 
-    body = json.dumps(
-        {"lora_name": "moka-dynamic", "lora_path": str(setup["extra"] / "moka-dynamic")}
-    ).encode()
-    req = urllib.request.Request(
-        server["url"] + "/v1/load_lora_adapter",
-        data=body,
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(req) as r:
-        assert r.status == 200
+    body = {"lora_name": "moka-dynamic", "lora_path": str(setup["extra"] / "moka-dynamic")}
+    r = _admin_post(server, "/v1/load_lora_adapter", body)
+    assert r.status == 200, r.read().decode()
     # Copied into the served folder after start-up: found by the resolver on first request.
     shutil.copytree(setup["extra"] / "moka-resolved", setup["served"] / "moka-resolved")
 
@@ -222,13 +246,8 @@ def test_runtime_load_and_resolver(server, setup, reference, prompts):
                 i += 1
 
     # Unloading forgets the name (it is not in the served folder, so no resolver finds it).
-    req = urllib.request.Request(
-        server["url"] + "/v1/unload_lora_adapter",
-        data=json.dumps({"lora_name": "moka-dynamic"}).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(req) as r:
-        assert r.status == 200
+    r = _admin_post(server, "/v1/unload_lora_adapter", {"lora_name": "moka-dynamic"})
+    assert r.status == 200, r.read().decode()
 
     async def after_unload():
         client = _client(server)
@@ -244,26 +263,19 @@ def test_runtime_load_and_resolver(server, setup, reference, prompts):
 def test_bad_and_unknown_adapters_get_errors(server, setup, reference, prompts):
     import json
 
-    bad = setup["root"] / "bad-moka"
+    bad = setup["extra"] / "bad-moka"
     shutil.copytree(setup["extra"] / "moka-resolved", bad)
     f = bad / "adapter_model.safetensors"
     f.write_bytes(f.read_bytes()[:100])
-    body = json.dumps({"lora_name": "bad-moka", "lora_path": str(bad)}).encode()
-    req = urllib.request.Request(
-        server["url"] + "/v1/load_lora_adapter",
-        data=body,
-        headers={"Content-Type": "application/json"},
-    )
-    with pytest.raises(urllib.error.HTTPError) as err:
-        urllib.request.urlopen(req)
-    assert err.value.code == 400
-    message = err.value.read().decode()
+    body = {"lora_name": "bad-moka", "lora_path": str(bad)}
+    r = _admin_post(server, "/v1/load_lora_adapter", body)
+    assert r.status == 400
+    message = r.read().decode()
     assert "Invalid adapter 'bad-moka'" in message and "truncated" in message, message
     # The same request for the same unchanged folder is answered without the engine.
     seen = server["log"].read_text().count("Invalid adapter 'bad-moka'")
-    with pytest.raises(urllib.error.HTTPError) as err:
-        urllib.request.urlopen(req)
-    assert err.value.code == 400 and err.value.read().decode() == message
+    r = _admin_post(server, "/v1/load_lora_adapter", body)
+    assert r.status == 400 and r.read().decode() == message
     assert server["log"].read_text().count("Invalid adapter 'bad-moka'") == seen
     # A broken folder in the served directory: the resolver finds it, the load fails with 400.
     served = setup["served"]
@@ -315,9 +327,22 @@ def test_adapter_inventory(server, setup):
 
     try:
         with urllib.request.urlopen(server["url"] + "/v1/moka/adapters") as r:
-            items = {a["name"]: a for a in json.load(r)["data"]}
+            raw = r.read().decode()
+            items = {a["name"]: a for a in json.loads(raw)["data"]}
     except urllib.error.HTTPError as e:
         pytest.fail(f"{e.code}: {e.read().decode()}")
+    # An inference client sees no server path: not the folders, not the base's cache folder.
+    assert all("path" not in a for a in items.values())
+    assert str(setup["root"]) not in raw and str(setup["base"]) not in raw, raw[:2000]
+    with urllib.request.urlopen(server["url"] + "/v1/moka/adapters/moka-qv") as r:
+        assert "path" not in json.load(r)
+    # An admin client sees where each adapter is.
+    req = urllib.request.Request(
+        server["url"] + "/v1/moka/adapters", headers={"X-Moka-Admin-Key": ADMIN_KEY}
+    )
+    with urllib.request.urlopen(req) as r:
+        admin_view = {a["name"]: a for a in json.load(r)["data"]}
+    assert admin_view["moka-qv"]["path"] == str(setup["served"] / "moka-qv")
     qv = items["moka-qv"]
     assert qv["kind"] == "MOKA"
     assert qv["targets"]["q_proj"]["components"] == [[16, 16, 16, 16]]
@@ -359,3 +384,73 @@ def test_adapter_inventory(server, setup):
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(server["url"] + "/v1/moka/adapters/nope")
     assert err.value.code == 404
+
+
+def test_admin_endpoints_need_the_admin_key_and_change_nothing_without_it(server, setup, prompts):
+    before = _model_ids(server)
+    body = {"lora_name": "moka-sneaky", "lora_path": str(setup["extra"] / "moka-dynamic")}
+    for key in (None, "wrong-key", ADMIN_KEY + "x", ""):
+        r = _admin_post(server, "/v1/load_lora_adapter", body, key=key)
+        assert r.status == 401, (key, r.status)
+        assert "X-Moka-Admin-Key" in r.read().decode()
+        r = _admin_post(server, "/v1/unload_lora_adapter", {"lora_name": "moka-qv"}, key=key)
+        assert r.status == 401, (key, r.status)
+    # vLLM registers the same handlers as SageMaker's adapter routes: closed the same way.
+    r = _admin_post(server, "/adapters", {"name": "moka-sneaky", "src": body["lora_path"]}, None)
+    assert r.status == 401
+    assert _model_ids(server) == before
+
+    async def still_served():
+        client = _client(server)
+        try:
+            return await _complete(client, "moka-qv", prompts[0], False)
+        finally:
+            await client.close()
+
+    assert asyncio.run(still_served())  # the unload without the key did nothing
+
+
+def test_admin_loads_only_from_the_allowed_roots(server, setup):
+    before = _model_ids(server)
+    outside = setup["root"] / "outside"  # beside the adapters folder, in neither root
+    shutil.copytree(setup["extra"] / "moka-dynamic", outside / "moka-out")
+    (setup["extra"] / "link-out").symlink_to(outside / "moka-out")  # a root's link pointing out
+    for name, path in (
+        ("moka-out", outside / "moka-out"),
+        ("moka-link", setup["extra"] / "link-out"),
+        ("moka-up", setup["extra"] / ".." / "outside" / "moka-out"),
+        ("etc", "/etc"),
+    ):
+        r = _admin_post(
+            server, "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path)}
+        )
+        message = r.read().decode()
+        assert r.status == 403, (name, r.status, message)
+        assert "outside the folders adapters may be loaded from" in message, message
+    assert _model_ids(server) == before
+
+
+def test_an_update_that_would_overflow_is_refused_at_load(server, setup, prompts):
+    """Finite factors, ``scaling: 1e30``: the load-time bound refuses it with 400, by path and
+    through the resolver alike, and the server goes on."""
+    huge = random_moka({"q_proj": [[16, 16, 16, 16]]}, seed=29, scaling=1e30)
+    write_moka(setup["extra"] / "moka-huge", huge)
+    r = _admin_post(
+        server,
+        "/v1/load_lora_adapter",
+        {"lora_name": "moka-huge", "lora_path": str(setup["extra"] / "moka-huge")},
+    )
+    message = r.read().decode()
+    assert r.status == 400 and "check the adapter's scaling" in message, message
+    write_moka(setup["served"] / "moka-huge-resolved", huge)
+
+    async def go():
+        client = _client(server)
+        try:
+            with pytest.raises(openai.BadRequestError, match="check the adapter's scaling"):
+                await _complete(client, "moka-huge-resolved", prompts[0], False)
+            return await _complete(client, "moka-qv", prompts[0], False)
+        finally:
+            await client.close()
+
+    assert asyncio.run(go())

@@ -54,7 +54,8 @@ def test_short_soak_passes(tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:] + log[-3000:]
     f = json.loads(out.with_suffix(".json").read_text())["figures"]
     assert f["passed"] and f["unexpected_failures"] == 0 and f["unhealthy_polls"] == 0
-    assert f["mismatched_outputs"] == 0 and f["admin_5xx"] == 0
+    assert f["mismatched_outputs"] == 0 and f["admin_5xx"] == 0 and f["admin_refused"] == 0
+    assert f["admin_statuses"].get("200", 0) > 0, f  # unloads and reloads went through
     assert f["requests_ok"] > 100, f
     assert f["failed_for_broken_adapters"] > 0, f  # the faults reached the server
     serving = log.split("[shutdown]")[0]  # vLLM may log its own teardown of a killed engine

@@ -131,6 +131,7 @@ def server(setup):
         "--tensor-parallel-size", "2", "--max-model-len", "128", "--max-loras", "2",
         "--max-cpu-loras", "3", "--max-lora-rank", "16", "--max-num-seqs", "16", "--seed", "0",
         "--host", "127.0.0.1", "--port", str(port),
+        "--admin-key", ADMIN_KEY, "--admin-root", str(setup["root"]),
     ]  # fmt: skip
     with running_server(cmd, env, log, port, START_TIMEOUT_S) as url:
         yield {"url": url, "log": log}
@@ -184,6 +185,7 @@ def test_tp2_moka_only_engine_matches_reference(setup, reference):
         "--tensor-parallel-size", "2", "--max-model-len", "128", "--max-loras", "2",
         "--max-cpu-loras", "3", "--max-num-seqs", "16", "--seed", "0",
         "--host", "127.0.0.1", "--port", str(port),
+        "--admin-key", ADMIN_KEY, "--admin-root", str(setup["root"]),
     ]  # fmt: skip
     with running_server(cmd, env, log, port, START_TIMEOUT_S) as url:
         server = {"url": url, "log": log}
@@ -212,11 +214,14 @@ def test_tp2_mixed_requests_match_the_reference(server, setup, reference):
     assert len({tuple(t) for t in first.values()}) == len(first)  # every adapter matters
 
 
+ADMIN_KEY = "tp-admin-key"
+
+
 def _load(server, name, path):
     req = urllib.request.Request(
         server["url"] + "/v1/load_lora_adapter",
         data=json.dumps({"lora_name": name, "lora_path": str(path)}).encode(),
-        headers={"Content-Type": "application/json"},
+        headers={"Content-Type": "application/json", "X-Moka-Admin-Key": ADMIN_KEY},
     )
     return urllib.request.urlopen(req)
 

@@ -8,12 +8,13 @@ unload) with few device and CPU slots (constant eviction), keeps ``--streams`` r
 for ``--duration`` seconds, and meanwhile a fault injector picks one of the "faulty" adapters
 every ``--fault-interval`` seconds and breaks its folder (NaN weights, truncated weights, deleted
 folder, broken or foreign config), restores it, adds a new adapter folder, or unloads and reloads
-it through ``/v1/unload_lora_adapter`` and ``/v1/load_lora_adapter``.
+it through ``/v1/unload_lora_adapter`` and ``/v1/load_lora_adapter`` (admin calls: the server is
+started with a fresh admin key, which they carry).
 
 It passes when the engine never dies (``/health`` polled every 2 s), no request for a base or an
 untouched adapter fails, every failure is a 4xx for an adapter whose folder was broken at some
 moment while the request ran (or a 404 for one being unloaded over HTTP meanwhile, as plain vLLM
-answers a request that races an unload), no admin call gets a 5xx, and every (adapter, prompt) pair always
+answers a request that races an unload), no admin call gets a 5xx or is refused (401/403), and every (adapter, prompt) pair always
 gets the same greedy text (what was served is what was validated). Resident memory of the server's
 processes is sampled every ``--rss-interval`` seconds; the report gives start, end and the slope
 over the second half. Results: ``<out>.json`` and ``<out>.md``; exit status 1 when it failed.
@@ -25,6 +26,7 @@ import argparse
 import asyncio
 import json
 import random
+import secrets
 import shlex
 import shutil
 import sys
@@ -34,6 +36,8 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from moka_serve.admin_access import ADMIN_HEADER
 
 from .report import machine
 from .server import children_rss_bytes, free_port, running_server
@@ -119,6 +123,8 @@ class FaultInjector:
         self.unloads = FolderHistory()
         self.actions: Counter[str] = Counter()
         self.added: list[str] = []
+        # The server's admin credential: the unloads and reloads are admin calls.
+        self.admin_key = secrets.token_urlsafe(16)
 
     def _restore(self, name: str, source: str | None = None) -> None:
         tmp = self.served / f".{name}.restore"
@@ -161,7 +167,8 @@ class FaultInjector:
 
         if interval <= 0:
             return  # a soak without faults (e.g. to watch memory under load alone)
-        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+        headers = {ADMIN_HEADER: self.admin_key}
+        async with httpx.AsyncClient(base_url=url, timeout=120, headers=headers) as client:
             while True:
                 await asyncio.sleep(min(interval, max(0.0, deadline - time.monotonic())))
                 if time.monotonic() >= deadline:
@@ -306,6 +313,8 @@ def verdict(
             texts.setdefault((r.model, r.prompt), set()).add(r.text)
     mismatched = sorted(f"{m} prompt {p}" for (m, p), t in texts.items() if len(t) > 1)
     admin_5xx = [a for a in run["admin"] if a.status is None or a.status >= 500]
+    # The soak's admin calls carry the server's admin key: a 401/403 means the gate is wrong.
+    admin_refused = [a for a in run["admin"] if a.status in (401, 403)]
     unhealthy = [(round(t - run["t0"], 1), s) for t, s in run["health"] if s != 200]
     rss = [(t - run["t0"], mb) for t, mb in run["rss"]]
     half = [s for s in rss if s[0] >= rss[-1][0] / 2] if rss else []
@@ -327,6 +336,7 @@ def verdict(
         "admin_calls": len(run["admin"]),
         "admin_statuses": dict(Counter(str(a.status) for a in run["admin"])),
         "admin_5xx": len(admin_5xx),
+        "admin_refused": len(admin_refused),
         "unhealthy_polls": len(unhealthy),
         "server_restarts": 0,
         "requests_per_s": len(ok) / wall_s if wall_s > 0 else 0.0,
@@ -335,11 +345,12 @@ def verdict(
         "rss_max_mb": max(s[1] for s in rss) if rss else None,
         "rss_slope_second_half_mb_per_min": slope,
     }
-    figures["passed"] = not (unexpected or admin_5xx or unhealthy or mismatched)
+    figures["passed"] = not (unexpected or admin_5xx or admin_refused or unhealthy or mismatched)
     examples = {
         "unexpected_failures": [vars(r) for r in unexpected[:10]],
         "expected_failures": [vars(r) for r in failed if r not in unexpected][:10],
         "admin_5xx": [vars(a) for a in admin_5xx[:10]],
+        "admin_refused": [vars(a) for a in admin_refused[:10]],
         "unhealthy": unhealthy[:10],
         "mismatched": mismatched[:10],
     }
@@ -421,16 +432,17 @@ def cmd_soak(args: argparse.Namespace) -> int:
         for n in names:
             shutil.copytree(pristine / n, served / n)
         port = free_port()
+        injector = FaultInjector(served, pristine, faulty, random.Random(args.seed + 1))
         serve_args = build_parser().parse_args(
-            ["--base", str(base), "--adapters", str(served), "--quantize", args.quantize]
-        )
+            ["--base", str(base), "--adapters", str(served), "--quantize", args.quantize,
+             "--admin-key", injector.admin_key]
+        )  # fmt: skip
         rest = ["--dtype", args.dtype, "--max-model-len", str(args.max_model_len),
                 "--max-num-seqs", str(args.streams), "--max-loras", str(args.max_loras),
                 "--max-cpu-loras", str(args.max_cpu_loras), "--max-lora-rank",
                 str(max(16, args.lora_rank)), "--seed", "0", "--host", "127.0.0.1",
                 "--port", str(port), *args.server_arg]  # fmt: skip
         cmd, env = build_command(serve_args, rest)
-        injector = FaultInjector(served, pristine, faulty, random.Random(args.seed + 1))
         log = args.out.with_suffix(".server.log")
         with running_server(cmd, env, log, port, args.start_timeout) as url:
             print(f"# server up; {args.streams} streams for {args.duration:.0f} s, "

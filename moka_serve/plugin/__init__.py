@@ -16,6 +16,7 @@ of the project lives in this package:
 * ``resolver``: adapters of ``MOKA_ADAPTER_DIR`` found by name on first request.
 * ``api``: adapter validation errors answered with 400 (vLLM answers 500).
 * ``inventory``: ``GET /v1/moka/adapters[/{name}]`` for operators.
+* ``admin``: the admin endpoints closed without the admin key (``moka_serve.admin_access``).
 * ``logs``: one warning line, not tracebacks, for each adapter the loader rejects.
 
 Set ``MOKA_DISABLE_PLUGIN=1`` to load vLLM without any of it.
@@ -36,7 +37,17 @@ def register() -> None:
     from . import checks
 
     checks.check_all()
-    from . import api, cpu_compile, cpu_fix, inventory, layers, logs, resolver, worker_manager
+    from . import (
+        admin,
+        api,
+        cpu_compile,
+        cpu_fix,
+        inventory,
+        layers,
+        logs,
+        resolver,
+        worker_manager,
+    )
 
     layers.install()
     worker_manager.install()
@@ -46,5 +57,6 @@ def register() -> None:
     resolver.install()
     api.install()
     inventory.install()
+    admin.install()
     logs.install()
     _REGISTERED = True

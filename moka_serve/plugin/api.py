@@ -1,4 +1,5 @@
-"""API-server side: adapter validation errors answered with 400 and their reason.
+"""API-server side: adapter validation errors answered with 400 and their reason; loads by path
+only from the allowed roots (403 otherwise, ``moka_serve.admin_access``).
 
 ``OpenAIServingModels.load_lora_adapter`` turns any failure of ``engine_client.add_lora`` into
 ``500 InternalServerError``. The exception crosses the engine-core process boundary as text, so
@@ -23,6 +24,7 @@ from http import HTTPStatus
 from pathlib import Path
 
 from moka_serve.adapter_dir import adapter_folder, folder_signature
+from moka_serve.admin_access import path_problem
 
 from .worker_manager import INVALID_ADAPTER
 
@@ -32,11 +34,13 @@ _FAILED: OrderedDict[tuple[str, str], tuple[tuple, str]] = OrderedDict()
 
 
 def _bad_request(message: str):
+    return _error(message, "BadRequestError", HTTPStatus.BAD_REQUEST)
+
+
+def _error(message: str, err_type: str, status: HTTPStatus):
     from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 
-    return create_error_response(
-        message=message, err_type="BadRequestError", status_code=HTTPStatus.BAD_REQUEST
-    )
+    return create_error_response(message=message, err_type=err_type, status_code=status)
 
 
 async def _signature(folder: str | Path | None) -> tuple | None:
@@ -84,6 +88,14 @@ def _record_add_lora_errors(serving) -> dict[str, str]:
     return errors
 
 
+def _started_with(serving, request) -> bool:
+    """Whether ``request`` is one of the server's ``--lora-modules`` (the operator's command line,
+    loaded by ``init_static_loras`` at start-up): those paths are trusted wherever they are."""
+    static = getattr(serving, "static_lora_modules", None) or ()
+    name, path = getattr(request, "lora_name", None), getattr(request, "lora_path", None)
+    return any(m.name == name and m.path == path for m in static)
+
+
 def install() -> None:
     """Wrap ``OpenAIServingModels.load_lora_adapter`` and ``resolve_lora`` (idempotent)."""
     from vllm.entrypoints.openai.models.serving import OpenAIServingModels
@@ -96,6 +108,8 @@ def install() -> None:
     @functools.wraps(original_load)
     async def load_lora_adapter(self, request, base_model_name=None):
         path = getattr(request, "lora_path", None)
+        if path and not _started_with(self, request) and (problem := path_problem(str(path))):
+            return _error(problem, "PermissionDenied", HTTPStatus.FORBIDDEN)
         key = (str(getattr(request, "lora_name", "")), str(path))
         signature = await _signature(path) if path else None
         if (answer := _remembered(key, signature)) is not None:

@@ -6,9 +6,11 @@ targets, component shapes, trainable parameters, gate weights and where it is no
 ``cpu`` (vLLM's CPU LRU cache, ``max_cpu_loras``) or ``slot N`` (device slot, ``max_loras``).
 
 The router is added to vLLM's FastAPI app by wrapping ``attach_endpoint_plugins`` (called by
-``build_app`` after the core routers) rather than through a ``vllm.endpoint_plugins`` entry
-point, which vLLM loads only when it is named in ``VLLM_PLUGINS`` (an allow-list that would also
-filter the general plugins). Where an adapter lives is asked from the worker with
+``build_app`` after the core routers; ``admin.install``) rather than through a
+``vllm.endpoint_plugins`` entry point, which vLLM loads only when it is named in
+``VLLM_PLUGINS`` (an allow-list that would also filter the general plugins). Server paths
+(``path``, a local ``base_model``, paths in error texts) are shown to admin clients only
+(``moka_serve.admin_access``). Where an adapter lives is asked from the worker with
 ``collective_rpc("moka_adapter_state")``, a method this plugin adds to vLLM's ``WorkerBase``.
 
 Descriptions come from configs and safetensors headers (plus MoKA's tiny gate tensors), never a
@@ -206,12 +208,35 @@ def _describe_all(
     return out
 
 
+async def _visible_inventory(request: Request) -> dict[str, dict[str, Any]]:
+    """The inventory as this client may see it: server paths for admin clients only."""
+    from .admin import request_is_admin
+
+    items = await inventory(request.app.state)
+    if request_is_admin(request):
+        return items
+    return {name: without_paths(item) for name, item in items.items()}
+
+
+def without_paths(item: dict[str, Any]) -> dict[str, Any]:
+    """An inventory entry with no server path in it: no ``path``, a local ``base_model`` by its
+    folder name, the adapter's folder named ``<adapter folder>`` in error texts."""
+    out = {k: v for k, v in item.items() if k != "path"}
+    base = out.get("base_model")
+    if isinstance(base, str) and (base.startswith(("/", "~")) or os.path.isabs(base)):
+        out["base_model"] = Path(base).name
+    path, error = item.get("path"), out.get("error")
+    if isinstance(error, str) and path:
+        out["error"] = error.replace(str(path), "<adapter folder>")
+    return out
+
+
 def build_router() -> APIRouter:
     router = APIRouter()
 
     @router.get("/v1/moka/adapters")
     async def list_adapters(raw_request: Request):
-        items = await inventory(raw_request.app.state)
+        items = await _visible_inventory(raw_request)
         return JSONResponse({"object": "list", "data": list(items.values())})
 
     @router.get("/v1/moka/pools")
@@ -234,7 +259,7 @@ def build_router() -> APIRouter:
 
     @router.get("/v1/moka/adapters/{name}")
     async def get_adapter(name: str, raw_request: Request):
-        items = await inventory(raw_request.app.state)
+        items = await _visible_inventory(raw_request)
         if name not in items:
             return JSONResponse(
                 {
@@ -252,18 +277,7 @@ def build_router() -> APIRouter:
 
 
 def install() -> None:
-    """Add the worker method and wrap ``attach_endpoint_plugins`` (idempotent)."""
-    from vllm.entrypoints.launchers import app as app_module
+    """Add the worker method (the router is attached by ``admin.install``)."""
     from vllm.v1.worker.worker_base import WorkerBase
 
     WorkerBase.moka_adapter_state = worker_adapter_state
-    original = app_module.attach_endpoint_plugins
-    if getattr(original, "__moka__", False):
-        return
-
-    def attach_endpoint_plugins(app, supported_tasks):
-        original(app, supported_tasks)
-        app.include_router(build_router())
-
-    attach_endpoint_plugins.__moka__ = True  # type: ignore[attr-defined]
-    app_module.attach_endpoint_plugins = attach_endpoint_plugins

@@ -21,7 +21,7 @@ from vllm.lora.lora_model import LoRAModel
 
 from moka_kernels import EntryShape, KronEntry
 from moka_kernels.bank import entries_numel
-from moka_serve.adapter_check import lora_shape_problem, moka_limit_problem
+from moka_serve.adapter_check import lora_shape_problem, moka_limit_problem, update_size_problem
 from moka_serve.adapter_format import (
     CONFIG_NAME,
     PEFT_TYPE,
@@ -156,6 +156,10 @@ def load_moka_model(manager, lora_request, path: str) -> MokaLoRAModel:
     folded_modules = adapter.fold(dtype=torch.float64)
     if not folded_modules:
         raise ValueError(f"{where}: the adapter has no modules")
+    for module_path, folded in folded_modules.items():
+        terms = zip(folded.A, folded.B, strict=True)
+        if problem := update_size_problem(module_path, terms, dtype):
+            raise ValueError(f"{where}: {problem}")
     by_layer: dict[str, list[KronEntry]] = {}
     factors: dict[str, torch.Tensor] = {}
     terms: list[tuple[str | None, KronEntry]] = []
@@ -232,6 +236,13 @@ def check_lora_model(manager, lora: LoRAModel, where: str) -> None:
     bad = first_non_finite(named)
     if bad is not None:
         raise ValueError(f"{where}: {bad} has non-finite values (NaN or Inf)")
+    dtype = manager.lora_config.lora_dtype
+    for module, w in lora.loras.items():
+        a, b, scaling = w.lora_a, w.lora_b, getattr(w, "scaling", 1.0)
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+            scaled = b.double() * float(scaling if isinstance(scaling, (int, float)) else 1.0)
+            if problem := update_size_problem(module, [(scaled, a)], dtype):
+                raise ValueError(f"{where}: {problem}")
     targets = moka_targets(manager)
     for module, weights in lora.loras.items():
         a, b = weights.lora_a, weights.lora_b
