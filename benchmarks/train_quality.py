@@ -58,8 +58,8 @@ def _csv(text: str) -> list[str]:
 
 def lora_size(base: Path, targets: list[str], rank: int) -> int:
     """A rank-``rank`` LoRA's parameters on ``targets`` of a Llama-style base (config.json)."""
-    from moka_serve.bench.random_adapters import llama_dims
-    from moka_trainer.shapes import lora_params
+    from moka_serve.base_models import llama_dims
+    from moka_serve.shapes import lora_params
 
     dims, layers = llama_dims(base)
     return lora_params({t: dims[t] for t in targets}, dict.fromkeys(targets, layers), rank)

@@ -29,9 +29,9 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 from tasks import make_task  # noqa: E402
 
+from moka_serve.shapes import lora_params  # noqa: E402
 from moka_trainer import data as data_mod  # noqa: E402
 from moka_trainer.moka_layer import remove_moka, target_dims  # noqa: E402
-from moka_trainer.shapes import lora_params  # noqa: E402
 from moka_trainer.train import (  # noqa: E402
     TrainConfig,
     batch_loss_sum,

@@ -17,7 +17,12 @@ from pathlib import Path
 
 import torch
 
-from moka_serve.adapter_format import first_non_finite, load_adapter, read_config_json
+from moka_serve.adapter_format import (
+    config_kind,
+    first_non_finite,
+    load_adapter,
+    read_config_json,
+)
 from moka_serve.limits import bank_limits
 
 Dims = Mapping[str, tuple[int, int]]
@@ -28,7 +33,7 @@ DEFAULT_MAX_LORA_RANK = 16  # vLLM's default for --max-lora-rank
 
 def base_shape(base: str | Path) -> tuple[dict[str, tuple[int, int]], int] | None:
     """Projection dims and layer count of a local Llama-style base, or None if unknown."""
-    from moka_serve.bench.random_adapters import llama_dims
+    from moka_serve.base_models import llama_dims
 
     try:
         return llama_dims(base)
@@ -44,7 +49,7 @@ def folder_problem(
     """Why ``folder`` cannot be served on ``base`` (``(dims, layers)``), or None."""
     try:
         cfg = read_config_json(folder / "adapter_config.json")
-        peft_type = cfg.get("peft_type")
+        peft_type = config_kind(cfg)
         if peft_type == "MOKA":
             return _moka_problem(folder, base)
         if peft_type == "LORA":

@@ -576,10 +576,33 @@ def read_config_json(file: str | os.PathLike) -> dict:
     return d
 
 
+def config_kind(cfg: Mapping[str, object]) -> str:
+    """The kind of adapter a config declares: its ``peft_type`` ("MOKA", "LORA", ...).
+
+    The one rule every route follows (the engine's loader, ``moka-serve``'s start-up check, the
+    inventory, the slot planner, the trainer's reference). A config without ``peft_type`` is a
+    LoRA: older PEFT LoRA configs lack it, and vLLM's own loader serves them as LoRA. A value that
+    is not a string is returned as its ``repr``, so messages show what the file holds.
+    """
+    peft_type = cfg.get("peft_type")
+    if peft_type is None:
+        return "LORA"
+    return peft_type if isinstance(peft_type, str) else repr(peft_type)
+
+
+def adapter_kind(path: str | os.PathLike) -> str:
+    """:func:`config_kind` of ``<path>/adapter_config.json``; ``ValueError`` with the reason if
+    the config is missing or unreadable."""
+    cfg_path = Path(path) / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise ValueError(f"{_where(path)}: missing {CONFIG_NAME}")
+    return config_kind(read_config_json(cfg_path))
+
+
 def is_moka_adapter_dir(path: str | os.PathLike) -> bool:
-    """True if ``path`` holds an adapter_config.json with peft_type MOKA. Never raises."""
+    """True if ``path`` holds an adapter_config.json of a MoKA adapter. Never raises."""
     try:
-        return read_config_json(Path(path) / CONFIG_NAME).get("peft_type") == PEFT_TYPE
+        return adapter_kind(path) == PEFT_TYPE
     except ValueError:
         return False
 

@@ -66,6 +66,25 @@ def _log(msg: str) -> None:
     print(f"[moka models] {msg}", file=sys.stderr, flush=True)
 
 
+def llama_dims(base_dir: str | Path) -> tuple[dict[str, tuple[int, int]], int]:
+    """``(out_features, in_features)`` of each Llama projection, and the number of layers."""
+    cfg = json.loads((Path(base_dir) / "config.json").read_text(encoding="utf-8"))
+    hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    heads = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or hidden // heads
+    kv = cfg.get("num_key_value_heads", heads) * head_dim
+    dims = {
+        "q_proj": (heads * head_dim, hidden),
+        "k_proj": (kv, hidden),
+        "v_proj": (kv, hidden),
+        "o_proj": (hidden, heads * head_dim),
+        "gate_proj": (inter, hidden),
+        "up_proj": (inter, hidden),
+        "down_proj": (hidden, inter),
+    }
+    return dims, cfg["num_hidden_layers"]
+
+
 def cache_dir() -> Path:
     """Where built models live: ``$MOKA_CACHE`` or ``~/.cache/moka-serve``."""
     env = os.environ.get("MOKA_CACHE")

@@ -271,11 +271,11 @@ def surfaces(env: dict[str, str], rest: list[str], plain: bool) -> list[str]:
 
 
 def _all_moka(folders: dict[str, Path]) -> bool:
-    from moka_serve.adapter_format import read_config_json
+    from moka_serve.adapter_format import adapter_kind
 
     for path in folders.values():
         try:
-            if read_config_json(path / "adapter_config.json").get("peft_type") != "MOKA":
+            if adapter_kind(path) != "MOKA":
                 return False
         except ValueError:
             return False

@@ -85,13 +85,13 @@ def table_slot_bytes(layers: int) -> int:
 def adapter_numel_by_kind(folder: Path) -> dict[str, int]:
     """Factor elements a MoKA adapter takes per layer, by vLLM layer kind (from its config:
     no tensor is read); ``{}`` for a LoRA or an unreadable folder."""
-    from moka_serve.adapter_format import read_config_json
+    from moka_serve.adapter_format import config_kind, read_config_json
 
     try:
         cfg = read_config_json(folder / "adapter_config.json")
     except (OSError, ValueError):
         return {}
-    if cfg.get("peft_type") != "MOKA" or not isinstance(cfg.get("targets"), dict):
+    if config_kind(cfg) != "MOKA" or not isinstance(cfg.get("targets"), dict):
         return {}
     identity = cfg.get("variant") == "mokas"
     out: dict[str, int] = {}

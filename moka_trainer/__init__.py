@@ -10,8 +10,9 @@ Modules (imported on demand, so ``import moka_trainer`` stays cheap):
   ``load_base_model``, ``evaluate``, ``greedy_completions``.
 * ``moka_trainer.moka_layer``: ``MokaLinear``, ``inject_moka``, ``export_adapter`` (model ->
   ``MokaAdapter``), ``attach_adapter`` (a loaded adapter onto a model, unmerged), ``remove_moka``.
-* ``moka_trainer.shapes``: exact Kronecker factorisations, ``plan_shapes`` (from a budget or
-  explicit ``--shapes``), ``parse_shapes``, ``parse_budget``, ``lora_params``.
+* ``moka_serve.shapes`` (core, shared with ``moka-bench``): exact Kronecker factorisations,
+  ``plan_shapes`` (from a budget or explicit ``--shapes``), ``parse_shapes``, ``parse_budget``,
+  ``lora_params``.
 * ``moka_trainer.data``: JSONL records -> token ids with completion-only labels.
 * ``moka_trainer.reference``: merged reference models and greedy generation for serving tests.
 * ``moka_trainer.cli``: the ``moka-train`` command.

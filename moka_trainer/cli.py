@@ -45,8 +45,9 @@ def _csv(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from moka_serve.shapes import FAMILIES
+
     from .moka_layer import INITS
-    from .shapes import FAMILIES
 
     p = _Parser(
         prog="moka-train",

@@ -23,7 +23,14 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from moka_serve.adapter_format import PEFT_PREFIX, MokaAdapter, load_adapter, read_config_json
+from moka_serve.adapter_format import (
+    PEFT_PREFIX,
+    MokaAdapter,
+    adapter_kind,
+    config_kind,
+    load_adapter,
+    read_config_json,
+)
 
 from .bnb_cpu import keep_portable_4bit_layout
 
@@ -137,7 +144,7 @@ def _read_lora(lora_dir: str | os.PathLike) -> tuple[dict, dict[str, torch.Tenso
     """(config, tensors) of a PEFT LoRA folder, rejecting features this reference can't merge."""
     folder = Path(lora_dir)
     cfg = read_config_json(folder / LORA_CONFIG_NAME)
-    if cfg.get("peft_type", "LORA") != "LORA":
+    if config_kind(cfg) != "LORA":
         raise ValueError(f"{folder}: peft_type is {cfg.get('peft_type')!r}, expected 'LORA'")
     for flag in ("use_dora", "fan_in_fan_out", "lora_bias"):
         if cfg.get(flag):
@@ -195,13 +202,7 @@ def merge_lora_into_model(model: nn.Module, lora_dir: str | os.PathLike) -> None
 
 def adapter_peft_type(adapter_dir: str | os.PathLike) -> str:
     """``peft_type`` from an adapter folder's adapter_config.json (e.g. "MOKA", "LORA")."""
-    cfg_path = Path(adapter_dir) / LORA_CONFIG_NAME
-    if not cfg_path.is_file():
-        raise ValueError(f"{adapter_dir}: missing {LORA_CONFIG_NAME}")
-    peft_type = read_config_json(cfg_path).get("peft_type")
-    if not isinstance(peft_type, str):
-        raise ValueError(f"{cfg_path}: peft_type is missing")
-    return peft_type
+    return adapter_kind(adapter_dir)
 
 
 def load_reference_model(

@@ -28,6 +28,15 @@ from torch import nn
 
 from moka_serve.adapter_format import save_adapter
 from moka_serve.base_models import DEFAULT_BASE_ID
+from moka_serve.shapes import (
+    FAMILIES,
+    format_shapes,
+    lora_params,
+    module_params,
+    parse_budget,
+    parse_shapes,
+    plan_shapes,
+)
 
 from . import data as data_mod
 from .bnb_cpu import keep_portable_4bit_layout
@@ -39,15 +48,6 @@ from .moka_layer import (
     moka_modules,
     target_dims,
     trainable_parameters,
-)
-from .shapes import (
-    FAMILIES,
-    format_shapes,
-    lora_params,
-    module_params,
-    parse_budget,
-    parse_shapes,
-    plan_shapes,
 )
 
 LOG_NAME = "train_log.jsonl"
@@ -76,7 +76,7 @@ class TrainConfig:
     budget: str | None = None  # "0.1%" of base params, or a count; None: cheapest diverse set
     shapes: Sequence[str] = ()
     variant: str = "moka"
-    # mixed | lora | kron (moka_trainer.shapes); None: mixed, or kron for variant mokas
+    # mixed | lora | kron (moka_serve.shapes); None: mixed, or kron for variant mokas
     shape_family: str | None = None
     init: str = "lora"  # lora | a-random: which factor starts at zero (MokaLinear)
     gating: bool = True  # softmax gates; never for a single component (softmax of one is 1)

@@ -290,3 +290,28 @@ def test_the_server_does_not_import_the_trainer():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "--served-model-name SmolLM2-135M-Instruct" in r.stdout
+
+
+def test_a_lora_config_without_peft_type_is_a_lora_on_every_route(tmp_path):
+    """Older PEFT LoRA configs have no ``peft_type``; vLLM's loader serves them as LoRA, and so
+    does every route of ours (``adapter_format.config_kind``): the start-up check, the inventory,
+    the slot planner. They used to disagree (left out at start-up, reported broken)."""
+    pytest.importorskip("fastapi")
+    from moka_serve.adapter_format import adapter_kind, config_kind
+    from moka_serve.base_models import tiny_llama_dir
+    from moka_serve.plugin.inventory import describe_adapter
+    from moka_serve.slots import adapter_numel_by_kind
+
+    folder = tmp_path / "ad" / "lora-old"
+    _write(folder)
+    cfg_file = folder / "adapter_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    del cfg["peft_type"]
+    cfg_file.write_text(json.dumps(cfg))
+    assert adapter_kind(folder) == "LORA"
+    cmd, _ = _cmd(["--base", str(tiny_llama_dir()), "--adapters", str(tmp_path / "ad")])
+    assert f"lora-old={folder}" in cmd
+    described = describe_adapter(folder)
+    assert described["kind"] == "LORA" and "error" not in described, described
+    assert adapter_numel_by_kind(folder) == {}  # a LoRA: no MoKA pool elements
+    assert config_kind({"peft_type": "MOKA"}) == "MOKA" and config_kind({"peft_type": 3}) == "3"

@@ -12,10 +12,10 @@ import torch
 
 from moka_serve.adapter_format import load_adapter
 from moka_serve.base_models import tiny_llama_dir
+from moka_serve.shapes import plan_shapes
 from moka_trainer.cli import main as cli_main
 from moka_trainer.data import IGNORE_INDEX, DataError, load_examples
 from moka_trainer.moka_layer import MokaLinear, attach_adapter, inject_moka, target_dims
-from moka_trainer.shapes import plan_shapes
 from moka_trainer.train import TrainConfig, latest_checkpoint, load_base_model, train
 
 CPU = torch.device("cpu")

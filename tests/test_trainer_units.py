@@ -7,9 +7,7 @@ import torch
 from torch import nn
 
 from moka_serve.adapter_format import ComponentShape
-from moka_trainer.data import DataError, batches, epoch_order, read_jsonl
-from moka_trainer.moka_layer import MokaLinear, export_adapter, inject_moka, moka_modules
-from moka_trainer.shapes import (
+from moka_serve.shapes import (
     all_factorisations,
     check_shapes,
     choose_components,
@@ -22,6 +20,8 @@ from moka_trainer.shapes import (
     plan_shapes,
     rank_one_shape,
 )
+from moka_trainer.data import DataError, batches, epoch_order, read_jsonl
+from moka_trainer.moka_layer import MokaLinear, export_adapter, inject_moka, moka_modules
 from moka_trainer.train import lr_factor
 
 # --------------------------------------------------------------------------- shapes

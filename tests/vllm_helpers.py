@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from moka_serve.adapter_format import MokaAdapter
-from moka_serve.base_models import tiny_llama_dir
-from moka_serve.bench.random_adapters import llama_dims, module_path, write_moka  # noqa: F401 (re-exported)
+from moka_serve.base_models import llama_dims, tiny_llama_dir
+from moka_serve.bench.random_adapters import module_path, write_moka  # noqa: F401 (re-exported)
 from moka_serve.bench.random_adapters import random_moka as _random_moka
 from moka_serve.bench.random_adapters import write_random_lora as _write_random_lora
 from moka_serve.bench.server import ServerError, free_port  # noqa: F401 (re-exported)

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from .report import markdown
-from .workload import POPULARITIES, WorkloadConfig, parse_length
+from .workload import POPULARITIES, parse_length, workload_config
 
 
 def _token_range(text: str) -> tuple[int, int]:
@@ -56,24 +56,6 @@ def add_workload_args(p: argparse.ArgumentParser, popularity: bool = True) -> No
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     g.add_argument("--no-progress", action="store_true")
-
-
-def workload_config(
-    args: argparse.Namespace, popularity: str | None = None, seed_offset: int = 0
-) -> WorkloadConfig:
-    """The workload the options describe (``compare`` passes each popularity and repeat)."""
-    return WorkloadConfig(
-        num_requests=args.num_requests,
-        popularity=popularity or getattr(args, "popularity", "distinct"),
-        powerlaw_alpha=args.powerlaw_alpha,
-        batch=args.concurrency,
-        input_len=args.input_len,
-        output_len=args.output_len,
-        request_rate=args.request_rate,
-        burstiness_cv=args.burstiness,
-        token_range=args.token_range,
-        seed=args.seed + seed_offset,
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -73,7 +73,7 @@ def _csv(text: str) -> list[str]:
 def moka_shapes(dims: dict, layers: int, targets: list[str], components: int) -> dict:
     """The cheapest diverse Kronecker shapes per target (``moka-train --shape-family kron``):
     the shapes every published serving number was measured with."""
-    from moka_trainer.shapes import plan_shapes
+    from moka_serve.shapes import plan_shapes
 
     shapes, _ = plan_shapes(
         {t: dims[t] for t in targets},
@@ -212,11 +212,10 @@ def plan_configs(methods: list[str], ns: list[int], pops: list[str]) -> list[tup
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from moka_serve.base_models import cache_dir, materialize_default_base
+    from moka_serve.base_models import cache_dir, llama_dims, materialize_default_base
     from moka_serve.slots import DTYPE_BYTES, vocab_size
 
     from .plot import plot_ratios
-    from .random_adapters import llama_dims
 
     methods, pops = _csv(args.methods), _csv(args.popularities)
     ns = sorted({int(n) for n in _csv(args.num_adapters)})
@@ -339,7 +338,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def _workload(args, popularity: str, rep: int) -> WorkloadConfig:
     """The timed workload; the seed changes per repeat (same for every configuration)."""
-    from .cli import workload_config
+    from .workload import workload_config
 
     return workload_config(args, popularity, seed_offset=rep)
 
@@ -420,9 +419,3 @@ def compare_markdown(report: dict) -> str:
             f"MoKA {res['moka'] / 1e6:.1f} MB |"
         )
     return "\n".join(lines) + "\n"
-
-
-if __name__ == "__main__":  # pragma: no cover
-    from .cli import main
-
-    sys.exit(main(["compare", *sys.argv[1:]]))

@@ -2,7 +2,7 @@
 
 Random (not trained) adapters cost exactly what trained ones cost to serve: the kernels never
 look at the values. Weights are drawn from a seeded generator so a benchmark's adapters are the
-same on every machine. Layer sizes come from the base's ``config.json`` (``llama_dims``).
+same on every machine. Layer sizes come from the base's ``config.json`` (``moka_serve.base_models.llama_dims``).
 """
 
 from __future__ import annotations
@@ -29,25 +29,6 @@ MODULE_PARENT = {
 def module_path(layer: int, target: str) -> str:
     """The Hugging Face module path of ``target`` in decoder layer ``layer``."""
     return f"model.layers.{layer}.{MODULE_PARENT[target]}.{target}"
-
-
-def llama_dims(base_dir: str | Path) -> tuple[dict[str, tuple[int, int]], int]:
-    """``(out_features, in_features)`` of each Llama projection, and the number of layers."""
-    cfg = json.loads((Path(base_dir) / "config.json").read_text(encoding="utf-8"))
-    hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
-    heads = cfg["num_attention_heads"]
-    head_dim = cfg.get("head_dim") or hidden // heads
-    kv = cfg.get("num_key_value_heads", heads) * head_dim
-    dims = {
-        "q_proj": (heads * head_dim, hidden),
-        "k_proj": (kv, hidden),
-        "v_proj": (kv, hidden),
-        "o_proj": (hidden, heads * head_dim),
-        "gate_proj": (inter, hidden),
-        "up_proj": (inter, hidden),
-        "down_proj": (hidden, inter),
-    }
-    return dims, cfg["num_hidden_layers"]
 
 
 def random_moka(

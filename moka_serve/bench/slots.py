@@ -146,11 +146,10 @@ def run_phase(args, base: Path, adapters: Path, names: list[str], method: str, s
 
 
 def cmd_slots(args: argparse.Namespace) -> int:
-    from moka_serve.base_models import cache_dir, materialize_default_base
+    from moka_serve.base_models import cache_dir, llama_dims, materialize_default_base
     from moka_serve.slots import adapter_numel_by_kind, vocab_size
 
     from .compare import moka_shapes, write_adapters
-    from .random_adapters import llama_dims
 
     phases = parse_phases(args.phases)
     base = Path(args.base) if args.base else materialize_default_base()

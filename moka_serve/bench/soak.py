@@ -37,6 +37,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from moka_serve.adapter_format import config_kind
 from moka_serve.admin_access import ADMIN_HEADER
 
 from .report import machine
@@ -155,7 +156,7 @@ class FaultInjector:
             (folder / "adapter_config.json").write_text('{"peft_type": "MO', encoding="utf-8")
         elif how == "other_base":
             cfg = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
-            if cfg.get("peft_type") == "MOKA":
+            if config_kind(cfg) == "MOKA":
                 for t in cfg["targets"].values():
                     t["in_features"] *= 2
             else:
@@ -401,11 +402,10 @@ def soak_markdown(report: dict) -> str:
 
 
 def cmd_soak(args: argparse.Namespace) -> int:
-    from moka_serve.base_models import cache_dir, materialize_default_base
+    from moka_serve.base_models import cache_dir, llama_dims, materialize_default_base
     from moka_serve.cli import build_command, build_parser
 
     from .compare import moka_shapes, write_adapters
-    from .random_adapters import llama_dims
     from .serve import BenchError
 
     if args.streams < 1 or args.duration <= 0 or args.num_moka + args.num_lora < 1:

@@ -21,6 +21,7 @@ tokenizer plays no part and every run sends the same tokens for a seed.
 
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import asdict, dataclass
 
@@ -182,3 +183,21 @@ def build_workload(cfg: WorkloadConfig, models: list[str]) -> list[RequestSpec]:
         )
         for i in range(cfg.num_requests)
     ]
+
+
+def workload_config(
+    args: argparse.Namespace, popularity: str | None = None, seed_offset: int = 0
+) -> WorkloadConfig:
+    """The workload the options describe (``compare`` passes each popularity and repeat)."""
+    return WorkloadConfig(
+        num_requests=args.num_requests,
+        popularity=popularity or getattr(args, "popularity", "distinct"),
+        powerlaw_alpha=args.powerlaw_alpha,
+        batch=args.concurrency,
+        input_len=args.input_len,
+        output_len=args.output_len,
+        request_rate=args.request_rate,
+        burstiness_cv=args.burstiness,
+        token_range=args.token_range,
+        seed=args.seed + seed_offset,
+    )

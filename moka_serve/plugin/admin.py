@@ -68,11 +68,6 @@ def header(scope, name: bytes) -> str | None:
     return None
 
 
-def request_is_admin(request) -> bool:
-    """Whether a FastAPI ``Request`` carries the admin credential."""
-    return is_admin(request.headers.get(ADMIN_HEADER))
-
-
 def install() -> None:
     """Wrap ``attach_endpoint_plugins``: the inventory's router and the admin gate (idempotent)."""
     from vllm.entrypoints.launchers import app as app_module

@@ -33,7 +33,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from moka_serve.adapter_dir import adapter_folders, folder_signature
-from moka_serve.adapter_format import read_config_json
+from moka_serve.adapter_format import config_kind, read_config_json
+from moka_serve.admin_access import ADMIN_HEADER, is_admin
 
 # (folder, folder_signature) -> description; insertion order, oldest dropped first.
 MAX_DESCRIPTIONS = 4096
@@ -142,7 +143,7 @@ def describe_adapter(path: str | os.PathLike) -> dict[str, Any]:
     if key not in _DESCRIPTIONS:
         try:
             cfg = read_config_json(folder / "adapter_config.json")
-            kind = cfg.get("peft_type")
+            kind = config_kind(cfg)
             if kind == "MOKA":
                 desc = _describe_moka(folder)
             elif kind == "LORA":
@@ -210,10 +211,8 @@ def _describe_all(
 
 async def _visible_inventory(request: Request) -> dict[str, dict[str, Any]]:
     """The inventory as this client may see it: server paths for admin clients only."""
-    from .admin import request_is_admin
-
     items = await inventory(request.app.state)
-    if request_is_admin(request):
+    if is_admin(request.headers.get(ADMIN_HEADER)):
         return items
     return {name: without_paths(item) for name, item in items.items()}
 

@@ -25,6 +25,7 @@ from moka_serve.adapter_check import lora_shape_problem, moka_limit_problem, upd
 from moka_serve.adapter_format import (
     CONFIG_NAME,
     PEFT_TYPE,
+    config_kind,
     first_non_finite,
     load_adapter,
     read_config_json,
@@ -36,10 +37,8 @@ SUPPORTED_PEFT_TYPES = ("MOKA", "LORA")
 
 
 def read_peft_type(path: str | os.PathLike) -> str | None:
-    """``peft_type`` of an adapter folder, or None when there is no readable config.
-
-    A missing config is left to vLLM's loader, which turns it into its usual not-found error.
-    """
+    """The adapter's kind (``adapter_format.config_kind``: no ``peft_type`` is a LoRA), or None
+    when there is no config: vLLM's loader then gives its usual not-found error."""
     file = Path(path) / CONFIG_NAME
     if not file.is_file():
         return None
@@ -47,10 +46,7 @@ def read_peft_type(path: str | os.PathLike) -> str | None:
         cfg = read_config_json(file)
     except ValueError as e:
         raise ValueError(f"adapter {str(path)!r}: {e}") from None
-    if "peft_type" not in cfg:
-        return None  # older LoRA configs may lack it: vLLM's own loader decides
-    peft_type = cfg["peft_type"]
-    return peft_type if isinstance(peft_type, str) else repr(peft_type)
+    return config_kind(cfg)
 
 
 class MokaLoRAModel(LoRAModel):

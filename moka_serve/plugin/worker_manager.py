@@ -68,7 +68,7 @@ def _load(self, lora_request):
 def _load_folder(self, lora_request):
     assert _ORIGINAL_LOAD_ADAPTER is not None
     path = lora_request.lora_path
-    peft_type = read_peft_type(path)  # None: no peft_type, vLLM's loader decides
+    peft_type = read_peft_type(path)  # None: no config, vLLM's loader gives its not-found
     check_peft_type(peft_type, path)
     if peft_type == "MOKA":
         return load_moka_model(self._adapter_manager, lora_request, path)
