@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from moka_serve import settings
+
 ENV_ALLOW_SYMLINKS = "MOKA_ALLOW_SYMLINKS"
 NAME_MAX_BYTES = 255  # NAME_MAX of Linux file systems
 
@@ -37,11 +39,7 @@ def adapter_folder(root: Path, name: str) -> Path | None:
     try:
         if not (folder / "adapter_config.json").is_file():
             return None
-        if not stays_inside(root, folder) and os.environ.get(ENV_ALLOW_SYMLINKS, "") not in (
-            "1",
-            "true",
-            "True",
-        ):
+        if not stays_inside(root, folder) and not settings.get(ENV_ALLOW_SYMLINKS):
             return None
     except (OSError, ValueError):
         return None

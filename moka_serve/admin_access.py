@@ -21,6 +21,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from moka_serve import settings
 from moka_serve.adapter_dir import stays_inside
 
 ENV_ADMIN_KEY = "MOKA_ADMIN_KEY"
@@ -44,8 +45,7 @@ def is_admin_path(path: str) -> bool:
 
 def admin_key() -> str | None:
     """The configured admin credential, or None (admin endpoints off)."""
-    key = os.environ.get(ENV_ADMIN_KEY, "")
-    return key if key.strip() else None
+    return settings.get(ENV_ADMIN_KEY)
 
 
 def is_admin(presented: str | None) -> bool:
@@ -58,9 +58,8 @@ def is_admin(presented: str | None) -> bool:
 
 def allowed_roots(env: Mapping[str, str] | None = None) -> list[Path]:
     """The folders adapters may be loaded from by path, resolved (``env``: the process's)."""
-    env = os.environ if env is None else env
-    raw = [env.get(ENV_ADAPTER_DIR, "")]
-    raw += env.get(ENV_ADMIN_ROOTS, "").split(os.pathsep)
+    raw = [settings.get(ENV_ADAPTER_DIR, env) or ""]
+    raw += (settings.get(ENV_ADMIN_ROOTS, env) or "").split(os.pathsep)
     return [Path(r.strip()).expanduser().resolve() for r in raw if r.strip()]
 
 

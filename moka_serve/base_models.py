@@ -87,7 +87,9 @@ def llama_dims(base_dir: str | Path) -> tuple[dict[str, tuple[int, int]], int]:
 
 def cache_dir() -> Path:
     """Where built models live: ``$MOKA_CACHE`` or ``~/.cache/moka-serve``."""
-    env = os.environ.get("MOKA_CACHE")
+    from moka_serve import settings
+
+    env = settings.get("MOKA_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "moka-serve"
 
 

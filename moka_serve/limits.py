@@ -19,55 +19,28 @@ precheck (which leaves out folders the engine would refuse), so both give the sa
 
 from __future__ import annotations
 
-import os
+from moka_serve import settings
 
-DEFAULT_MAX_COMPONENTS = 4
-DEFAULT_MAX_FACTOR_NUMEL = 4096
-
-
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not an integer") from None
-    if value < 1:
-        raise ValueError(f"{name}={value} must be positive")
-    return value
+DEFAULT_MAX_COMPONENTS = settings.SETTINGS["MOKA_MAX_COMPONENTS"].default
+DEFAULT_MAX_FACTOR_NUMEL = settings.SETTINGS["MOKA_MAX_FACTOR_NUMEL"].default
 
 
 def bank_limits() -> tuple[int, int]:
     """``(max components per module slice, max factor numel)`` from the environment."""
-    return (
-        _env_int("MOKA_MAX_COMPONENTS", DEFAULT_MAX_COMPONENTS),
-        _env_int("MOKA_MAX_FACTOR_NUMEL", DEFAULT_MAX_FACTOR_NUMEL),
-    )
+    return settings.get("MOKA_MAX_COMPONENTS"), settings.get("MOKA_MAX_FACTOR_NUMEL")
 
 
 def moka_only_engine() -> bool:
     """Whether ``MOKA_ONLY`` asks for an engine that serves MoKA adapters only."""
-    raw = os.environ.get("MOKA_ONLY", "").strip().lower()
-    if raw in ("", "0", "false", "no", "off"):
-        return False
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    raise ValueError(f"MOKA_ONLY={raw!r}: use 1 or 0")
+    return settings.get("MOKA_ONLY")
 
 
 def slot_numel(kind: str, default: int) -> int:
     """Pool elements per slot for layers of ``kind`` (e.g. ``qkv_proj``) from
     ``MOKA_SLOT_NUMEL``, or ``default``."""
-    raw = os.environ.get("MOKA_SLOT_NUMEL", "").strip()
-    if not raw:
+    value = settings.get("MOKA_SLOT_NUMEL")
+    if value is None:
         return default
-    if raw.isdigit():
-        return int(raw)
-    sizes = {}
-    for part in raw.split(","):
-        name, sep, value = part.strip().partition("=")
-        if not sep or not value.strip().isdigit():
-            raise ValueError(f"MOKA_SLOT_NUMEL={raw!r}: use N or kind=N,kind=N (N >= 0)")
-        sizes[name.strip()] = int(value)
-    return sizes.get(kind, default)
+    if isinstance(value, int):
+        return value
+    return value.get(kind, default)

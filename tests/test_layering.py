@@ -22,6 +22,7 @@ CORE = {
     "moka_serve.admin_access",
     "moka_serve.base_models",
     "moka_serve.limits",
+    "moka_serve.settings",
     "moka_serve.shapes",
     "moka_serve.slots",
 }

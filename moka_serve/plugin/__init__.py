@@ -24,15 +24,15 @@ Set ``MOKA_DISABLE_PLUGIN=1`` to load vLLM without any of it.
 
 from __future__ import annotations
 
-import os
-
 _REGISTERED = False
 
 
 def register() -> None:
     """Entry point called by vLLM: check the internals, then patch them (idempotent)."""
     global _REGISTERED
-    if _REGISTERED or os.environ.get("MOKA_DISABLE_PLUGIN", "") in ("1", "true", "True"):
+    from moka_serve import settings
+
+    if _REGISTERED or settings.get("MOKA_DISABLE_PLUGIN"):
         return
     from . import checks
 
@@ -52,7 +52,7 @@ def register() -> None:
     layers.install()
     worker_manager.install()
     cpu_compile.install()
-    if os.environ.get("MOKA_DISABLE_CPU_LORA_FIX", "") not in ("1", "true", "True"):
+    if not settings.get("MOKA_DISABLE_CPU_LORA_FIX"):
         cpu_fix.install()
     resolver.install()
     api.install()

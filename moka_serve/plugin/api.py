@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import os
 from collections import OrderedDict
 from http import HTTPStatus
 from pathlib import Path
 
+from moka_serve import settings
 from moka_serve.adapter_dir import adapter_folder, folder_signature
 from moka_serve.admin_access import path_problem
 
@@ -128,7 +128,7 @@ def install() -> None:
 
     @functools.wraps(original_resolve)
     async def resolve_lora(self, lora_name):
-        root = os.environ.get("MOKA_ADAPTER_DIR", "").strip()
+        root = settings.get("MOKA_ADAPTER_DIR")
         folder = adapter_folder(Path(root).resolve(), lora_name) if root else None
         key = (lora_name, str(folder))
         signature = await _signature(folder)

@@ -17,13 +17,14 @@ compilation modes are left alone.
 from __future__ import annotations
 
 import functools
-import os
 
 ENV = "MOKA_COMPILE"
 
 
 def compile_enabled() -> bool:
-    return os.environ.get(ENV, "1").strip() not in ("0", "false", "False")
+    from moka_serve import settings
+
+    return settings.get(ENV)
 
 
 def install() -> None:

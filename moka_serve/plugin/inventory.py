@@ -32,6 +32,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from moka_serve import settings
 from moka_serve.adapter_dir import adapter_folders, folder_signature
 from moka_serve.adapter_format import config_kind, read_config_json
 from moka_serve.admin_access import ADMIN_HEADER, is_admin
@@ -177,7 +178,7 @@ async def inventory(app_state) -> dict[str, dict[str, Any]]:
         except Exception:  # the inventory stays available if the engine cannot answer
             pass
     known = {name: (req.lora_path, req.lora_int_id) for name, req in models.lora_requests.items()}
-    root = os.environ.get("MOKA_ADAPTER_DIR", "").strip()
+    root = settings.get("MOKA_ADAPTER_DIR") or ""
     # Off the event loop: reading a thousand headers must not stall the streams being served.
     return await asyncio.to_thread(_describe_all, known, root, state)
 

@@ -40,6 +40,8 @@ class MokaDirResolver(LoRAResolver):
 
 def install() -> None:
     """Register the resolver when ``MOKA_ADAPTER_DIR`` names a folder."""
-    root = os.environ.get(ENV_DIR, "").strip()
+    from moka_serve import settings
+
+    root = settings.get(ENV_DIR)
     if root and os.path.isdir(root):
         LoRAResolverRegistry.register_resolver(RESOLVER_NAME, MokaDirResolver(root))

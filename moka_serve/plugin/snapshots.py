@@ -24,6 +24,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from moka_serve import settings
 from moka_serve.adapter_dir import folder_signature
 
 # Top-level files of an adapter folder bigger than this are not adapter files (the format's own
@@ -31,15 +32,10 @@ from moka_serve.adapter_dir import folder_signature
 MAX_FILE_BYTES = 8 << 30
 ENV_DIR = "MOKA_SNAPSHOT_DIR"
 ENV_MAX_GIB = "MOKA_SNAPSHOT_MAX_GIB"
-DEFAULT_MAX_GIB = 20.0
 
 
 def max_store_bytes() -> int:
-    try:
-        gib = float(os.environ.get(ENV_MAX_GIB, "") or DEFAULT_MAX_GIB)
-    except ValueError:
-        gib = DEFAULT_MAX_GIB
-    return int(gib * 2**30)
+    return int(settings.get(ENV_MAX_GIB) * 2**30)
 
 
 class AdapterSnapshots:
@@ -53,7 +49,7 @@ class AdapterSnapshots:
 
     def _dir(self) -> Path:
         if self._root is None:
-            parent = os.environ.get(ENV_DIR) or None
+            parent = settings.get(ENV_DIR)
             if parent:
                 os.makedirs(parent, exist_ok=True)
             self._root = Path(tempfile.mkdtemp(prefix="moka-adapter-snapshots-", dir=parent))
