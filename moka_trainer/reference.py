@@ -31,8 +31,7 @@ from moka_serve.adapter_format import (
     load_adapter,
     read_config_json,
 )
-
-from .bnb_cpu import keep_portable_4bit_layout
+from moka_serve.bnb_cpu import keep_portable_4bit_layout
 
 LORA_CONFIG_NAME = "adapter_config.json"
 LORA_WEIGHTS_NAME = "adapter_model.safetensors"

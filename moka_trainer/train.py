@@ -28,6 +28,7 @@ from torch import nn
 
 from moka_serve.adapter_format import save_adapter
 from moka_serve.base_models import DEFAULT_BASE_ID
+from moka_serve.bnb_cpu import keep_portable_4bit_layout
 from moka_serve.shapes import (
     FAMILIES,
     format_shapes,
@@ -39,7 +40,6 @@ from moka_serve.shapes import (
 )
 
 from . import data as data_mod
-from .bnb_cpu import keep_portable_4bit_layout
 from .data import IGNORE_INDEX, DataError, Example
 from .moka_layer import (
     INITS,

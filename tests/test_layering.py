@@ -1,5 +1,6 @@
 """The project's import rule, checked on the source (every import, lazy ones inside functions
-too): kernels <- core <- {trainer, vLLM plugin, serve CLI} <- bench, and no import circle.
+too): kernels <- core <- {PEFT tuner <- trainer, vLLM plugin, serve CLI} <- bench, and no import
+circle.
 
 Core lives inside the ``moka_serve`` package today (the modules of :data:`CORE`, free of vLLM);
 issue #20 moves it into a package of its own. A new module must be placed in :func:`layer`.
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("moka_kernels", "moka_serve", "moka_trainer")
+PACKAGES = ("moka_kernels", "moka_peft", "moka_serve", "moka_trainer")
 CORE = {
     "moka_serve",  # the package's __init__
     "moka_serve.adapter_format",
@@ -21,6 +22,7 @@ CORE = {
     "moka_serve.adapter_check",
     "moka_serve.admin_access",
     "moka_serve.base_models",
+    "moka_serve.bnb_cpu",
     "moka_serve.limits",
     "moka_serve.settings",
     "moka_serve.shapes",
@@ -31,16 +33,19 @@ CORE = {
 ALLOWED = {
     "kernels": {"kernels"},
     "core": {"kernels", "core"},
-    "trainer": {"kernels", "core", "trainer"},
+    "tuner": {"kernels", "core", "tuner"},
+    "trainer": {"kernels", "core", "tuner", "trainer"},
     "plugin": {"kernels", "core", "plugin"},
     "cli": {"kernels", "core", "cli"},
-    "bench": {"kernels", "core", "trainer", "plugin", "cli", "bench"},
+    "bench": {"kernels", "core", "tuner", "trainer", "plugin", "cli", "bench"},
 }
 
 
 def layer(module: str) -> str:
     if module.startswith("moka_kernels"):
         return "kernels"
+    if module.startswith("moka_peft"):
+        return "tuner"
     if module.startswith("moka_trainer"):
         return "trainer"
     if module.startswith("moka_serve.plugin"):

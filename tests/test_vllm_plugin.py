@@ -396,3 +396,42 @@ def test_unload_drops_the_snapshot(llm, reference, adapters, prompts, workdir):
     again = lora_request("snap-unload-again", folder)
     out = run(llm, [prompts[1]], [again])[0]
     check_against_reference(reference, prompts[1], adapters["lora-qvdown"][1], out)
+
+
+def test_a_peft_saved_moka_adapter_is_served_exactly(llm, reference, prompts, base_dir, workdir):
+    """``get_peft_model`` + ``save_pretrained`` (``moka_peft``) -> the engine serves the folder
+    unchanged, token for token with the reference merged from the PEFT layers' own deltas."""
+    peft = pytest.importorskip("peft")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from moka_peft import MokaPeftConfig
+
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    config = MokaPeftConfig(
+        targets={
+            "q_proj": {"components": [[16, 16, 16, 16], [256, 1, 1, 256], [256, 1, 1, 256]]},
+            "down_proj": {"components": [[16, 32, 16, 16]]},
+        },
+        scaling=2.0,
+    )
+    tuned = peft.get_peft_model(model, config)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if "moka_" in name:
+                p.normal_(0, 0.1)
+    folder = workdir / "peft-saved"
+    tuned.save_pretrained(folder)
+    layers = dict(tuned.base_model.model.named_modules())
+    deltas = {
+        path: layers[path].get_delta_weight("default").detach().double()
+        for path, m in layers.items()
+        if hasattr(m, "moka_B")
+    }
+    assert len(deltas) == 8  # q_proj and down_proj of 4 layers
+    request = lora_request("peft-saved", folder)
+    outs = run(llm, [prompts[0], prompts[1]], [request, None])
+    check_against_reference(reference, prompts[0], deltas, outs[0])
+    check_against_reference(reference, prompts[1], None, outs[1])
+    assert outs[0][0] != run(llm, [prompts[0]], [None])[0][0]  # the adapter changes the answer

@@ -1,0 +1,183 @@
+"""``MokaLayer``: a MoKA update around a frozen linear layer, as a PEFT tuner layer.
+
+Parameters are laid out so that PEFT's state dict, once it drops the adapter name, has format
+v1's keys exactly: ``<module>.moka_A.<i>.weight``, ``<module>.moka_B.<i>.weight`` and
+``<module>.moka_gate`` (``moka_A[adapter][i].weight`` -> ``moka_A.<adapter>.<i>.weight``).
+
+The forward never forms a Kronecker product: ``kron(A, B) @ x == A @ X @ B.T`` for
+``X = x.reshape(T, n1, n2)`` (``moka_kernels.torch_ops.kron_matmul``). Factors are float32
+whatever the base's dtype (a 4-bit base included).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from moka_kernels import choose_a_first
+from moka_kernels.torch_ops import kron_matmul
+from moka_serve.adapter_format import ComponentShape
+from moka_serve.bnb_cpu import keep_portable_4bit_layout
+
+FACTOR_DTYPE = torch.float32
+
+
+class _Factor(nn.Module):
+    """One factor, as ``.weight`` (the ``...moka_A.<i>.weight`` key of format v1)."""
+
+    def __init__(self, rows: int, cols: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(rows, cols, dtype=FACTOR_DTYPE))
+
+
+class MokaLayer(BaseTunerLayer):
+    adapter_layer_names = ("moka_A", "moka_B", "moka_gate")
+    other_param_names = ("moka_shapes", "moka_scaling", "moka_gating")
+
+    def __init__(self, base_layer: nn.Module, **kwargs) -> None:
+        self.base_layer = base_layer
+        # bitsandbytes 0.50 on AVX512-BF16 CPUs repacks a 4-bit weight in place on its first
+        # no-grad forward, after which it neither dequantizes (merge) nor trains.
+        keep_portable_4bit_layout(base_layer)
+        self.moka_A = nn.ModuleDict()
+        self.moka_B = nn.ModuleDict()
+        self.moka_gate = nn.ParameterDict()
+        self.moka_shapes: dict[str, list[ComponentShape]] = {}
+        self.moka_scaling: dict[str, float] = {}
+        self.moka_gating: dict[str, bool] = {}
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        base = self.get_base_layer()
+        self.in_features = int(base.in_features)
+        self.out_features = int(base.out_features)
+
+    def update_layer(self, adapter_name: str, shapes, *, gating, scaling, variant, init) -> None:
+        for c in shapes:
+            if c.out_features != self.out_features or c.in_features != self.in_features:
+                raise ValueError(
+                    f"component {c.as_list()} does not fit a {self.out_features}x"
+                    f"{self.in_features} layer"
+                )
+        identity = variant == "mokas"
+        if not identity:
+            self.moka_A[adapter_name] = nn.ModuleList(_Factor(c.m1, c.n1) for c in shapes)
+        self.moka_B[adapter_name] = nn.ModuleList(_Factor(c.m2, c.n2) for c in shapes)
+        if gating:  # format v1 stores a gate whenever gating is on (one component: weight 1)
+            self.moka_gate[adapter_name] = nn.Parameter(torch.zeros(len(shapes)))
+        self.moka_shapes[adapter_name] = list(shapes)
+        self.moka_scaling[adapter_name] = float(scaling)
+        self.moka_gating[adapter_name] = bool(gating)
+        self.reset_moka_parameters(adapter_name, init, identity)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters)
+
+    @torch.no_grad()
+    def reset_moka_parameters(self, adapter_name: str, init: str, identity: bool) -> None:
+        """The update is zero at step 0 and one factor is random, as ``moka-train`` does:
+        ``lora`` makes B (input side) Kaiming-uniform and A zero; ``a-random`` the reverse.
+        MoKAs (identity A) has only B, which starts at zero."""
+        if identity:
+            return
+        random_side = self.moka_B if init == "lora" else self.moka_A
+        for f in random_side[adapter_name]:
+            nn.init.kaiming_uniform_(f.weight, a=math.sqrt(5))
+
+    def coefficients(self, adapter_name: str) -> torch.Tensor:
+        n = len(self.moka_shapes[adapter_name])
+        if adapter_name in self.moka_gate:
+            alpha = torch.softmax(self.moka_gate[adapter_name].float(), dim=0)
+        else:
+            alpha = torch.ones(n, device=self.moka_B[adapter_name][0].weight.device)
+        return self.moka_scaling[adapter_name] * alpha
+
+    def _factors(self, adapter_name: str):
+        a_list = self.moka_A[adapter_name] if adapter_name in self.moka_A else None
+        for i, shape in enumerate(self.moka_shapes[adapter_name]):
+            a = None if a_list is None else a_list[i].weight
+            yield shape, a, self.moka_B[adapter_name][i].weight
+
+    def delta(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        """``delta_W @ x`` for ``x`` of shape ``(..., in)``, in float32."""
+        lead = x.shape[:-1]
+        xf = x.reshape(-1, self.in_features).to(FACTOR_DTYPE)
+        c = self.coefficients(adapter_name)
+        out = None
+        for i, (s, a, b) in enumerate(self._factors(adapter_name)):
+            xm = xf.view(-1, s.n1, s.n2)
+            y = kron_matmul(xm, a, b, choose_a_first(s.m1, s.n1, s.m2, s.n2, a is None)).reshape(
+                -1, s.m1 * s.m2
+            )
+            out = c[i] * y if out is None else out + c[i] * y
+        return out.reshape(*lead, self.out_features)
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """The dense ``(out, in)`` update (merging and tests only)."""
+        c = self.coefficients(adapter_name)
+        total = None
+        for i, (s, a, b) in enumerate(self._factors(adapter_name)):
+            a = torch.eye(s.m1, dtype=b.dtype, device=b.device) if a is None else a
+            term = c[i] * torch.kron(a, b)
+            total = term if total is None else total + term
+        return total
+
+
+class MokaLinear(nn.Module, MokaLayer):
+    """``nn.Linear`` or a bitsandbytes ``Linear4bit`` with MoKA adapters."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, shapes, **kwargs) -> None:
+        super().__init__()
+        MokaLayer.__init__(self, base_layer)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, shapes, **kwargs)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        for name in self.active_adapters:
+            if name in self.moka_B:
+                result = result + self.delta(name, x).to(result.dtype)
+        return result
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        from peft.tuners.tuners_utils import check_adapters_to_merge
+        from peft.utils.quantization_utils import resolve_quantization_backend
+
+        for name in check_adapters_to_merge(self, adapter_names):
+            if name not in self.moka_B:
+                continue
+            base = self.get_base_layer()
+            backend = resolve_quantization_backend(base)
+            weight = backend.get_base_weight(base) if backend else base.weight.data
+            merged = (weight.float() + self.get_delta_weight(name)).to(weight.dtype)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"NaNs detected in the merged weights of adapter {name!r}")
+            if backend:
+                backend.set_base_weight(self, merged)
+            else:
+                base.weight.data = merged
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        from peft.utils.quantization_utils import resolve_quantization_backend
+
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            base = self.get_base_layer()
+            backend = resolve_quantization_backend(base)
+            weight = backend.get_base_weight(base) if backend else base.weight.data
+            restored = (weight.float() - self.get_delta_weight(name)).to(weight.dtype)
+            if backend:
+                backend.set_base_weight(self, restored)
+            else:
+                base.weight.data = restored
+
+    def __repr__(self) -> str:
+        return "moka." + super().__repr__()
