@@ -42,6 +42,74 @@ def kron_matmul(
     return torch.matmul(a, torch.matmul(xm, b.mT))
 
 
+@dataclass(frozen=True)
+class MixturePlan:
+    """How :func:`mixture_matmul` computes one module's components (fixed by their shapes).
+
+    Components whose A is a column (``n1 == 1``) with the same ``m1`` and ``m2`` go together as
+    one LoRA-like pair of matmuls (r rank-1 components cost what a rank-r LoRA costs); the
+    others are one :func:`kron_matmul` each, in the cheaper association ``a_first``.
+    """
+
+    column_groups: tuple[tuple[int, ...], ...]
+    single: tuple[int, ...]
+    a_first: tuple[bool, ...]
+
+
+def mixture_plan(components, identity_a: bool) -> MixturePlan:
+    """The plan for ``components`` (anything with ``m1, n1, m2, n2``)."""
+    from .bank import choose_a_first
+
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, c in enumerate(components):
+        if c.n1 == 1 and not identity_a:
+            groups.setdefault((c.m1, c.m2), []).append(i)
+    column_groups = tuple(tuple(g) for g in groups.values() if len(g) > 1)
+    grouped = {i for g in column_groups for i in g}
+    return MixturePlan(
+        column_groups,
+        tuple(i for i in range(len(components)) if i not in grouped),
+        tuple(choose_a_first(c.m1, c.n1, c.m2, c.n2, identity_a) for c in components),
+    )
+
+
+def mixture_matmul(
+    xf: torch.Tensor,
+    components,
+    a: list[torch.Tensor] | None,
+    b: list[torch.Tensor],
+    coeff: torch.Tensor,
+    plan: MixturePlan,
+) -> torch.Tensor:
+    """``sum_i coeff_i kron(A_i, B_i) @ x`` for the rows of ``xf`` (T, in): (T, out).
+
+    ``a`` None means every A is the identity (MoKAs). No Kronecker product is formed; plain
+    matmuls, so autograd flows through it (the trainer and the PEFT tuner train with it).
+    """
+    t = xf.shape[0]
+    out_features = components[0].m1 * components[0].m2
+    out = None
+    for group in plan.column_groups:
+        # sum_i c_i kron(a_i, B_i) x  with a_i an (m1 x 1) column and B_i (m2 x in):
+        # z = x @ [B_1; ...; B_k]^T, then out[:, p*m2 + q] = sum_i a_i[p] c_i z_i[q].
+        m2 = components[group[0]].m2
+        bs = torch.cat([b[i] for i in group])  # (k * m2, in)
+        cols = torch.cat([a[i] for i in group], dim=1) * coeff[list(group)]  # (m1, k)
+        z = xf @ bs.t()  # (t, k * m2)
+        if m2 == 1:  # rank-1 components: exactly a LoRA's second matmul
+            y = z @ cols.t()
+        else:
+            y = torch.matmul(cols, z.reshape(t, len(group), m2)).reshape(t, out_features)
+        out = y if out is None else out + y
+    for i in plan.single:
+        c = components[i]
+        ai = None if a is None else a[i]
+        y = kron_matmul(xf.reshape(t, c.n1, c.n2), ai, b[i], plan.a_first[i])
+        y = y.reshape(t, out_features) * coeff[i]
+        out = y if out is None else out + y
+    return out
+
+
 def group_tokens(token_slots: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
     """``[(slot, token_indices), ...]`` for every slot >= 0 present, indices ascending."""
     if token_slots.numel() == 0:

@@ -4,9 +4,9 @@ Parameters are laid out so that PEFT's state dict, once it drops the adapter nam
 v1's keys exactly: ``<module>.moka_A.<i>.weight``, ``<module>.moka_B.<i>.weight`` and
 ``<module>.moka_gate`` (``moka_A[adapter][i].weight`` -> ``moka_A.<adapter>.<i>.weight``).
 
-The forward never forms a Kronecker product: ``kron(A, B) @ x == A @ X @ B.T`` for
-``X = x.reshape(T, n1, n2)`` (``moka_kernels.torch_ops.kron_matmul``). Factors are float32
-whatever the base's dtype (a 4-bit base included).
+The forward never forms a Kronecker product, and computes rank-1 components together as one
+LoRA-like pair of matmuls: the same ``moka_kernels.torch_ops.mixture_matmul`` as ``moka-train``.
+Factors are float32 whatever the base's dtype (a 4-bit base included).
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from moka_kernels import choose_a_first
-from moka_kernels.torch_ops import kron_matmul
+from moka_kernels.torch_ops import MixturePlan, mixture_matmul, mixture_plan
 from moka_serve.adapter_format import ComponentShape
 from moka_serve.bnb_cpu import keep_portable_4bit_layout
 
@@ -35,7 +34,7 @@ class _Factor(nn.Module):
 
 class MokaLayer(BaseTunerLayer):
     adapter_layer_names = ("moka_A", "moka_B", "moka_gate")
-    other_param_names = ("moka_shapes", "moka_scaling", "moka_gating")
+    other_param_names = ("moka_shapes", "moka_plans", "moka_scaling", "moka_gating")
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
@@ -46,6 +45,7 @@ class MokaLayer(BaseTunerLayer):
         self.moka_B = nn.ModuleDict()
         self.moka_gate = nn.ParameterDict()
         self.moka_shapes: dict[str, list[ComponentShape]] = {}
+        self.moka_plans: dict[str, MixturePlan] = {}
         self.moka_scaling: dict[str, float] = {}
         self.moka_gating: dict[str, bool] = {}
         self._disable_adapters = False
@@ -68,6 +68,7 @@ class MokaLayer(BaseTunerLayer):
         if gating:  # format v1 stores a gate whenever gating is on (one component: weight 1)
             self.moka_gate[adapter_name] = nn.Parameter(torch.zeros(len(shapes)))
         self.moka_shapes[adapter_name] = list(shapes)
+        self.moka_plans[adapter_name] = mixture_plan(shapes, identity)
         self.moka_scaling[adapter_name] = float(scaling)
         self.moka_gating[adapter_name] = bool(gating)
         self.reset_moka_parameters(adapter_name, init, identity)
@@ -103,14 +104,10 @@ class MokaLayer(BaseTunerLayer):
         """``delta_W @ x`` for ``x`` of shape ``(..., in)``, in float32."""
         lead = x.shape[:-1]
         xf = x.reshape(-1, self.in_features).to(FACTOR_DTYPE)
-        c = self.coefficients(adapter_name)
-        out = None
-        for i, (s, a, b) in enumerate(self._factors(adapter_name)):
-            xm = xf.view(-1, s.n1, s.n2)
-            y = kron_matmul(xm, a, b, choose_a_first(s.m1, s.n1, s.m2, s.n2, a is None)).reshape(
-                -1, s.m1 * s.m2
-            )
-            out = c[i] * y if out is None else out + c[i] * y
+        a = [f.weight for f in self.moka_A[adapter_name]] if adapter_name in self.moka_A else None
+        b = [f.weight for f in self.moka_B[adapter_name]]
+        out = mixture_matmul(xf, self.moka_shapes[adapter_name], a, b,
+                             self.coefficients(adapter_name), self.moka_plans[adapter_name])  # fmt: skip
         return out.reshape(*lead, self.out_features)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
@@ -148,36 +145,31 @@ class MokaLinear(nn.Module, MokaLayer):
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         from peft.tuners.tuners_utils import check_adapters_to_merge
-        from peft.utils.quantization_utils import resolve_quantization_backend
 
         for name in check_adapters_to_merge(self, adapter_names):
-            if name not in self.moka_B:
-                continue
-            base = self.get_base_layer()
-            backend = resolve_quantization_backend(base)
-            weight = backend.get_base_weight(base) if backend else base.weight.data
-            merged = (weight.float() + self.get_delta_weight(name)).to(weight.dtype)
-            if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(f"NaNs detected in the merged weights of adapter {name!r}")
-            if backend:
-                backend.set_base_weight(self, merged)
-            else:
-                base.weight.data = merged
-            self.merged_adapters.append(name)
+            if name in self.moka_B:
+                self._add_to_base_weight(name, 1.0, safe_merge)
+                self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
+        while self.merged_adapters:
+            self._add_to_base_weight(self.merged_adapters.pop(), -1.0, False)
+
+    def _add_to_base_weight(self, name: str, sign: float, check_finite: bool) -> None:
+        """``W += sign * delta_W``, through PEFT's quantization backend for a 4-bit base
+        (dequantize, add, quantize again)."""
         from peft.utils.quantization_utils import resolve_quantization_backend
 
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            base = self.get_base_layer()
-            backend = resolve_quantization_backend(base)
-            weight = backend.get_base_weight(base) if backend else base.weight.data
-            restored = (weight.float() - self.get_delta_weight(name)).to(weight.dtype)
-            if backend:
-                backend.set_base_weight(self, restored)
-            else:
-                base.weight.data = restored
+        base = self.get_base_layer()
+        backend = resolve_quantization_backend(base)
+        weight = backend.get_base_weight(base) if backend else base.weight.data
+        new = (weight.float() + sign * self.get_delta_weight(name)).to(weight.dtype)
+        if check_finite and not torch.isfinite(new).all():
+            raise ValueError(f"NaNs detected in the merged weights of adapter {name!r}")
+        if backend:
+            backend.set_base_weight(self, new)
+        else:
+            base.weight.data = new
 
     def __repr__(self) -> str:
         return "moka." + super().__repr__()

@@ -181,7 +181,7 @@ def _lora_problem(
     bad = first_non_finite({k: t for k, t in tensors.items() if t.is_floating_point()})
     if bad is not None:
         return f"tensor {bad!r} has non-finite values (NaN or Inf)"
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    pairs: dict[str, dict[str, torch.Tensor]] = {}  # module -> {"A": lora_A, "B": lora_B}
     for key, t in tensors.items():
         if m := _LORA_KEY.match(key):
             pairs.setdefault(m["module"], {})[m["kind"]] = t
@@ -200,16 +200,13 @@ def _lora_problem(
         return None
     # With a rank_pattern the rank depends on the module: left to the engine's loader.
     rank = None if cfg.get("rank_pattern") else ranks[0]
-    shapes: dict[str, dict[str, tuple[int, ...]]] = {}
-    for key, t in tensors.items():
-        if m := _LORA_KEY.match(key):
-            shapes.setdefault(m["module"], {})[m["kind"]] = tuple(t.shape)
-    for module, ab in shapes.items():
+    for module, ab in pairs.items():
         if problem := _layer_problem(module, base[1]):
             return problem
         dims = base[0].get(module.rsplit(".", 1)[-1])
+        a_shape, b_shape = (tuple(ab[k].shape) if k in ab else None for k in ("A", "B"))
         if dims is not None and (
-            problem := lora_shape_problem(module, ab.get("A"), ab.get("B"), *dims, rank)
+            problem := lora_shape_problem(module, a_shape, b_shape, *dims, rank)
         ):
             return problem
     return None

@@ -229,8 +229,7 @@ def _admin_settings(args, rest: list[str], env: dict[str, str]) -> None:
     from moka_serve.admin_access import ENV_ADMIN_KEY, ENV_ADMIN_ROOTS, key_problem
 
     admin = args.admin_key if args.admin_key is not None else env.get(ENV_ADMIN_KEY)
-    api_key = _option_value(rest, "--api-key") or env.get("VLLM_API_KEY")
-    if problem := key_problem(admin, api_key):
+    if problem := key_problem(admin, _api_key(rest, env)):
         raise SystemExit(f"moka-serve: {problem}")
     if admin is not None:
         env[ENV_ADMIN_KEY] = admin
@@ -243,18 +242,23 @@ def _admin_settings(args, rest: list[str], env: dict[str, str]) -> None:
         env[ENV_ADMIN_ROOTS] = os.pathsep.join(roots)
 
 
+def _api_key(rest: list[str], env: dict[str, str]) -> str | None:
+    """vLLM's inference API key: ``--api-key`` or ``VLLM_API_KEY``."""
+    return _option_value(rest, "--api-key") or env.get("VLLM_API_KEY") or None
+
+
 def surfaces(env: dict[str, str], rest: list[str], plain: bool) -> list[str]:
     """What the server opens to whom, one line each, printed at start-up."""
+    from moka_serve import settings
     from moka_serve.admin_access import ADMIN_HEADER, ENV_ADMIN_KEY, allowed_roots
 
-    keyed = _has_option(rest, "--api-key") or bool(env.get("VLLM_API_KEY"))
-    who = "clients with the --api-key" if keyed else "every client"
+    who = "clients with the --api-key" if _api_key(rest, env) else "every client"
     if plain:
         return [f"moka-serve: open to {who}: inference on the base model (no adapters)"]
     adapter_dir = env.get("MOKA_ADAPTER_DIR")
     found = f"; adapters in {adapter_dir} found by name" if adapter_dir else ""
     admin = "/v1/load_lora_adapter, /v1/unload_lora_adapter"
-    if env.get(ENV_ADMIN_KEY, "").strip():
+    if settings.get(ENV_ADMIN_KEY, env):
         roots = ", ".join(str(r) for r in allowed_roots(env)) or "nowhere"
         admin_line = (
             f"moka-serve: adapter administration ({admin}): clients with the admin key "

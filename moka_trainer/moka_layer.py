@@ -17,8 +17,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from moka_kernels import choose_a_first
-from moka_kernels.torch_ops import kron_matmul
+from moka_kernels.torch_ops import mixture_matmul, mixture_plan
 from moka_serve.adapter_format import (
     ComponentShape,
     MokaAdapter,
@@ -110,15 +109,7 @@ class MokaLinear(nn.Module):
             )
         else:
             self.register_parameter("moka_gate", None)
-        self._a_first = [choose_a_first(c.m1, c.n1, c.m2, c.n2, identity) for c in self.components]
-        # Components computed together (A a column: n1 == 1, same m1 and m2) and the others.
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, c in enumerate(self.components):
-            if c.n1 == 1 and not identity:
-                groups.setdefault((c.m1, c.m2), []).append(i)
-        self._column_groups = [g for g in groups.values() if len(g) > 1]
-        grouped = {i for g in self._column_groups for i in g}
-        self._single = [i for i in range(len(self.components)) if i not in grouped]
+        self._plan = mixture_plan(self.components, identity)
         self.reset_parameters()
 
     @property
@@ -150,30 +141,13 @@ class MokaLinear(nn.Module):
         return torch.full((len(self.components),), self.scaling, dtype=FACTOR_DTYPE)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        """``delta_W @ x`` for ``x`` of shape ``(..., in)``, in float32, by two matmuls each."""
+        """``delta_W @ x`` for ``x`` of shape ``(..., in)``, in float32, by two matmuls each
+        (rank-1 components together: ``moka_kernels.torch_ops.mixture_matmul``)."""
         lead = x.shape[:-1]
         xf = x.reshape(-1, self.in_features).to(FACTOR_DTYPE)
-        t = xf.shape[0]
+        a = None if self.identity_a else list(self.moka_A)
         coeff = self.coefficients().to(xf.device)
-        out = None
-        for group in self._column_groups:
-            # sum_i c_i kron(a_i, B_i) x  with a_i an (m1 x 1) column and B_i (m2 x in):
-            # z = x @ [B_1; ...; B_k]^T, then out[:, p*m2 + q] = sum_i a_i[p] c_i z_i[q].
-            m2 = self.components[group[0]].m2
-            b = torch.cat([self.moka_B[i] for i in group])  # (k * m2, in)
-            a = torch.cat([self.moka_A[i] for i in group], dim=1) * coeff[group]  # (m1, k)
-            z = xf @ b.t()  # (t, k * m2)
-            if m2 == 1:  # rank-1 components: exactly a LoRA's second matmul
-                y = z @ a.t()
-            else:
-                y = torch.matmul(a, z.reshape(t, len(group), m2)).reshape(t, self.out_features)
-            out = y if out is None else out + y
-        for i in self._single:
-            c = self.components[i]
-            a = None if self.identity_a else self.moka_A[i]
-            y = kron_matmul(xf.reshape(t, c.n1, c.n2), a, self.moka_B[i], self._a_first[i])
-            y = y.reshape(t, self.out_features) * coeff[i]
-            out = y if out is None else out + y
+        out = mixture_matmul(xf, self.components, a, list(self.moka_B), coeff, self._plan)
         return out.reshape(*lead, self.out_features)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

@@ -304,7 +304,7 @@ def test_grouped_rank_1_and_kronecker_components_match_torch_kron(init, gating):
     ]
     base = nn.Linear(in_f, out_f)
     m = MokaLinear(base, comps, gating=gating, scaling=1.7, init=init)
-    assert len(m._column_groups) == 2  # the three rank-1 and the two 7x1 / 5x21 components
+    assert len(m._plan.column_groups) == 2  # the three rank-1 and the two 7x1 / 5x21 components
     x = torch.randn(3, 4, in_f)
     assert torch.equal(m(x), base(x)), "delta_W must be exactly zero at step 0"
     zero, rand = (m.moka_A, m.moka_B) if init == "lora" else (m.moka_B, m.moka_A)

@@ -14,9 +14,9 @@ Loading by path is checked once more where the request body is read (``api.py``)
 
 from __future__ import annotations
 
-from moka_serve.admin_access import ADMIN_HEADER, ENV_ADMIN_KEY, admin_key, is_admin, is_admin_path
+from starlette.datastructures import Headers
 
-_HEADER = ADMIN_HEADER.lower().encode()
+from moka_serve.admin_access import ADMIN_HEADER, ENV_ADMIN_KEY, admin_key, is_admin, is_admin_path
 
 
 def error_body(message: str, err_type: str, code: int) -> dict:
@@ -52,20 +52,13 @@ class AdminGate:
                 "PermissionDenied",
                 403,
             )
-        if not is_admin(header(scope, _HEADER)):
+        if not is_admin(Headers(scope=scope).get(ADMIN_HEADER)):
             return error_body(
                 f"adapter administration needs the admin key in the {ADMIN_HEADER} header",
                 "Unauthorized",
                 401,
             )
         return None
-
-
-def header(scope, name: bytes) -> str | None:
-    for key, value in scope.get("headers", ()):
-        if key == name:
-            return value.decode("latin-1")
-    return None
 
 
 def install() -> None:
