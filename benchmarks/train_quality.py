@@ -49,7 +49,6 @@ METHODS = {
     "moka-arand": ["--method", "moka", "--init", "a-random"],
     "moka-nogate": ["--method", "moka", "--no-gating"],
 }
-BUDGET_SLACK = 1.005
 
 
 def _csv(text: str) -> list[str]:
@@ -69,6 +68,8 @@ def run_args(method: str, rank: int, base: Path, targets: list[str], components:
     args = list(METHODS[method])
     if method == "lora":
         return args + ["--rank", str(rank)]
+    from moka_serve.shapes import BUDGET_SLACK
+
     budget = int(lora_size(base, targets, rank) * BUDGET_SLACK)
     if method == "moka-kron":
         args += ["--components", str(min(components, rank))]

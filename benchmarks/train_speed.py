@@ -1,9 +1,10 @@
 """Training speed of MoKA vs LoRA at matched parameter counts, side by side in one process.
 
 One 4-bit base is loaded once. For each budget (a rank-r LoRA's size) and each repeat, a LoRA
-(PEFT, the same layers) and a MoKA adapter of that size are attached in turn, interleaved, and
-timed on the same fixed batches: forward, backward and an AdamW step, as ``moka-train`` runs
-them. The first steps of every attachment are warm-up and not counted. Reports the median
+and a MoKA adapter of that size are attached in turn as ``moka-train`` attaches them (both PEFT
+models: ``moka_trainer.train.attach_adapter``), interleaved, and timed on the same fixed batches:
+forward (the model's own loss on logits cropped to the labels, as the Trainer's collator asks),
+backward and an AdamW step. The first steps of every attachment are warm-up and not counted. Reports the median
 step time over repeats and the median over repeats of the MoKA / LoRA tokens/s ratio (each
 repeat times both back to back, so drifting load on a shared machine cancels), as JSON and
 Markdown.
@@ -29,18 +30,10 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 from tasks import make_task  # noqa: E402
 
-from moka_serve.shapes import lora_params  # noqa: E402
+from moka_peft.planning import count_base_params  # noqa: E402
 from moka_trainer import data as data_mod  # noqa: E402
-from moka_trainer.moka_layer import remove_moka, target_dims  # noqa: E402
-from moka_trainer.train import (  # noqa: E402
-    TrainConfig,
-    batch_loss_sum,
-    count_base_params,
-    load_base_model,
-    resolve_base,
-    setup_lora,
-    setup_moka,
-)
+from moka_trainer.base_model import load_base_model, resolve_base  # noqa: E402
+from moka_trainer.train import TrainConfig, attach_adapter  # noqa: E402
 
 
 def time_steps(model, batches, steps: int, warmup: int) -> list[float]:
@@ -53,8 +46,7 @@ def time_steps(model, batches, steps: int, warmup: int) -> list[float]:
         batch = batches[i % len(batches)]
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        loss, n = batch_loss_sum(model, batch, torch.device("cpu"))
-        (loss / max(n, 1)).backward()
+        model(**batch).loss.backward()
         opt.step()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
@@ -84,37 +76,28 @@ def main(argv: list[str] | None = None) -> int:
     records = make_task(args.task, 4 * args.batch_size, 0)[0]
     tokenize = data_mod.Tokenize(tok)
     examples = [tokenize(r, "speed", i) for i, r in enumerate(records)]
+    collate = data_mod.CompletionCollator(tok.pad_token_id)
     batches = [
-        data_mod.collate(examples[i : i + args.batch_size], tok.pad_token_id)
-        for i in range(0, len(examples), args.batch_size)
+        collate(examples[i : i + args.batch_size]) for i in range(0, len(examples), args.batch_size)
     ]
     tokens = statistics.fmean(int(b["attention_mask"].sum()) for b in batches)
-    dims, counts = target_dims(model, targets)
     base_params = count_base_params(model)
     rows = []
     for r in [int(b) for b in args.budgets.split(",")]:
-        size = lora_params(dims, counts, r)
         cfgs = {
             "lora": TrainConfig(data="-", out="-", method="lora", rank=r, targets=targets),
-            "moka": TrainConfig(data="-", out="-", budget=str(int(size * 1.005)), targets=targets),
+            "moka": TrainConfig(data="-", out="-", budget=f"lora-{r}", targets=targets),
         }
         per = {m: [] for m in cfgs}
         infos = {}
         for _ in range(args.repeats):
             for m, cfg in cfgs.items():  # interleaved: lora, moka, lora, moka, ...
                 torch.manual_seed(0)
-                if m == "moka":
-                    info = setup_moka(model, cfg, base_params)
-                    per[m].append(
-                        statistics.median(time_steps(model, batches, args.steps, args.warmup))
-                    )
-                    remove_moka(model)
-                else:
-                    peft_model, info = setup_lora(model, cfg, base_params)
-                    per[m].append(
-                        statistics.median(time_steps(peft_model, batches, args.steps, args.warmup))
-                    )
-                    model = peft_model.unload()
+                peft_model, info = attach_adapter(model, cfg, base_params)
+                per[m].append(
+                    statistics.median(time_steps(peft_model, batches, args.steps, args.warmup))
+                )
+                model = peft_model.unload()
                 infos[m] = info
                 for q in model.parameters():
                     q.requires_grad_(False)

@@ -19,24 +19,65 @@ from peft.utils import PeftType
 from moka_serve.adapter_format import FORMAT_VERSION, ComponentShape, MokaConfig, TargetSpec
 
 
+def default_scaling(components: int, gating: bool) -> float:
+    """Each component starts at coefficient 2, the alpha / rank = 2 of a LoRA with alpha = 2 *
+    rank: with softmax gates alpha_i = 1/r at init, so the scaling is 2r (2 ungated). Rank-1
+    components then train exactly like that LoRA's terms; scaling 1 would make the update 2r
+    times smaller, which under Adam means that much slower learning in function space."""
+    return float(2 * components if gating else 2)
+
+
 @dataclass
 class MokaPeftConfig(PeftConfig):
-    """A MoKA adapter: ``delta_W = scaling * sum_i softmax(g)_i kron(A_i, B_i)`` per target."""
+    """A MoKA adapter: ``delta_W = scaling * sum_i softmax(g)_i kron(A_i, B_i)`` per target.
 
-    target_modules: list[str] | None = field(default=None, metadata={"help": "module names"})
+    Either name the components (``targets``, as format v1 does), or say what to plan and let the
+    model fill them in (``moka_peft.planning.plan``, at ``get_peft_model``):
+    ``MokaPeftConfig(target_modules="all-linear", budget="lora-8")`` is MoKA at a rank-8 LoRA's
+    size, with ``moka-train``'s defaults (mixed family, LoRA init, softmax gates, scaling 2r).
+    """
+
+    target_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "module names (bare, e.g. q_proj), or 'all-linear'"}
+    )
     targets: dict[str, Any] = field(
         default_factory=dict,
         metadata={"help": "name -> {'components': [[m1, n1, m2, n2], ...]} (dims filled in)"},
     )
     gating: bool = field(default=True, metadata={"help": "softmax gates over the components"})
-    scaling: float = field(default=1.0, metadata={"help": "the update's overall factor"})
+    scaling: float | None = field(
+        default=None,
+        metadata={"help": "the update's overall factor; None: 2 per component (as LoRA's 2r/r)"},
+    )
     variant: str = field(default="moka", metadata={"help": "moka, or mokas (identity A)"})
     init: str = field(default="lora", metadata={"help": "lora (A zero) or a-random (B zero)"})
+    # What to plan when ``targets`` is empty (moka_serve.shapes.plan_shapes).
+    budget: str | None = field(
+        default=None,
+        metadata={"help": "trainable parameters: '0.1%' of the base, '200k', or 'lora-8'"},
+    )
+    components: int = field(default=4, metadata={"help": "components (kron; or no budget)"})
+    shape_family: str | None = field(
+        default=None, metadata={"help": "mixed | lora | kron; None: mixed (kron for mokas)"}
+    )
+    shapes: list[str] = field(
+        default_factory=list, metadata={"help": "explicit shapes, 'q_proj=64x9x9x64,...'"}
+    )
     moka_format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PeftType.MOKA
+        if self.variant not in ("moka", "mokas"):
+            raise ValueError(f"variant must be moka or mokas, got {self.variant!r}")
+        if self.init not in ("lora", "a-random"):
+            raise ValueError(f"init must be lora or a-random, got {self.init!r}")
+        if not self.targets:
+            if not self.target_modules:
+                raise ValueError("MoKA needs target_modules (names, or 'all-linear') or targets")
+            if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+                self.target_modules = [self.target_modules]
+            return
         if self.target_modules is None:
             self.target_modules = list(self.targets)
         if isinstance(self.target_modules, str) or set(self.target_modules) != set(self.targets):
@@ -44,8 +85,15 @@ class MokaPeftConfig(PeftConfig):
                 "MoKA names its targets one by one: target_modules must list exactly the keys of "
                 f"targets (got {self.target_modules!r} and {sorted(self.targets)})"
             )
+        if self.scaling is None:
+            r = max(len(spec["components"]) for spec in self.targets.values())
+            self.scaling = default_scaling(r, self.gating)
 
-    def components(self, target: str) -> list[ComponentShape]:
+    def family(self) -> str:
+        """The family of planned shapes: as given, else mixed (kron for MoKAs, which has no A)."""
+        return self.shape_family or ("kron" if self.variant == "mokas" else "mixed")
+
+    def component_shapes(self, target: str) -> list[ComponentShape]:
         return [ComponentShape(*map(int, c)) for c in self.targets[target]["components"]]
 
     def set_dims(self, target: str, out_features: int, in_features: int) -> None:
@@ -68,7 +116,7 @@ class MokaPeftConfig(PeftConfig):
                 name: TargetSpec(
                     int(spec["in_features"]),
                     int(spec["out_features"]),
-                    tuple(self.components(name)),
+                    tuple(self.component_shapes(name)),
                 )
                 for name, spec in self.targets.items()
             },

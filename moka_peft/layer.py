@@ -75,6 +75,16 @@ class MokaLayer(BaseTunerLayer):
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
 
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device=None) -> None:
+        """The base layer's device, but float32 factors whatever its dtype (PEFT would cast
+        them to a bf16 base's dtype; ``get_peft_model`` upcasts again, a bare layer would not)."""
+        super()._move_adapter_to_device_of_base_layer(adapter_name, device)
+        for part in (self.moka_A, self.moka_B):
+            if adapter_name in part:
+                part[adapter_name].to(FACTOR_DTYPE)
+        if adapter_name in self.moka_gate:
+            self.moka_gate[adapter_name].data = self.moka_gate[adapter_name].data.to(FACTOR_DTYPE)
+
     @torch.no_grad()
     def reset_moka_parameters(self, adapter_name: str, init: str, identity: bool) -> None:
         """The update is zero at step 0 and one factor is random, as ``moka-train`` does:
@@ -104,8 +114,14 @@ class MokaLayer(BaseTunerLayer):
         """``delta_W @ x`` for ``x`` of shape ``(..., in)``, in float32."""
         lead = x.shape[:-1]
         xf = x.reshape(-1, self.in_features).to(FACTOR_DTYPE)
-        a = [f.weight for f in self.moka_A[adapter_name]] if adapter_name in self.moka_A else None
-        b = [f.weight for f in self.moka_B[adapter_name]]
+        # float32 whatever the factors are stored in: TRL's SFTTrainer casts adapter weights to
+        # bf16 on a quantized base; the casts are of the small factors, not of x @ W.
+        a = (
+            [f.weight.to(FACTOR_DTYPE) for f in self.moka_A[adapter_name]]
+            if adapter_name in self.moka_A
+            else None
+        )
+        b = [f.weight.to(FACTOR_DTYPE) for f in self.moka_B[adapter_name]]
         out = mixture_matmul(xf, self.moka_shapes[adapter_name], a, b,
                              self.coefficients(adapter_name), self.moka_plans[adapter_name])  # fmt: skip
         return out.reshape(*lead, self.out_features)

@@ -11,6 +11,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 
 from .config import MokaPeftConfig
 from .layer import MokaLayer, MokaLinear
+from .planning import plan
 
 
 class MokaModel(BaseTuner):
@@ -27,6 +28,10 @@ class MokaModel(BaseTuner):
             key = key.replace(f".{part}.{adapter_name}.", f".{part}.")
         suffix = f".moka_gate.{adapter_name}"
         return key[: -len(adapter_name) - 1] if key.endswith(suffix) else key
+
+    def _prepare_model(self, peft_config: MokaPeftConfig, model) -> None:
+        """Plan the components on this model when the config does not name them yet."""
+        self.moka_notes = plan(peft_config, model)
 
     def _create_and_replace(
         self,
@@ -48,7 +53,7 @@ class MokaModel(BaseTuner):
             "variant": config.variant,
             "init": config.init,
         }
-        shapes = config.components(target_name)
+        shapes = config.component_shapes(target_name)
         if isinstance(target, MokaLayer):
             target.update_layer(adapter_name, shapes, **kwargs)
             return

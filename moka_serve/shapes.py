@@ -221,11 +221,22 @@ def check_shapes(
             )
 
 
-def parse_budget(text: str, base_params: int) -> float:
-    """``0.1%`` (of the base model's parameters) or an absolute count like ``250000`` / ``250k``."""
+# A budget given as a LoRA's rank gets this much more, so that the gate logits (one per
+# component and module, a few per thousand of the factors) fit beside a LoRA's parameter count.
+BUDGET_SLACK = 1.005
+
+
+def parse_budget(text: str, base_params: int, lora_rank_1: int | None = None) -> float:
+    """``0.1%`` (of the base model's parameters), an absolute count like ``250000`` / ``250k``,
+    or ``lora-8``: a rank-8 LoRA's size on the same modules (``lora_rank_1`` parameters per rank,
+    plus ``BUDGET_SLACK`` for the gates)."""
     s = text.strip().lower().replace("_", "")
     try:
-        if s.endswith("%"):
+        if s.startswith("lora-"):
+            if lora_rank_1 is None:
+                raise ValueError(f"--budget {text!r}: a LoRA-sized budget needs the target modules")
+            value = int(s[5:]) * lora_rank_1 * BUDGET_SLACK
+        elif s.endswith("%"):
             value = float(s[:-1]) / 100 * base_params
         elif s.endswith("k"):
             value = float(s[:-1]) * 1e3
@@ -233,10 +244,13 @@ def parse_budget(text: str, base_params: int) -> float:
             value = float(s[:-1]) * 1e6
         else:
             value = float(s)
-    except ValueError:
+    except ValueError as e:
+        if "LoRA-sized" in str(e):
+            raise
         raise ValueError(
             f"--budget {text!r}: expected a percentage of the base model's parameters "
-            "(e.g. 0.1%) or a parameter count (e.g. 200000, 200k, 1.5m)"
+            "(e.g. 0.1%), a parameter count (e.g. 200000, 200k, 1.5m) or a LoRA's size "
+            "(e.g. lora-8)"
         ) from None
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"--budget {text!r} must be positive")

@@ -6,10 +6,12 @@ trainer.
 
 Modules (imported on demand, so ``import moka_trainer`` stays cheap):
 
-* ``moka_trainer.train``: ``TrainConfig``, ``train(cfg)`` (the loop behind ``moka-train``),
-  ``load_base_model``, ``evaluate``, ``greedy_completions``.
-* ``moka_trainer.moka_layer``: ``MokaLinear``, ``inject_moka``, ``export_adapter`` (model ->
-  ``MokaAdapter``), ``attach_adapter`` (a loaded adapter onto a model, unmerged), ``remove_moka``.
+* ``moka_trainer.train``: ``TrainConfig``, ``train(cfg)``: the recipe behind ``moka-train``, over
+  transformers' ``Trainer`` with the adapter as a PEFT model (``moka_peft``'s MoKA, or LoRA).
+* ``moka_trainer.base_model``: device, dtype, and the (4-bit) base with its tokenizer.
+* ``moka_trainer.evaluation``: eval loss and greedy exact match, as a ``TrainerCallback``.
+* ``moka_peft`` (the tuner, below the trainer): the one MoKA layer, and the planning of shapes
+  from a budget (``moka_peft.planning``).
 * ``moka_serve.shapes`` (core, shared with ``moka-bench``): exact Kronecker factorisations,
   ``plan_shapes`` (from a budget or explicit ``--shapes``), ``parse_shapes``, ``parse_budget``,
   ``lora_params``.

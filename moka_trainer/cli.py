@@ -23,7 +23,8 @@ output (--out DIR):
   train_info.json    parameter counts, shapes, timings, eval before/after
   eval_predictions.jsonl  with --eval-data: every held-out generation of the final eval
                      (line, prompt, expected, generated, correct)
-  checkpoints/step-N with --save-every N (resume with --resume latest)
+  checkpoints/checkpoint-N  with --save-every N: the Trainer's checkpoints (resume with
+                     --resume latest)
 
 examples:
   moka-train --base ./SmolLM2-135M-Instruct --data train.jsonl --out runs/moka
@@ -32,6 +33,11 @@ examples:
   moka-train --data train.jsonl --out runs/moka --shapes q_proj=24x24x24x24,12x48x48x12 \\
       --shapes v_proj=12x24x16x24,16x16x12x36
   moka-train --data train.jsonl --out runs/lora --method lora --rank 8
+  moka-train --data train.jsonl --out runs/moka --budget lora-8 --targets all-linear
+
+several processes (data parallel; --batch-size stays the global batch):
+  torchrun --nproc_per_node 2 $(which moka-train) --data train.jsonl --out runs/moka
+  accelerate launch --num_processes 2 $(which moka-train) --data train.jsonl --out runs/moka
 """
 
 
@@ -47,7 +53,7 @@ def _csv(text: str) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     from moka_serve.shapes import FAMILIES
 
-    from .moka_layer import INITS
+    from .train import INITS
 
     p = _Parser(
         prog="moka-train",
@@ -83,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_csv,
         default=["q_proj", "v_proj"],
         metavar="NAMES",
-        help="comma-separated names of the linear layers to adapt (default: q_proj,v_proj)",
+        help="comma-separated names of the linear layers to adapt, or all-linear (every linear "
+        "layer but the output projection) (default: q_proj,v_proj)",
     )
     g.add_argument(
         "--components",
@@ -97,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--budget",
         metavar="B",
         help="total trainable-parameter budget for automatic shapes: a percentage of the base "
-        "model's parameters (0.1%%) or a count (200000, 200k), down to a rank-1 LoRA's size. "
+        "model's parameters (0.1%%), a count (200000, 200k), or a LoRA's size on the same "
+        "targets (lora-8), down to a rank-1 LoRA's size. "
         "Families lora and mixed take as many components as fit; kron takes --components "
         "shapes as large as fit",
     )
@@ -163,7 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="compute dtype; auto: bfloat16 on GPUs that support it, float32 on CPU",
     )
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
+    g.add_argument(
+        "--device",
+        default="auto",
+        help="auto, cpu or cuda (default: auto); one GPU per process: pick it with "
+        "CUDA_VISIBLE_DEVICES, several with torchrun / accelerate launch",
+    )
     g.add_argument(
         "--threads",
         type=int,
@@ -208,7 +221,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("data")
     g.add_argument(
-        "--max-length", type=int, default=512, help="truncate records to N tokens (default: 512)"
+        "--max-length", type=int, default=512, help="tokens per record at most (default: 512)"
+    )
+    g.add_argument(
+        "--long-records",
+        choices=("truncate", "skip"),
+        default="truncate",
+        help="records over --max-length: truncate = cut the prompt from its left, keeping the "
+        "completion (text records keep their start); skip = leave them out. Either way the run "
+        "reports how many (default: truncate)",
     )
     g.add_argument(
         "--prompt-format",
@@ -246,6 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         metavar="CKPT",
         help="continue from a checkpoint folder, or 'latest' (the newest in DIR/checkpoints)",
+    )
+    g.add_argument(
+        "--report-to",
+        default="none",
+        metavar="LOGGERS",
+        help="the Trainer's loggers, comma-separated: tensorboard, wandb, ... (default: none)",
     )
     g.add_argument(
         "--progress",
@@ -308,6 +335,7 @@ def config_from_args(args: argparse.Namespace):
         seed=args.seed,
         max_length=args.max_length,
         prompt_format=args.prompt_format,
+        long_records=args.long_records,
         eval_every=args.eval_every,
         eval_before=args.eval_before,
         max_eval_examples=args.max_eval_examples,
@@ -318,6 +346,7 @@ def config_from_args(args: argparse.Namespace):
         progress=args.progress,
         progress_every=args.progress_every,
         threads=args.threads,
+        report_to=args.report_to,
         quiet=args.quiet,
     )
 

@@ -13,8 +13,7 @@ Every problem is reported as a :class:`DataError` naming the file and the line.
 from __future__ import annotations
 
 import json
-import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -167,9 +166,6 @@ class Tokenize:
             ex = Example(p + c, [IGNORE_INDEX] * len(p) + c, kind, line, p, rec["completion"])
         else:
             ex = self._messages(rec["messages"], where, line)
-        if len(ex.input_ids) > self.max_length:
-            ex.input_ids = ex.input_ids[: self.max_length]
-            ex.labels = ex.labels[: self.max_length]
         return ex
 
     def _messages(self, msgs: list[dict], where: str, line: int) -> Example:
@@ -201,21 +197,78 @@ class Tokenize:
         return ex
 
 
+LONG_RECORDS = ("truncate", "skip")
+
+
+@dataclass
+class DataReport:
+    """What loading did to over-long records (each one counted once)."""
+
+    truncated: int = 0
+    skipped: int = 0
+
+    def line(self, path, max_length: int) -> str | None:
+        if not (self.truncated or self.skipped):
+            return None
+        return (
+            f"{path}: {self.truncated} records over --max-length {max_length} truncated (the "
+            f"prompt cut from its left, the completion kept), {self.skipped} skipped"
+        )
+
+
+def fit_length(ex: Example, max_length: int, long_records: str) -> Example | None:
+    """``ex`` within ``max_length`` tokens, or None to skip it.
+
+    ``truncate``: a record with a prompt loses prompt tokens from the left (the question, the
+    answer and the completion stay; real datasets put long passages first); a ``text`` record
+    keeps its first ``max_length`` tokens. A record whose completion alone is too long is
+    skipped either way, since no prompt would be left to generate it from. ``skip``: every
+    over-long record is left out.
+    """
+    if len(ex.input_ids) <= max_length:
+        return ex
+    if long_records == "skip":
+        return None
+    if ex.prompt_ids is None:
+        if ex.kind != "text":
+            return None
+        ex.input_ids, ex.labels = ex.input_ids[:max_length], ex.labels[:max_length]
+        return ex
+    cut = len(ex.input_ids) - max_length
+    if cut >= len(ex.prompt_ids):
+        return None
+    ex.input_ids, ex.labels = ex.input_ids[cut:], ex.labels[cut:]
+    ex.prompt_ids = ex.prompt_ids[cut:]
+    return ex
+
+
 def load_examples(
-    path: str | Path, tokenizer, *, max_length: int = 512, prompt_format: str = "plain"
-) -> list[Example]:
-    """Read and tokenize a JSONL file; DataError (with line numbers) on any bad record."""
+    path: str | Path,
+    tokenizer,
+    *,
+    max_length: int = 512,
+    prompt_format: str = "plain",
+    long_records: str = "truncate",
+) -> tuple[list[Example], DataReport]:
+    """Read and tokenize a JSONL file; DataError (with line numbers) on any bad record.
+    Over-long records are truncated or skipped (``long_records``, see :func:`fit_length`) and
+    counted in the report."""
+    if long_records not in LONG_RECORDS:
+        raise ValueError(f"long_records must be one of {LONG_RECORDS}, got {long_records!r}")
     tk = Tokenize(tokenizer, max_length=max_length, prompt_format=prompt_format)
-    examples = []
+    examples, report = [], DataReport()
     for line, rec in read_jsonl(path):
         ex = tk(rec, f"{path}:{line}", line)
-        if ex.num_label_tokens == 0:
-            raise DataError(
-                f"{path}:{line}: no completion tokens left after truncation to --max-length "
-                f"{max_length} (the prompt is {len(ex.input_ids)}+ tokens); raise --max-length"
-            )
+        long = len(ex.input_ids) > max_length
+        ex = fit_length(ex, max_length, long_records)
+        if ex is None or ex.num_label_tokens == 0:
+            report.skipped += 1
+            continue
+        report.truncated += long
         examples.append(ex)
-    return examples
+    if not examples:
+        raise DataError(f"{path}: no record fits --max-length {max_length}; raise it")
+    return examples, report
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
@@ -232,32 +285,26 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """The shuffled example order of one epoch; depends only on (seed, epoch), so a resumed
-    run sees exactly the batches the interrupted one would have."""
-    order = list(range(n))
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    return order
+def crop_to_labels(batch: dict[str, torch.Tensor]) -> dict:
+    """Ask the model for logits only from the first position that predicts a labelled token on
+    (transformers' ``logits_to_keep``), with the labels cropped to match.
 
-
-def batches(
-    examples: Sequence[Example], batch_size: int, seed: int, start_step: int = 0
-) -> Iterator[tuple[int, int, list[Example]]]:
-    """Endless ``(step, epoch, batch)`` from ``start_step``; each epoch reshuffled.
-
-    An epoch has ``ceil(n / batch_size)`` steps; a short last batch is filled from the start of
-    the same epoch's order, so that every step sees exactly ``batch_size`` examples.
+    For prompt/completion data this skips the output projection, the largest matmul of a small
+    model, over most prompt positions. The model's own loss stays right: it shifts the cropped
+    labels by one, so the logit at position ``first`` meets the label at ``first + 1``.
     """
-    n = len(examples)
-    per_epoch = max(1, -(-n // batch_size))
-    step = start_step
-    while True:
-        epoch, k = divmod(step, per_epoch)
-        order = epoch_order(n, seed, epoch)
-        idx = [order[(k * batch_size + j) % n] for j in range(batch_size)]
-        yield step, epoch, [examples[i] for i in idx]
-        step += 1
+    labels = batch["labels"]
+    labelled = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero()
+    seq = labels.shape[1]
+    first = int(labelled[0]) if len(labelled) else max(seq - 2, 0)
+    return {**batch, "labels": labels[:, first:], "logits_to_keep": seq - first}
 
 
-def steps_per_epoch(n: int, batch_size: int) -> int:
-    return max(1, -(-n // batch_size))
+@dataclass
+class CompletionCollator:
+    """The Trainer's ``data_collator``: right-padded micro-batches cropped to their labels."""
+
+    pad_id: int
+
+    def __call__(self, examples: Sequence[Example]) -> dict:
+        return crop_to_labels(collate(examples, self.pad_id))

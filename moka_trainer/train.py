@@ -1,12 +1,23 @@
-"""The training loop behind ``moka-train``: MoKA (or a PEFT LoRA baseline) over a 4-bit base.
+"""The recipe behind ``moka-train``: MoKA (or a PEFT LoRA baseline) over a 4-bit base, trained by
+transformers' ``Trainer``.
 
-QLoRA-style recipe: the base is loaded in 4-bit NF4 through bitsandbytes (or plain with
-``quantize=False``) and frozen; only the adapter trains, with AdamW (lr 2e-4), an effective
-batch of 32 through gradient accumulation, and a linear warmup + linear decay schedule. The
-loss is the token-mean cross-entropy over completion / assistant tokens of the whole effective
-batch. Writes the adapter (MoKA format v1, or a standard PEFT LoRA folder), ``train_log.jsonl``
-and ``train_info.json`` into the output folder, and optional checkpoints that ``resume`` picks
-up exactly where they left off.
+QLoRA-style: the base is loaded in 4-bit NF4 through bitsandbytes (or plain with
+``quantize=False``) and frozen; the adapter is a PEFT model in both cases (``moka_peft``'s
+``MokaPeftConfig`` or PEFT's ``LoraConfig``), so MoKA and LoRA share this one code path. AdamW
+(lr 2e-4), an effective batch of 32 through gradient accumulation, linear warmup then linear
+decay; the loss is the token mean over completion / assistant tokens of the whole effective
+batch (the Trainer's ``num_items_in_batch``), across processes too. Multi-process training,
+mixed precision, checkpoints and resume, and the loggers are the Trainer's.
+
+Why the ``Trainer`` and not TRL's ``SFTTrainer`` (a subclass of it): our data path already
+renders chat and prompt/completion records with labels on the completion only, and
+``SFTTrainer`` would re-do that with its own dataset handling, and cast the adapter's weights to
+bf16 on a quantized base, where MoKA's factors and gates train in float32. ``SFTTrainer(
+peft_config=MokaPeftConfig(...))`` works too (docs/training.md; tested over a 4-bit base).
+
+Writes the adapter (format v1, or a PEFT LoRA folder), ``train_log.jsonl``, ``train_info.json``,
+``eval_predictions.jsonl`` with ``--eval-data``, and ``checkpoints/checkpoint-N`` with
+``--save-every`` (the Trainer's checkpoints; ``resume`` continues from one).
 """
 
 from __future__ import annotations
@@ -15,20 +26,16 @@ import contextlib
 import json
 import math
 import os
-import random
-import shutil
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from moka_serve.adapter_format import save_adapter
 from moka_serve.base_models import DEFAULT_BASE_ID
-from moka_serve.bnb_cpu import keep_portable_4bit_layout
 from moka_serve.shapes import (
     FAMILIES,
     format_shapes,
@@ -36,29 +43,26 @@ from moka_serve.shapes import (
     module_params,
     parse_budget,
     parse_shapes,
-    plan_shapes,
 )
 
-from . import data as data_mod
-from .data import IGNORE_INDEX, DataError, Example
-from .moka_layer import (
-    INITS,
-    export_adapter,
-    inject_moka,
-    moka_modules,
-    target_dims,
-    trainable_parameters,
+from .base_model import (
+    TrainError,
+    compute_dtype,
+    load_base_model,
+    looks_like_path,
+    pick_device,
+    resolve_base,
 )
+from .data import LONG_RECORDS, CompletionCollator, DataError, load_examples
+
+# Which factor starts at zero (moka_peft.layer.MokaLayer.reset_moka_parameters).
+INITS = ("lora", "a-random")
 
 LOG_NAME = "train_log.jsonl"
 INFO_NAME = "train_info.json"
 PREDICTIONS_NAME = "eval_predictions.jsonl"
 CHECKPOINTS = "checkpoints"
-STATE_NAME = "trainer_state.pt"
-
-
-class TrainError(Exception):
-    """A user-facing problem (bad option, path, model or data): printed without a traceback."""
+TRAINER_STATE_NAME = "trainer_state.json"
 
 
 @dataclass
@@ -103,6 +107,7 @@ class TrainConfig:
     # data
     max_length: int = 512
     prompt_format: str = "plain"  # plain | chat (prompt/completion records only)
+    long_records: str = "truncate"  # truncate | skip (moka_trainer.data.fit_length)
     # eval, logging, checkpoints
     eval_every: int = 0
     eval_before: bool = True  # also evaluate the untrained model (the base: delta_W = 0)
@@ -114,16 +119,9 @@ class TrainConfig:
     progress: bool | None = None  # None: a bar when stderr is a terminal
     progress_every: int = 0  # without a bar: a status line every N steps (0: about 20 lines)
     threads: int = 0  # torch CPU threads (0: torch's default)
+    report_to: str = "none"  # the Trainer's loggers: none, tensorboard, wandb, ... (comma list)
     quiet: bool = False
     extra: dict = field(default_factory=dict)
-
-
-def _say(cfg: TrainConfig, msg: str) -> None:
-    if not cfg.quiet:
-        print(f"[moka-train] {msg}", file=sys.stderr, flush=True)
-
-
-# --------------------------------------------------------------------------- checks
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -169,6 +167,7 @@ def check_config(cfg: TrainConfig) -> None:
     need(cfg.max_grad_norm >= 0, "--max-grad-norm must be >= 0 (0 disables clipping)")
     need(cfg.max_length >= 8, f"--max-length must be >= 8, got {cfg.max_length}")
     need(cfg.prompt_format in ("plain", "chat"), "--prompt-format must be plain or chat")
+    need(cfg.long_records in LONG_RECORDS, f"--long-records must be one of {LONG_RECORDS}")
     need(cfg.dtype in ("auto", "float32", "bfloat16"), "--dtype must be auto, float32 or bfloat16")
     need(cfg.threads >= 0, f"--threads must be >= 0, got {cfg.threads}")
     for name in ("eval_every", "log_every", "save_every", "progress_every"):
@@ -184,12 +183,12 @@ def check_config(cfg: TrainConfig) -> None:
         try:
             parse_shapes(cfg.shapes)
             if cfg.budget is not None:
-                parse_budget(cfg.budget, 1)
+                parse_budget(cfg.budget, 1, 1)
         except ValueError as e:
             raise TrainError(str(e)) from None
     elif cfg.shapes or cfg.budget is not None:
         raise TrainError("--shapes and --budget apply to --method moka only (LoRA uses --rank)")
-    if cfg.base is not None and _looks_like_path(cfg.base):
+    if cfg.base is not None and looks_like_path(cfg.base):
         need(Path(cfg.base).expanduser().is_dir(), f"--base {cfg.base}: no such model folder")
         need(
             (Path(cfg.base).expanduser() / "config.json").is_file(),
@@ -197,217 +196,89 @@ def check_config(cfg: TrainConfig) -> None:
         )
     if cfg.resume not in (None, "latest"):
         need(
-            (Path(cfg.resume) / STATE_NAME).is_file(),
-            f"--resume {cfg.resume}: not a checkpoint folder (no {STATE_NAME})",
+            (Path(cfg.resume) / TRAINER_STATE_NAME).is_file(),
+            f"--resume {cfg.resume}: not a checkpoint folder (no {TRAINER_STATE_NAME})",
         )
 
 
-def _looks_like_path(name: str) -> bool:
-    """A local folder rather than a hub id ("org/name" or "name")."""
-    return (
-        os.path.exists(os.path.expanduser(name))
-        or name.startswith((".", "/", "~"))
-        or name.endswith("/")
-        or name.count("/") > 1
-    )
-
-
-# --------------------------------------------------------------------------- model
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise TrainError(f"--device {name!r} is not a device (cpu, cuda, cuda:1, ...)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise TrainError(f"--device {name}: CUDA is not available on this machine")
-    return dev
-
-
-def compute_dtype(name: str, device: torch.device) -> torch.dtype:
-    """bf16 where the device supports it (CUDA with bf16), else float32 (CPU)."""
-    if name == "float32":
-        return torch.float32
-    bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    if name == "bfloat16":
-        if device.type == "cpu":
-            return torch.bfloat16
-        if not bf16_ok:
-            raise TrainError(f"--dtype bfloat16: {device} does not support bfloat16")
-        return torch.bfloat16
-    return torch.bfloat16 if bf16_ok else torch.float32
-
-
-def resolve_base(base: str | None, say: Callable[[str], None]) -> str:
-    if base is not None:
-        return str(Path(base).expanduser()) if _looks_like_path(base) else base
-    from moka_serve.base_models import materialize_default_base
-
-    say("no --base given: using the embedded SmolLM2-135M-Instruct")
-    try:
-        return str(materialize_default_base())
-    except FileNotFoundError as e:
-        raise TrainError(f"the default base model is not available: {e}; pass --base") from None
-
-
-def load_base_model(
-    base: str, *, quantize: bool, device: torch.device, dtype: torch.dtype
-) -> tuple[nn.Module, object]:
-    """The frozen base (4-bit NF4 via bitsandbytes when ``quantize``) and its tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    kwargs: dict = {"dtype": dtype}
-    device_map = {"": device.index or 0} if device.type == "cuda" else "cpu"
-    if quantize:
-        try:
-            import bitsandbytes  # noqa: F401
-            from transformers import BitsAndBytesConfig
-        except ImportError as e:
-            raise TrainError(
-                f"4-bit base needs bitsandbytes ({e}); or pass --no-quantize"
-            ) from None
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_compute_dtype=dtype,
-            bnb_4bit_use_double_quant=False,
-        )
-        kwargs["device_map"] = device_map
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(base)
-        model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
-    except (OSError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TrainError(f"cannot load base model {base!r}: {first}") from None
-    if quantize:
-        keep_portable_4bit_layout(model)
-    else:
-        model.to(device)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model, tokenizer
-
-
-def count_base_params(model: nn.Module) -> int:
-    """Parameters of the base model, counting 4-bit weights by their logical shape."""
-    n = 0
-    for name, p in model.named_parameters():
-        if ".moka_" in name or "lora_" in name:
-            continue
-        qs = getattr(p, "quant_state", None)
-        n += math.prod(qs.shape) if qs is not None else p.numel()
-    return n
+def _say(cfg: TrainConfig, msg: str) -> None:
+    if not cfg.quiet and int(os.environ.get("RANK", "0")) == 0:
+        print(f"[moka-train] {msg}", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------- adapters
 
 
-def serving_notes(shapes: dict) -> list[str]:
-    """What ``moka-serve`` needs beyond its default bank limits to serve these shapes."""
-    from moka_serve.limits import DEFAULT_MAX_COMPONENTS, DEFAULT_MAX_FACTOR_NUMEL
+def peft_config(cfg: TrainConfig, model: nn.Module, targets: list[str]):
+    """The PEFT config of the run, planned on ``model``, and notes for the user."""
+    if cfg.method == "lora":
+        from peft import LoraConfig
 
-    notes = []
-    r = max(len(v) for v in shapes.values())
-    if r > DEFAULT_MAX_COMPONENTS:
-        notes.append(
-            f"{r} components per module: serve with MOKA_MAX_COMPONENTS={r} (moka-serve's "
-            f"default is {DEFAULT_MAX_COMPONENTS})"
-        )
-    numel = max(max(c.m1 * c.n1, c.m2 * c.n2) for v in shapes.values() for c in v)
-    if numel > DEFAULT_MAX_FACTOR_NUMEL:
-        notes.append(
-            f"a factor of {numel} elements: serve with MOKA_MAX_FACTOR_NUMEL={numel} "
-            f"(moka-serve's default is {DEFAULT_MAX_FACTOR_NUMEL})"
-        )
-    return notes
+        return LoraConfig(
+            r=cfg.rank,
+            lora_alpha=cfg.lora_alpha if cfg.lora_alpha is not None else 2 * cfg.rank,
+            target_modules=targets,
+            lora_dropout=0.0,
+            bias="none",
+            task_type="CAUSAL_LM",
+        ), []
+    from moka_peft import MokaPeftConfig
+    from moka_peft.planning import plan
 
-
-def shape_family(cfg: TrainConfig) -> str:
-    """The family of automatic shapes: as given, else mixed (kron for MoKAs, which has no A)."""
-    return cfg.shape_family or ("kron" if cfg.variant == "mokas" else "mixed")
-
-
-def setup_moka(model: nn.Module, cfg: TrainConfig, base_params: int) -> dict:
-    """Inject MoKA modules; return a summary (shapes, parameter counts, LoRA comparison)."""
-    try:
-        dims, counts = target_dims(model, list(cfg.targets))
-        explicit = parse_shapes(cfg.shapes)
-        budget = None if cfg.budget is None else parse_budget(cfg.budget, base_params)
-        shapes, notes = plan_shapes(
-            dims,
-            counts,
-            num_components=cfg.components,
-            budget=budget,
-            explicit=explicit,
-            variant=cfg.variant,
-            gating=cfg.gating,
-            family=shape_family(cfg),
-        )
-    except ValueError as e:
-        raise TrainError(str(e)) from None
-    # No gate for a single component: softmax over one logit is 1, the gate would not train.
-    r = max(len(v) for v in shapes.values())
-    notes += serving_notes(shapes)
-    gating = cfg.gating and r > 1
-    # Default scaling: alpha_i = softmax(0) = 1/r at init, so scaling 2r (2 ungated) starts each
-    # component at coefficient 2, the alpha / rank = 2 of a LoRA with alpha = 2 * rank: rank-1
-    # components then train exactly like that LoRA's terms. Scaling 1 would make the update 2r
-    # times smaller, which under Adam means that much slower learning in function space.
-    scaling = cfg.scaling if cfg.scaling is not None else float(2 * r if gating else 2)
-    inject_moka(model, shapes, gating=gating, variant=cfg.variant, scaling=scaling, init=cfg.init)
-    trainable = trainable_parameters(model)
-    expected = sum(module_params(shapes[t], cfg.variant, gating) * counts[t] for t in dims)
-    assert trainable == expected, (trainable, expected)
-    return {
-        "method": "moka",
-        "targets": {
-            t: {"out_x_in": list(dims[t]), "modules": counts[t], "shapes": format_shapes(shapes[t])}
-            for t in dims
-        },
-        "notes": notes,
-        "budget_params": budget,
-        "scaling": scaling,
-        "gating": gating,
-        "shape_family": shape_family(cfg),
-        "init": cfg.init,
-        "variant": cfg.variant,
-        "trainable_params": trainable,
-        "base_params": base_params,
-        "lora_params_same_targets": {
-            f"rank{r}": lora_params(dims, counts, r) for r in sorted({4, 8, 16, cfg.rank})
-        },
-    }
-
-
-def setup_lora(model: nn.Module, cfg: TrainConfig, base_params: int) -> tuple[nn.Module, dict]:
-    from peft import LoraConfig, get_peft_model
-
-    try:
-        dims, counts = target_dims(model, list(cfg.targets))
-    except ValueError as e:
-        raise TrainError(str(e)) from None
-    lcfg = LoraConfig(
-        r=cfg.rank,
-        lora_alpha=cfg.lora_alpha if cfg.lora_alpha is not None else 2 * cfg.rank,
-        target_modules=list(cfg.targets),
-        lora_dropout=0.0,
-        bias="none",
+    pc = MokaPeftConfig(
+        target_modules=targets,
+        components=cfg.components,
+        budget=cfg.budget,
+        shape_family=cfg.shape_family,
+        shapes=list(cfg.shapes),
+        variant=cfg.variant,
+        gating=cfg.gating,
+        scaling=cfg.scaling,
+        init=cfg.init,
         task_type="CAUSAL_LM",
     )
-    model = get_peft_model(model, lcfg)
-    trainable = trainable_parameters(model)
-    return model, {
-        "method": "lora",
-        "rank": cfg.rank,
-        "lora_alpha": lcfg.lora_alpha,
+    return pc, plan(pc, model)
+
+
+def attach_adapter(model: nn.Module, cfg: TrainConfig, base_params: int) -> tuple[nn.Module, dict]:
+    """``get_peft_model`` with the run's config; a summary (shapes, parameter counts)."""
+    from peft import get_peft_model
+
+    from moka_peft.planning import ALL_LINEAR, all_linear_targets, target_dims
+
+    targets = all_linear_targets(model) if list(cfg.targets) == [ALL_LINEAR] else list(cfg.targets)
+    try:
+        dims, counts = target_dims(model, targets)
+        pc, notes = peft_config(cfg, model, targets)
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+    model = get_peft_model(model, pc)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    info: dict = {
+        "method": cfg.method,
         "targets": {t: {"out_x_in": list(dims[t]), "modules": counts[t]} for t in dims},
         "trainable_params": trainable,
         "base_params": base_params,
+    }
+    if cfg.method == "lora":
+        return model, {**info, "rank": cfg.rank, "lora_alpha": pc.lora_alpha}
+    shapes = {t: pc.component_shapes(t) for t in dims}
+    expected = sum(module_params(shapes[t], pc.variant, pc.gating) * counts[t] for t in dims)
+    assert trainable == expected, (trainable, expected)
+    for t in dims:
+        info["targets"][t]["shapes"] = format_shapes(shapes[t])
+    return model, {
+        **info,
+        "notes": notes,
+        "budget_params": pc.budget_params,
+        "scaling": pc.scaling,
+        "gating": pc.gating,
+        "shape_family": pc.family(),
+        "init": pc.init,
+        "variant": pc.variant,
+        "lora_params_same_targets": {
+            f"rank{r}": lora_params(dims, counts, r) for r in sorted({4, 8, 16, cfg.rank})
+        },
     }
 
 
@@ -439,239 +310,185 @@ def describe(info: dict) -> list[str]:
     return lines
 
 
-def save_trained(model: nn.Module, cfg: TrainConfig, out: Path, base_name: str) -> None:
-    if cfg.method == "moka":
-        save_adapter(export_adapter(model, base_name), out)
-    else:
-        model.save_pretrained(str(out))
+# --------------------------------------------------------------------------- the Trainer
 
 
-# --------------------------------------------------------------------------- loss, eval
+def training_arguments(cfg: TrainConfig, out: Path, device: torch.device, dtype: torch.dtype):
+    """The run's options as ``TrainingArguments``: ``--batch-size`` is the global batch (all
+    processes and accumulation steps together)."""
+    from transformers import TrainingArguments
 
-
-def _autocast(device: torch.device, dtype: torch.dtype):
-    if device.type == "cuda" and dtype == torch.bfloat16:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def batch_loss_sum(model: nn.Module, batch: dict, device: torch.device) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over labelled tokens, and their count.
-
-    Logits are computed only from the first position that predicts a labelled token on (the
-    ``logits_to_keep`` of transformers' causal LMs): for prompt/completion data that skips the
-    output projection, the largest matmul of a small model, over most prompt positions.
-    """
-    batch = {k: v.to(device) for k, v in batch.items()}
-    labels = batch["labels"][:, 1:]
-    labelled = (labels != IGNORE_INDEX).any(dim=0).nonzero()
-    seq = batch["input_ids"].shape[1]
-    first = int(labelled[0]) if len(labelled) else seq - 2
-    keep = seq - first  # logits for positions first .. seq-1 (the last predicts nothing)
-    logits = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep
-    ).logits
-    logits = logits[:, :-1].float()
-    labels = labels[:, first:]
-    loss = nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]),
-        labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-    return loss, int((labels != IGNORE_INDEX).sum())
-
-
-def _micro_batches(batch: Sequence[Example], size: int) -> list[list[Example]]:
-    ordered = sorted(batch, key=lambda e: len(e.input_ids))  # less padding per micro-batch
-    return [ordered[i : i + size] for i in range(0, len(ordered), size)]
-
-
-@torch.no_grad()
-def greedy_completions(
-    model: nn.Module,
-    tokenizer,
-    prompts: Sequence[list[int]],
-    max_new_tokens: int,
-    batch_size: int,
-    device: torch.device,
-) -> list[str]:
-    """Greedy continuations of token-id prompts (left-padded batches), decoded as text."""
-    pad = tokenizer.pad_token_id
-    eos = {tokenizer.eos_token_id}
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if gen_eos is not None:
-        eos |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
-    eos.discard(None)
-    out_texts = []
-    for s in range(0, len(prompts), batch_size):
-        chunk = prompts[s : s + batch_size]
-        n = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), n), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), n), dtype=torch.long)
-        for i, p in enumerate(chunk):
-            ids[i, n - len(p) :] = torch.tensor(p)
-            mask[i, n - len(p) :] = 1
-        gen = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            use_cache=True,
-            pad_token_id=pad,
-            eos_token_id=sorted(eos),
-        )
-        for row in gen[:, n:].tolist():
-            cut = next((k for k, t in enumerate(row) if t in eos), len(row))
-            out_texts.append(tokenizer.decode(row[:cut], skip_special_tokens=True))
-    return out_texts
-
-
-def evaluate(
-    model: nn.Module,
-    tokenizer,
-    examples: Sequence[Example],
-    cfg: TrainConfig,
-    device: torch.device,
-    dtype: torch.dtype,
-) -> dict:
-    """Eval loss (token mean) and, for prompt/completion records, greedy exact-match accuracy."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    pad = tokenizer.pad_token_id
-    try:
-        with torch.no_grad(), _autocast(device, dtype):
-            for i in range(0, len(examples), cfg.eval_batch_size):
-                chunk = examples[i : i + cfg.eval_batch_size]
-                loss, n = batch_loss_sum(model, data_mod.collate(chunk, pad), device)
-                total += float(loss)
-                count += n
-            result = {"eval_loss": total / max(count, 1), "eval_examples": len(examples)}
-            pc = [e for e in examples if e.prompt_ids is not None]
-            if pc:
-                longest = max(len(e.input_ids) - len(e.prompt_ids) for e in pc)
-                texts = greedy_completions(
-                    model,
-                    tokenizer,
-                    [e.prompt_ids for e in pc],
-                    longest + 4,
-                    cfg.eval_batch_size,
-                    device,
-                )
-                preds = [
-                    {
-                        "line": e.line,
-                        "prompt": tokenizer.decode(e.prompt_ids, skip_special_tokens=False),
-                        "expected": e.completion,
-                        "generated": t,
-                        "correct": t.strip() == e.completion.strip(),
-                    }
-                    for t, e in zip(texts, pc, strict=True)
-                ]
-                result["eval_exact_match"] = sum(p["correct"] for p in preds) / len(pc)
-                result["eval_predictions"] = preds
-    finally:
-        model.train(was_training)
-    return result
-
-
-# --------------------------------------------------------------------------- schedule, state
-
-
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warmup over ``warmup`` steps (the first update already gets lr/warmup), then
-    linear decay to zero at ``total``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return max(0.0, (total - step) / max(1, total - warmup))
-
-
-def _rng_state() -> dict:
-    return {
-        "python": random.getstate(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    }
-
-
-def _set_rng_state(s: dict) -> None:
-    random.setstate(s["python"])
-    torch.set_rng_state(s["torch"])
-    if s.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def save_checkpoint(
-    folder: Path,
-    model: nn.Module,
-    optimizer,
-    scheduler,
-    step: int,
-    cfg: TrainConfig,
-    base_name: str,
-) -> None:
-    """``checkpoints/step-N``: trainer state (factors, optimizer, schedule, RNG) + the adapter."""
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save(
-        {
-            "step": step,
-            "method": cfg.method,
-            "trainable": _trainable_state(model),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": _rng_state(),
-        },
-        tmp / STATE_NAME,
-    )
-    save_trained(model, cfg, tmp / "adapter", base_name)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    folders = []
-    for p in (out / CHECKPOINTS).glob("step-*"):
-        if (p / STATE_NAME).is_file() and p.name[5:].isdigit():
-            folders.append((int(p.name[5:]), p))
-    return max(folders)[1] if folders else None
-
-
-def load_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler, cfg: TrainConfig) -> int:
-    try:
-        state = torch.load(folder / STATE_NAME, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise TrainError(f"--resume {folder}: cannot read {STATE_NAME}: {e}") from None
-    if state.get("method") != cfg.method:
-        raise TrainError(f"--resume {folder}: checkpoint is --method {state.get('method')}")
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    saved = state["trainable"]
-    if set(saved) != set(params) or any(saved[n].shape != params[n].shape for n in params):
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_step = cfg.micro_batch_size * world
+    if cfg.batch_size % per_step:
         raise TrainError(
-            f"--resume {folder}: the checkpoint's adapter does not match this run's "
-            "(different targets, shapes, components or rank)"
+            f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch-size "
+            f"{cfg.micro_batch_size} x {world} processes"
         )
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(saved[n])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(state["rng"])
-    return int(state["step"])
+    return TrainingArguments(
+        output_dir=str(out / CHECKPOINTS),
+        per_device_train_batch_size=cfg.micro_batch_size,
+        gradient_accumulation_steps=cfg.batch_size // per_step,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps or -1,
+        learning_rate=cfg.lr,
+        lr_scheduler_type="linear",
+        warmup_steps=cfg.warmup_ratio,  # below 1: a fraction of the steps
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        optim="adamw_torch",
+        seed=cfg.seed,
+        logging_steps=cfg.log_every or 1,
+        save_strategy="steps" if cfg.save_every else "no",
+        save_steps=cfg.save_every or 500,
+        report_to=[r for r in cfg.report_to.split(",") if r and r != "none"] or "none",
+        disable_tqdm=not show_bar(cfg),
+        use_cpu=device.type == "cpu",
+        bf16=device.type == "cuda" and dtype == torch.bfloat16,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        include_num_input_tokens_seen="non_padding",
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,
+    )
+
+
+def show_bar(cfg: TrainConfig) -> bool:
+    return sys.stderr.isatty() if cfg.progress is None else cfg.progress
+
+
+class RunLog:
+    """``train_log.jsonl`` and the status lines, fed by :class:`LogCallback` and the evals."""
+
+    def __init__(self, cfg: TrainConfig, path: Path, resumed_at: int, start: float) -> None:
+        self.cfg, self.start = cfg, start
+        kept = _log_lines_up_to(path, resumed_at) if resumed_at else []
+        self.file = open(path, "w", encoding="utf-8")  # noqa: SIM115 (closed by close())
+        self.file.writelines(kept)
+        self.losses: list[float] = []
+        self.evals: dict[str, dict] = {}
+        self.train_time = 0.0  # seconds inside optimizer steps (evaluation left out)
+        self.tokens = 0  # non-padding input tokens of this process's run, all processes
+
+    def write(self, entry: dict) -> None:
+        self.file.write(json.dumps(entry) + "\n")
+        self.file.flush()
+
+    def eval_result(self, step: int, metrics: dict, when: str) -> None:
+        self.write({"step": step, **metrics})
+        self.evals[when] = metrics
+        _say(self.cfg, f"eval {when + ' training' if when in ('before', 'after') else when}: "
+                       f"{_fmt_eval(metrics)}")  # fmt: skip
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def log_callback(run_log: RunLog, cfg: TrainConfig):
+    from transformers import TrainerCallback
+
+    class LogCallback(TrainerCallback):
+        """Each Trainer log as a ``train_log.jsonl`` line (step, epoch, loss, lr, tokens/s), and
+        without a progress bar a status line every ``--progress-every`` steps."""
+
+        def __init__(self) -> None:
+            self.step_time = self.train_time = 0.0
+            self.tokens_at_log = 0
+            self.time_at_log = 0.0
+            self.first_step: int | None = None
+            self.tokens_at_begin = 0
+            self.every = 0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.tokens_at_log = self.tokens_at_begin = state.num_input_tokens_seen
+            self.first_step = state.global_step
+            if not show_bar(cfg) and not cfg.quiet:
+                self.every = cfg.progress_every or max(1, state.max_steps // 20)
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.step_time = time.monotonic()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.train_time += time.monotonic() - self.step_time
+            run_log.train_time = self.train_time
+            run_log.tokens = state.num_input_tokens_seen - self.tokens_at_begin
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs or "loss" not in logs:
+                return
+            step = state.global_step
+            dt = self.train_time - self.time_at_log
+            dtok = state.num_input_tokens_seen - self.tokens_at_log
+            self.time_at_log, self.tokens_at_log = self.train_time, state.num_input_tokens_seen
+            run_log.losses.append(logs["loss"])
+            run_log.write(
+                {
+                    "step": step,
+                    "epoch": round(state.epoch or 0.0, 4),
+                    "loss": logs["loss"],
+                    "lr": logs.get("learning_rate"),
+                    "tokens_per_s": dtok / dt if dt > 0 else None,
+                    "elapsed_s": round(time.monotonic() - run_log.start, 3),
+                }
+            )
+            if self.every and (step % self.every == 0 or step == state.max_steps):
+                rate = run_log.tokens / self.train_time if self.train_time else 0.0
+                done = step - (self.first_step or 0)
+                eta = self.train_time / max(done, 1) * (state.max_steps - step)
+                _say(
+                    cfg,
+                    f"step {step}/{state.max_steps} (epoch {state.epoch or 0:.2f}) loss "
+                    f"{logs['loss']:.4f} {rate:.0f} tokens/s, eta {_fmt_duration(eta)}",
+                )
+
+    return LogCallback()
+
+
+def resume_point(cfg: TrainConfig, out: Path) -> tuple[str | None, int]:
+    """The checkpoint to resume from (``--resume``: a folder, or ``latest``) and its step."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if cfg.resume is None:
+        return None, 0
+    folder: str | None = cfg.resume
+    if cfg.resume == "latest":
+        ckpts = out / CHECKPOINTS
+        folder = get_last_checkpoint(str(ckpts)) if ckpts.is_dir() else None
+        if folder is None:
+            _say(cfg, f"--resume latest: no checkpoint in {ckpts}, starting from scratch")
+            return None, 0
+    try:
+        state = json.loads((Path(folder) / TRAINER_STATE_NAME).read_text(encoding="utf-8"))
+        return folder, int(state["global_step"])
+    except (OSError, ValueError, KeyError) as e:
+        raise TrainError(f"--resume {folder}: cannot read {TRAINER_STATE_NAME}: {e}") from None
 
 
 # --------------------------------------------------------------------------- the run
 
 
+@dataclass
+class Trained:
+    """A finished run: the summary written to ``train_info.json``, and the trained PEFT model
+    with its tokenizer (for a caller that goes on using them, e.g. tests)."""
+
+    summary: dict
+    model: nn.Module | None
+    tokenizer: object
+
+
 def train(cfg: TrainConfig) -> dict:
     """Run training end to end; returns the summary also written to ``train_info.json``."""
+    return train_model(cfg).summary
+
+
+def train_model(cfg: TrainConfig) -> Trained:
+    """:func:`train`, keeping the model."""
+    from transformers import PrinterCallback, Trainer, set_seed
+
+    from .evaluation import GenerationEval, evaluate
+
     check_config(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -682,181 +499,99 @@ def train(cfg: TrainConfig) -> dict:
     dtype = compute_dtype(cfg.dtype, device)
     base_name = resolve_base(cfg.base, say)
 
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    set_seed(cfg.seed)
     say(f"loading {base_name} ({'4-bit NF4' if cfg.quantize else str(dtype)}, {device})")
     model, tokenizer = load_base_model(base_name, quantize=cfg.quantize, device=device, dtype=dtype)
+    data_opts = dict(
+        max_length=cfg.max_length, prompt_format=cfg.prompt_format, long_records=cfg.long_records
+    )
     try:
-        train_ex = data_mod.load_examples(
-            cfg.data, tokenizer, max_length=cfg.max_length, prompt_format=cfg.prompt_format
-        )
-        eval_ex = (
-            data_mod.load_examples(
-                cfg.eval_data,
-                tokenizer,
-                max_length=cfg.max_length,
-                prompt_format=cfg.prompt_format,
-            )[: cfg.max_eval_examples]
-            if cfg.eval_data
-            else []
+        train_ex, report = load_examples(cfg.data, tokenizer, **data_opts)
+        eval_ex, eval_report = (
+            load_examples(cfg.eval_data, tokenizer, **data_opts) if cfg.eval_data else ([], None)
         )
     except DataError as e:
         raise TrainError(str(e)) from None
+    eval_ex = eval_ex[: cfg.max_eval_examples]
+    for path, rep in ((cfg.data, report), (cfg.eval_data, eval_report)):
+        if rep is not None and (line := rep.line(path, cfg.max_length)):
+            say(line)
+
+    from moka_peft.planning import count_base_params
 
     base_params = count_base_params(model)
-    torch.manual_seed(cfg.seed)  # adapter init depends only on the seed
-    if cfg.method == "moka":
-        info = setup_moka(model, cfg, base_params)
-    else:
-        model, info = setup_lora(model, cfg, base_params)
+    set_seed(cfg.seed)  # adapter init depends only on the seed
+    model, info = attach_adapter(model, cfg, base_params)
     for line in describe(info):
         say(line)
-
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     with contextlib.suppress(AttributeError):
         model.config.use_cache = False
 
-    per_epoch = data_mod.steps_per_epoch(len(train_ex), cfg.batch_size)
-    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))
-    warmup = math.ceil(cfg.warmup_ratio * total)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup))
-    accum = cfg.batch_size // cfg.micro_batch_size
-    say(
-        f"{len(train_ex)} training examples, {total} steps of {cfg.batch_size} "
-        f"({accum} x {cfg.micro_batch_size}), lr {cfg.lr:g}, warmup {warmup}"
-    )
-
     out.mkdir(parents=True, exist_ok=True)
-    start_step = 0
-    resume = cfg.resume
-    if resume == "latest":
-        found = latest_checkpoint(out)
-        if found is None:
-            say(f"--resume latest: no checkpoint in {out / CHECKPOINTS}, starting from scratch")
-        resume = found
-    if resume is not None:
-        start_step = load_checkpoint(Path(resume), model, optimizer, scheduler, cfg)
-        say(f"resumed from {resume} at step {start_step}")
-    log_path = out / LOG_NAME
-    kept = _log_lines_up_to(log_path, start_step) if start_step else []
-    log_f = open(log_path, "w", encoding="utf-8")
-    log_f.writelines(kept)
-
-    def log(entry: dict) -> None:
-        log_f.write(json.dumps(entry) + "\n")
-        log_f.flush()
-
-    def logged_eval(step: int) -> tuple[dict, list[dict]]:
-        """Evaluate, log the metrics at ``step``; the metrics and every generation apart."""
-        ev = evaluate(model, tokenizer, eval_ex, cfg, device, dtype)
-        preds = ev.pop("eval_predictions", [])
-        log({"step": step, **ev})
-        return ev, preds
-
-    results: dict = {}
-    if eval_ex and start_step == 0 and cfg.eval_before:
-        results["before"], _ = logged_eval(0)
-        say(f"eval before training: {_fmt_eval(results['before'])}")
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(
-        total=total,
-        initial=start_step,
-        desc="moka-train",
-        unit="step",
-        disable=(not sys.stderr.isatty()) if cfg.progress is None else not cfg.progress,
+    args = training_arguments(cfg, out, device, dtype)
+    resume, start_step = resume_point(cfg, out)
+    run_log = RunLog(cfg, out / LOG_NAME, start_step, start_time)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_ex,
+        data_collator=CompletionCollator(tokenizer.pad_token_id),
     )
-    # Without a bar (a log file, CI, nohup): a plain status line every N steps instead.
-    every = 0 if not bar.disable or cfg.quiet else cfg.progress_every or max(1, total // 20)
-    model.train()
-    pad = tokenizer.pad_token_id
-    losses: list[float] = []
-    train_tokens = 0
-    train_time = 0.0
-    try:
-        for step, _epoch, batch in data_mod.batches(train_ex, cfg.batch_size, cfg.seed, start_step):
-            if step >= total:
-                break
-            t0 = time.monotonic()
-            n_labels = sum(e.num_label_tokens - (e.labels[0] != IGNORE_INDEX) for e in batch)
-            tokens = sum(len(e.input_ids) for e in batch)
-            optimizer.zero_grad(set_to_none=True)
-            step_loss = 0.0
-            for mb in _micro_batches(batch, cfg.micro_batch_size):
-                with _autocast(device, dtype):
-                    loss, _ = batch_loss_sum(model, data_mod.collate(mb, pad), device)
-                (loss / max(n_labels, 1)).backward()
-                step_loss += float(loss.detach())
-            if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
-            dt = time.monotonic() - t0
-            train_time += dt
-            train_tokens += tokens
-            mean_loss = step_loss / max(n_labels, 1)
-            losses.append(mean_loss)
-            done = step + 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{mean_loss:.4f}")
-            if cfg.log_every and (done % cfg.log_every == 0 or done == total):
-                log(
-                    {
-                        "step": done,
-                        "epoch": round(done / per_epoch, 4),
-                        "loss": mean_loss,
-                        "lr": lr,
-                        "tokens_per_s": tokens / dt if dt > 0 else None,
-                        "elapsed_s": round(time.monotonic() - start_time, 3),
-                    }
-                )
-            if every and (done % every == 0 or done == total):
-                rate = train_tokens / train_time if train_time else 0.0
-                eta = train_time / (done - start_step) * (total - done)
-                say(
-                    f"step {done}/{total} (epoch {done / per_epoch:.2f}) loss {mean_loss:.4f} "
-                    f"{rate:.0f} tokens/s, eta {_fmt_duration(eta)}"
-                )
-            if eval_ex and cfg.eval_every and done % cfg.eval_every == 0 and done != total:
-                ev, _ = logged_eval(done)
-                say(f"step {done}: {_fmt_eval(ev)}")
-            if cfg.save_every and done % cfg.save_every == 0 and done != total:
-                save_checkpoint(
-                    out / CHECKPOINTS / f"step-{done}",
-                    model,
-                    optimizer,
-                    scheduler,
-                    done,
-                    cfg,
-                    base_name,
-                )
-    finally:
-        bar.close()
-
+    trainer.remove_callback(PrinterCallback)  # our status lines instead of printed dicts
+    trainer.add_callback(log_callback(run_log, cfg))
     if eval_ex:
-        results["after"], preds = logged_eval(total)
-        _write_predictions(out / PREDICTIONS_NAME, preds)
-        say(f"eval after training: {_fmt_eval(results['after'])}")
-    log_f.close()
-    save_trained(model, cfg, out, base_name if cfg.base is not None else DEFAULT_BASE_ID)
+        trainer.add_callback(
+            GenerationEval(
+                tokenizer,
+                eval_ex,
+                batch_size=cfg.eval_batch_size,
+                dtype=dtype,
+                before=cfg.eval_before,
+                every=cfg.eval_every,
+                record=run_log.eval_result,
+            )
+        )
+    say(
+        f"{len(train_ex)} training examples, batch {cfg.batch_size} "
+        f"({args.gradient_accumulation_steps} x {cfg.micro_batch_size} x "
+        f"{args.world_size} processes), lr {cfg.lr:g}"
+        + (f", resuming from {resume} at step {start_step}" if resume else "")
+    )
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+        steps = trainer.state.global_step
+        if not trainer.is_world_process_zero():
+            return Trained({}, None, tokenizer)
+        results = {k: v for k, v in run_log.evals.items() if k == "before"}
+        if eval_ex:
+            ev = evaluate(trainer.model, tokenizer, eval_ex, cfg.eval_batch_size, dtype)
+            _write_predictions(out / PREDICTIONS_NAME, ev.pop("eval_predictions", []))
+            run_log.eval_result(steps, ev, "after")
+            results["after"] = ev
+    finally:
+        run_log.close()
+    peft_model = trainer.accelerator.unwrap_model(trainer.model)
+    peft_model.peft_config["default"].base_model_name_or_path = (
+        base_name if cfg.base is not None else DEFAULT_BASE_ID
+    )
+    peft_model.save_pretrained(str(out))
+    train_time, tokens = run_log.train_time, run_log.tokens
     summary = {
         **info,
         "base_model": base_name,
         "quantized_4bit": cfg.quantize,
         "device": str(device),
         "compute_dtype": str(dtype).replace("torch.", ""),
-        "steps": total,
+        "processes": args.world_size,
+        "steps": steps,
         "resumed_from_step": start_step,
         "train_examples": len(train_ex),
-        "first_loss": losses[0] if losses else None,
-        "last_loss": losses[-1] if losses else None,
+        "records_truncated": report.truncated,
+        "records_skipped": report.skipped,
+        "first_loss": run_log.losses[0] if run_log.losses else None,
+        "last_loss": run_log.losses[-1] if run_log.losses else None,
         "train_time_s": round(train_time, 3),
-        "train_tokens_per_s": train_tokens / train_time if train_time else None,
+        "train_tokens_per_s": tokens / train_time if train_time else None,
         "wall_time_s": round(time.monotonic() - start_time, 3),
         **results,
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
@@ -869,9 +604,7 @@ def train(cfg: TrainConfig) -> dict:
         f"(loss {summary['first_loss']} -> {summary['last_loss']}, "
         f"{summary['wall_time_s']:.1f} s)"
     )
-    summary["model"] = model
-    summary["tokenizer"] = tokenizer
-    return summary
+    return Trained(summary, peft_model, tokenizer)
 
 
 def _write_predictions(path: Path, preds: list[dict]) -> None:
@@ -900,20 +633,17 @@ def _log_lines_up_to(path: Path, step: int) -> list[str]:
 
 
 def _fmt_eval(ev: dict) -> str:
-    s = f"loss {ev['eval_loss']:.4f}"
-    if "eval_exact_match" in ev:
-        s += f", exact match {100 * ev['eval_exact_match']:.1f}%"
-    return s
+    from .evaluation import format_eval
+
+    return format_eval(ev)
 
 
 __all__ = [
     "TrainConfig",
     "TrainError",
-    "count_base_params",
-    "evaluate",
-    "greedy_completions",
-    "latest_checkpoint",
-    "load_base_model",
-    "moka_modules",
+    "Trained",
+    "attach_adapter",
+    "check_config",
     "train",
+    "train_model",
 ]

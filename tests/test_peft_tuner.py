@@ -4,6 +4,7 @@ the project's own format reader and merged reference (``moka_trainer.reference``
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -151,3 +152,86 @@ def test_transformers_load_adapter_and_auto_peft_model_read_a_moka_folder(tmp_pa
     assert torch.allclose(_logits(plain), want, atol=1e-6)
     auto = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "ad"))  # base from the config
     assert torch.allclose(_logits(auto.eval()), want, atol=1e-6)
+
+
+def _load_4bit():
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from moka_serve.bnb_cpu import keep_portable_4bit_layout
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                               bnb_4bit_compute_dtype=torch.float32)  # fmt: skip
+    return keep_portable_4bit_layout(AutoModelForCausalLM.from_pretrained(
+        str(tiny_llama_dir()), quantization_config=quant, device_map="cpu", dtype=torch.float32
+    ))  # fmt: skip
+
+
+def test_config_plans_all_linear_at_a_loras_size_with_moka_trains_defaults():
+    """``target_modules="all-linear"`` + ``budget="lora-4"``: every linear layer but lm_head, the
+    mixed family at a rank-4 LoRA's size, gated, each component starting at LoRA's 2."""
+    from moka_serve.shapes import lora_params
+
+    model = peft.get_peft_model(_base(), MokaPeftConfig(target_modules="all-linear",
+                                                        budget="lora-4"))  # fmt: skip
+    cfg = model.peft_config["default"]
+    names = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert sorted(cfg.target_modules) == names
+    comps = {t: [tuple(c) for c in spec["components"]] for t, spec in cfg.targets.items()}
+    assert all(
+        len(c) == 4 and c[0][1] > 1 and all(x[1] == 1 for x in c[1:]) for c in comps.values()
+    )
+    assert cfg.gating and cfg.scaling == 8.0
+    dims = {t: (cfg.targets[t]["out_features"], cfg.targets[t]["in_features"]) for t in names}
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    rank4 = lora_params(dims, dict.fromkeys(names, 4), 4)
+    assert rank4 <= trainable <= rank4 * 1.005
+    one = peft.get_peft_model(_base(), MokaPeftConfig(target_modules=["q_proj"], budget="lora-1"))
+    assert not one.peft_config["default"].gating and one.peft_config["default"].scaling == 2.0
+    with pytest.raises(ValueError, match="match no linear layer"):
+        peft.get_peft_model(_base(), MokaPeftConfig(target_modules=["nope"]))
+
+
+def test_sft_trainer_over_a_4bit_base_saves_an_adapter_the_server_loads(tmp_path):
+    """TRL's ``SFTTrainer(peft_config=MokaPeftConfig(...))`` on prompt/completion records over
+    an NF4 base: the saved folder passes the server's precheck and reader, and PEFT reloads it
+    to the trained model's logits."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    env = dict(os.environ)
+    try:  # importing trl sets VLLM_LOGGING_LEVEL=ERROR for the process and its children
+        from trl import SFTConfig, SFTTrainer
+    finally:
+        os.environ.clear()
+        os.environ.update(env)
+
+    from moka_serve.adapter_check import folder_problem
+    from moka_serve.base_models import llama_dims
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama_dir()))
+    words = "red green blue black white water fire earth".split()
+    rows = [{"prompt": f"Echo: {a} {b}\n", "completion": f"{a} {b} {a} {b}"}
+            for a in words for b in words]  # fmt: skip
+    args = SFTConfig(output_dir=str(tmp_path / "run"), max_steps=3, per_device_train_batch_size=8,
+                     learning_rate=1e-2, use_cpu=True, report_to="none", save_strategy="no",
+                     logging_steps=1, disable_tqdm=True, bf16=False)  # fmt: skip
+    trainer = SFTTrainer(
+        model=_load_4bit(),
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tok,
+        peft_config=MokaPeftConfig(target_modules=["q_proj", "v_proj"], budget="lora-2"),
+    )
+    trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    folder = tmp_path / "adapter"
+    trainer.model.save_pretrained(folder)
+    assert folder_problem(folder, llama_dims(tiny_llama_dir())) is None
+    adapter = load_adapter(folder)
+    assert adapter.config.gating and len(adapter.modules) == 8
+    assert any(torch.count_nonzero(w.A[0]) for w in adapter.modules.values())  # it trained
+    trainer.model.eval()
+    want = _logits(trainer.model)
+    reloaded = peft.PeftModel.from_pretrained(_load_4bit(), str(folder)).eval()
+    torch.testing.assert_close(_logits(reloaded), want, rtol=0, atol=1e-4)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,13 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from moka_peft import MokaPeftConfig
+from moka_peft.layer import MokaLinear
+from moka_peft.planning import target_dims
 from moka_serve.adapter_format import load_adapter
 from moka_serve.base_models import tiny_llama_dir
-from moka_serve.shapes import plan_shapes
+from moka_trainer.base_model import load_base_model
 from moka_trainer.cli import main as cli_main
 from moka_trainer.data import IGNORE_INDEX, DataError, load_examples
-from moka_trainer.moka_layer import MokaLinear, attach_adapter, inject_moka, target_dims
-from moka_trainer.train import TrainConfig, latest_checkpoint, load_base_model, train
+from moka_trainer.train import TrainConfig, Trained, train_model
 
 CPU = torch.device("cpu")
 WORDS = "red green blue black white water fire earth wind stone tree bird".split()
@@ -65,9 +69,16 @@ def _cfg(tiny: Path, task: dict, out: Path, **kw) -> TrainConfig:
 
 
 @pytest.fixture(scope="module")
-def trained(tiny, task, tmp_path_factory) -> dict:
+def trained(tiny, task, tmp_path_factory) -> Trained:
     out = tmp_path_factory.mktemp("run") / "moka"
-    return train(_cfg(tiny, task, out, eval_data=str(task["eval"]), save_every=2))
+    return train_model(_cfg(tiny, task, out, eval_data=str(task["eval"]), save_every=2))
+
+
+def _attach(model, folder: Path):
+    """A saved adapter on a fresh base, through PEFT (moka_peft registers MoKA)."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(folder)).eval()
 
 
 def _logits(model, ids: torch.Tensor) -> torch.Tensor:
@@ -79,7 +90,7 @@ IDS = torch.tensor([[5, 17, 300, 42, 7, 99, 512, 3], [8, 1, 2, 3, 4, 5, 6, 7]])
 
 
 def test_training_lowers_loss_on_a_4bit_base(trained):
-    out = Path(trained["config"]["out"])
+    out = Path(trained.summary["config"]["out"])
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     steps = [e for e in log if "loss" in e]
     assert [e["step"] for e in steps] == [1, 2, 3, 4]
@@ -90,9 +101,9 @@ def test_training_lowers_loss_on_a_4bit_base(trained):
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
     assert "eval_exact_match" in evals[-1]
     # the base really is 4-bit, and only the MoKA factors trained
-    model = trained["model"]
+    model = trained.model
     mods = [m for m in model.modules() if isinstance(m, MokaLinear)]
-    assert len(mods) == 8 and all(type(m.base).__name__ == "Linear4bit" for m in mods)
+    assert len(mods) == 8 and all(type(m.get_base_layer()).__name__ == "Linear4bit" for m in mods)
     info = json.loads((out / "train_info.json").read_text())
     assert info["trainable_params"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert info["quantized_4bit"] and info["lora_params_same_targets"]["rank8"] > 0
@@ -101,17 +112,19 @@ def test_training_lowers_loss_on_a_4bit_base(trained):
 def test_delta_w_is_zero_at_step_0(tiny):
     model, _ = load_base_model(str(tiny), quantize=True, device=CPU, dtype=torch.float32)
     before = _logits(model, IDS)
-    dims, counts = target_dims(model, ["q_proj", "v_proj"])
-    shapes, _ = plan_shapes(dims, counts, num_components=3, budget=None)
-    wrapped = inject_moka(model, shapes)
-    assert all(torch.count_nonzero(m.delta_weight()) == 0 for m in wrapped.values())
+    from peft import get_peft_model
+
+    model = get_peft_model(model, MokaPeftConfig(target_modules=["q_proj", "v_proj"], components=3))
+    wrapped = [m for m in model.modules() if isinstance(m, MokaLinear)]
+    assert len(wrapped) == 8
+    assert all(torch.count_nonzero(m.get_delta_weight("default")) == 0 for m in wrapped)
     assert torch.equal(_logits(model, IDS), before)
 
 
 def test_saved_adapter_reproduces_logits_unmerged_and_merged(trained, tiny):
-    out = Path(trained["config"]["out"])
-    trained["model"].eval()
-    want = _logits(trained["model"], IDS)
+    out = Path(trained.summary["config"]["out"])
+    trained.model.eval()
+    want = _logits(trained.model, IDS)
     fresh, _ = load_base_model(str(tiny), quantize=True, device=CPU, dtype=torch.float32)
     base_logits = _logits(fresh, IDS)
     dims, _ = target_dims(fresh, ["q_proj", "v_proj"])
@@ -122,8 +135,7 @@ def test_saved_adapter_reproduces_logits_unmerged_and_merged(trained, tiny):
     gates = [w.gate for w in adapter.modules.values()]
     assert any(not torch.allclose(g, torch.zeros_like(g)) for g in gates)
 
-    attach_adapter(fresh, adapter)
-    torch.testing.assert_close(_logits(fresh, IDS), want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(_logits(_attach(fresh, out), IDS), want, rtol=0, atol=1e-5)
 
     reference = pytest.importorskip("moka_trainer.reference")
     merged, _ = load_base_model(str(tiny), quantize=True, device=CPU, dtype=torch.float32)
@@ -132,32 +144,46 @@ def test_saved_adapter_reproduces_logits_unmerged_and_merged(trained, tiny):
     torch.testing.assert_close(_logits(merged, IDS), want, rtol=1e-4, atol=2e-4)
 
 
-def test_resume_continues_exactly(trained, tiny, task, tmp_path):
-    out = Path(trained["config"]["out"])
-    ckpt = latest_checkpoint(out)
-    assert ckpt is not None and ckpt.name == "step-2"
-    assert (ckpt / "adapter" / "adapter_config.json").is_file()
-    resumed = train(_cfg(tiny, task, tmp_path / "resumed", resume=str(ckpt)))
-    assert resumed["resumed_from_step"] == 2
-    a = load_adapter(out)
-    b = load_adapter(tmp_path / "resumed")
-    for path, wa in a.modules.items():
-        wb = b.modules[path]
-        for x, y in zip([*wa.A, *wa.B, wa.gate], [*wb.A, *wb.B, wb.gate], strict=True):
-            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+@pytest.mark.parametrize("method", ["moka", "lora"])
+def test_resume_continues_exactly(tiny, task, tmp_path, method):
+    """MoKA and LoRA go through the one Trainer path: both checkpoint, and a run resumed from
+    its step-2 checkpoint ends with exactly the uninterrupted run's adapter."""
+    from safetensors.torch import load_file
+    from transformers.trainer_utils import get_last_checkpoint
+
+    full = train_model(_cfg(tiny, task, tmp_path / "full", method=method, save_every=2))
+    ckpt = Path(get_last_checkpoint(str(tmp_path / "full" / "checkpoints")))
+    assert ckpt.name == "checkpoint-4" and (ckpt / "adapter_config.json").is_file()
+    part = tmp_path / "part" / "checkpoints"
+    part.mkdir(parents=True)
+    shutil.copytree(ckpt.with_name("checkpoint-2"), part / "checkpoint-2")
+    resumed = train_model(_cfg(tiny, task, tmp_path / "part", method=method, resume="latest"))
+    assert resumed.summary["resumed_from_step"] == 2 and resumed.summary["steps"] == 4
+    # it went on from step 3 (a run started over would log step 1's loss first)
+    full_log = [
+        json.loads(x) for x in (tmp_path / "full" / "train_log.jsonl").read_text().splitlines()
+    ]
+    step3 = next(e["loss"] for e in full_log if e.get("step") == 3 and "loss" in e)
+    assert resumed.summary["first_loss"] == step3
+    assert type(resumed.model) is type(full.model)
+    a = load_file(tmp_path / "full" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "part" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
 
 
 def test_lora_baseline_saves_a_peft_folder(tiny, task, tmp_path):
     from peft import PeftModel
 
     out = tmp_path / "lora"
-    res = train(_cfg(tiny, task, out, method="lora", rank=4, max_steps=2))
+    res = train_model(_cfg(tiny, task, out, method="lora", rank=4, max_steps=2))
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 4
     assert sorted(cfg["target_modules"]) == ["q_proj", "v_proj"]
-    assert res["trainable_params"] == 4 * 4 * ((256 + 256) + (256 + 128))
-    res["model"].eval()
-    want = _logits(res["model"], IDS)
+    assert res.summary["trainable_params"] == 4 * 4 * ((256 + 256) + (256 + 128))
+    res.model.eval()
+    want = _logits(res.model, IDS)
     base, _ = load_base_model(str(tiny), quantize=True, device=CPU, dtype=torch.float32)
     loaded = PeftModel.from_pretrained(base, str(out))
     torch.testing.assert_close(_logits(loaded, IDS), want, rtol=0, atol=1e-5)
@@ -185,7 +211,7 @@ def test_loss_only_on_completion_and_assistant_tokens(tiny, tmp_path):
         {"text": "the capital of France"},
     ]
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    pc, msg, text = load_examples(f, tok)
+    (pc, msg, text), _ = load_examples(f, tok)
     labelled = [t for t in pc.labels if t != IGNORE_INDEX]
     assert tok.decode(labelled) == "red red" + tok.eos_token
     assert pc.labels[: len(pc.prompt_ids)] == [IGNORE_INDEX] * len(pc.prompt_ids)
@@ -199,7 +225,7 @@ def test_loss_only_on_completion_and_assistant_tokens(tiny, tmp_path):
     spans += [cur] if cur else []
     assert [tok.decode(s).strip() for s in spans] == ["world<|im_end|>", "model adapter<|im_end|>"]
     assert text.labels == text.input_ids
-    chat = load_examples(f, tok, prompt_format="chat")[0]
+    chat = load_examples(f, tok, prompt_format="chat")[0][0]
     assert tok.decode(chat.prompt_ids).startswith("<|im_start|>user\nEcho: red")
 
 
@@ -334,7 +360,7 @@ def test_cli_help_explains_options():
 
 def test_mokas_ungated_plain_base_with_gradient_checkpointing(tiny, task, tmp_path):
     out = tmp_path / "mokas"
-    res = train(
+    res = train_model(
         _cfg(
             tiny,
             task,
@@ -349,24 +375,22 @@ def test_mokas_ungated_plain_base_with_gradient_checkpointing(tiny, task, tmp_pa
             budget="2k",
         )
     )
-    assert res["last_loss"] < res["first_loss"]
-    res["model"].eval()
-    want = _logits(res["model"], IDS)
+    assert res.summary["last_loss"] < res.summary["first_loss"]
+    res.model.eval()
+    want = _logits(res.model, IDS)
     adapter = load_adapter(out)
     assert adapter.config.variant == "mokas" and not adapter.config.gating
     assert adapter.config.scaling == 2.0
     assert all(a is None for w in adapter.modules.values() for a in w.A)
-    assert adapter.num_parameters() == res["trainable_params"]
+    assert adapter.num_parameters() == res.summary["trainable_params"]
     fresh, _ = load_base_model(str(tiny), quantize=False, device=CPU, dtype=torch.float32)
-    attach_adapter(fresh, adapter)
-    torch.testing.assert_close(_logits(fresh, IDS), want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(_logits(_attach(fresh, out), IDS), want, rtol=0, atol=1e-5)
 
 
 def test_cli_resume_latest_rewrites_the_log(trained, tiny, task, tmp_path, capsys):
-    import shutil
-
     out = tmp_path / "copy"
-    shutil.copytree(trained["config"]["out"], out)
+    shutil.copytree(trained.summary["config"]["out"], out)
+    shutil.rmtree(out / "checkpoints" / "checkpoint-4")
     rc, err = _run_cli(
         capsys,
         "--base",
@@ -389,24 +413,24 @@ def test_cli_resume_latest_rewrites_the_log(trained, tiny, task, tmp_path, capsy
         "latest",
     )
     assert rc == 0, err
-    assert "resumed from" in err and "at step 2" in err
+    assert "resuming from" in err and "checkpoint-2 at step 2" in err
     assert "trainable parameters:" in err and "rank-8 LoRA on the same targets" in err
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in log if "loss" in e] == [1, 2, 3, 4]
-    a, b = load_adapter(trained["config"]["out"]), load_adapter(out)
+    a, b = load_adapter(trained.summary["config"]["out"]), load_adapter(out)
     for path, wa in a.modules.items():
         torch.testing.assert_close(wa.B[0], b.modules[path].B[0], rtol=1e-5, atol=1e-6)
 
 
 def test_eval_predictions_file_and_epoch_counter(trained):
     """Every held-out generation is saved; the log's epoch reaches 1.0 at the last step."""
-    out = Path(trained["config"]["out"])
+    out = Path(trained.summary["config"]["out"])
     preds = [json.loads(x) for x in (out / "eval_predictions.jsonl").read_text().splitlines()]
     assert len(preds) == 4  # max_eval_examples
     assert all(set(p) == {"line", "prompt", "expected", "generated", "correct"} for p in preds)
     assert all(p["prompt"].startswith("Echo: ") for p in preds)
     assert all(p["correct"] == (p["generated"].strip() == p["expected"].strip()) for p in preds)
-    assert sum(p["correct"] for p in preds) / 4 == trained["after"]["eval_exact_match"]
+    assert sum(p["correct"] for p in preds) / 4 == trained.summary["after"]["eval_exact_match"]
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     # 4 steps of 8 over 32 records: one epoch exactly.
     assert [e["epoch"] for e in log if "loss" in e] == [0.25, 0.5, 0.75, 1.0]
@@ -448,16 +472,99 @@ def test_budget_of_a_rank_1_lora_gives_one_ungated_component(tiny, task, tmp_pat
     rank1 = sum((o + i) * counts[t] for t, (o, i) in dims.items())
     del model
     cfg = _cfg(tiny, task, tmp_path / "r1", budget=str(rank1), shape_family=family, max_steps=1)
-    res = train(cfg)
-    assert res["trainable_params"] == rank1 and res["gating"] is False
-    mods = [m for m in res["model"].modules() if isinstance(m, MokaLinear)]
-    assert mods and all(m.moka_gate is None and len(m.components) == 1 for m in mods)
-    assert all(m.components[0].n1 == 1 and m.components[0].m2 == 1 for m in mods)
+    res = train_model(cfg)
+    assert res.summary["trainable_params"] == rank1 and res.summary["gating"] is False
+    mods = [m for m in res.model.modules() if isinstance(m, MokaLinear)]
+    assert mods and all(not m.moka_gate and len(m.moka_shapes["default"]) == 1 for m in mods)
+    assert all(m.moka_shapes["default"][0].n1 == 1 for m in mods)
+    assert all(m.moka_shapes["default"][0].m2 == 1 for m in mods)
     saved = load_adapter(tmp_path / "r1")
     assert saved.config.gating is False
     # Twice the budget: two components, gated (the gate logits fit in the 0.5% over).
     cfg = _cfg(tiny, task, tmp_path / "r2", budget=str(int(2 * rank1 * 1.005)),
                shape_family=family, max_steps=1)  # fmt: skip
-    res = train(cfg)
-    assert res["gating"] is True
-    assert all(len(m.components) == 2 for m in res["model"].modules() if isinstance(m, MokaLinear))
+    res = train_model(cfg)
+    assert res.summary["gating"] is True
+    mods = [m for m in res.model.modules() if isinstance(m, MokaLinear)]
+    assert mods and all(len(m.moka_shapes["default"]) == 2 for m in mods)
+
+
+@pytest.mark.parametrize("mode", ["truncate", "skip"])
+def test_long_records_keep_their_completion_or_are_skipped_and_counted(tiny, tmp_path, mode):
+    """A record over --max-length loses prompt tokens from the left (its completion intact) or
+    is skipped; a record whose completion alone is too long is skipped either way."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny)
+    passage = " ".join(WORDS * 20)
+    rows = [
+        {"prompt": f"{passage}\nQuestion: first colour?\n", "completion": "red"},
+        {"prompt": "Echo: red\n", "completion": "red red"},
+        {"prompt": "Q\n", "completion": passage},
+        {"text": passage},
+    ]
+    f = tmp_path / "long.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    examples, report = load_examples(f, tok, max_length=64, long_records=mode)
+    assert all(len(e.input_ids) <= 64 for e in examples)
+    if mode == "skip":
+        assert [e.line for e in examples] == [2] and (report.truncated, report.skipped) == (0, 3)
+        return
+    assert [e.line for e in examples] == [1, 2, 4] and (report.truncated, report.skipped) == (2, 1)
+    long = examples[0]
+    labelled = [
+        t for t, lab in zip(long.input_ids, long.labels, strict=True) if lab != IGNORE_INDEX
+    ]
+    assert tok.decode(labelled) == "red" + tok.eos_token
+    assert tok.decode(long.prompt_ids).endswith("Question: first colour?\n")
+    assert long.input_ids[: len(long.prompt_ids)] == long.prompt_ids
+    assert examples[2].input_ids == tok(passage)["input_ids"][:64]
+
+
+def test_cli_reports_long_records(tiny, task, tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text(task["train"].read_text() + json.dumps(
+        {"prompt": " ".join(WORDS * 30) + "\n", "completion": "red"}) + "\n")  # fmt: skip
+    rc, err = _run_cli(capsys, "--base", str(tiny), "--data", str(data), "--out",
+                       str(tmp_path / "o"), "--max-steps", "1", "--max-length", "48")  # fmt: skip
+    assert rc == 0, err
+    assert "1 records over --max-length 48 truncated" in err and "0 skipped" in err
+    info = json.loads((tmp_path / "o" / "train_info.json").read_text())
+    assert (info["records_truncated"], info["records_skipped"]) == (1, 0)
+
+
+def test_two_processes_train_the_same_adapter_as_one(tiny, task, tmp_path):
+    """``torchrun --nproc_per_node 2 moka-train`` (gloo on CPU, a 4-bit base): each process
+    takes every other micro-batch of the same sampled order, and the loss is normalised by the
+    global count of completion tokens, so with the same global batch and seed the adapter equals
+    a one-process run's up to float32 summation order."""
+    from safetensors.torch import load_file
+
+    common = ["--base", str(tiny), "--data", str(task["train"]), "--max-steps", "3",
+              "--batch-size", "8", "--micro-batch-size", "2", "--lr", "1e-2", "--threads", "1",
+              "--quiet"]  # fmt: skip
+    exe = str(Path(sys.executable).with_name("moka-train"))
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node", "2", exe, *common,
+         "--out", str(tmp_path / "two")],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([exe, *common, "--out", str(tmp_path / "one")], capture_output=True,
+                         text=True, timeout=300, env=env)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    info = json.loads((tmp_path / "two" / "train_info.json").read_text())
+    assert info["processes"] == 2 and info["steps"] == 3
+    a = load_file(tmp_path / "one" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "two" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and any(torch.count_nonzero(a[k]) for k in a if "moka_A" in k)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-4)
+
+    def losses(run: str) -> list[float]:
+        lines = (tmp_path / run / "train_log.jsonl").read_text().splitlines()
+        return [json.loads(x)["loss"] for x in lines]
+
+    assert losses("two") == pytest.approx(losses("one"), rel=1e-5)

@@ -1,4 +1,5 @@
-"""Fast unit tests of moka-train's pieces: shapes, the MoKA layer, data parsing (no model load)."""
+"""Fast unit tests of moka-train's pieces: shapes, the MoKA layer (``moka_peft``'s, the one layer
+moka-train trains), data parsing (no model load)."""
 
 from __future__ import annotations
 
@@ -20,9 +21,38 @@ from moka_serve.shapes import (
     plan_shapes,
     rank_one_shape,
 )
-from moka_trainer.data import DataError, batches, epoch_order, read_jsonl
-from moka_trainer.moka_layer import MokaLinear, export_adapter, inject_moka, moka_modules
-from moka_trainer.train import lr_factor
+from moka_trainer.data import DataError, read_jsonl
+
+pytest.importorskip("peft")
+from moka_peft.layer import MokaLinear  # noqa: E402
+
+AD = "default"
+
+
+def _layer(base: nn.Module, comps, **kw) -> MokaLinear:
+    """A MoKA layer around a frozen ``base`` with defaults as PEFT passes them."""
+    base.requires_grad_(False)
+    opts = {"gating": True, "scaling": 1.0, "variant": "moka", "init": "lora", **kw}
+    return MokaLinear(base, AD, list(comps), **opts)
+
+
+def _a(m: MokaLinear, i: int) -> torch.Tensor:
+    return m.moka_A[AD][i].weight
+
+
+def _b(m: MokaLinear, i: int) -> torch.Tensor:
+    return m.moka_B[AD][i].weight
+
+
+def _dense64(m: MokaLinear) -> torch.Tensor:
+    """float64 ``sum_i c_i kron(A_i, B_i)`` straight from the parameters (torch.kron)."""
+    coeff = m.coefficients(AD).detach().double()
+    dw = 0
+    for i, c in enumerate(m.moka_shapes[AD]):
+        a = torch.eye(c.m1, dtype=torch.float64) if AD not in m.moka_A else _a(m, i).double()
+        dw = dw + coeff[i] * torch.kron(a.detach(), _b(m, i).detach().double())
+    return dw
+
 
 # --------------------------------------------------------------------------- shapes
 
@@ -129,25 +159,21 @@ def test_moka_linear_matches_kron_reference(variant, gating):
     torch.manual_seed(0)
     base = nn.Linear(576, 192, bias=True)
     comps, _ = choose_components(192, 576, 3, 1e9 if variant == "mokas" else 5000, variant=variant)
-    m = MokaLinear(base, comps, gating=gating, variant=variant, scaling=0.5)
+    m = _layer(base, comps, gating=gating, variant=variant, scaling=0.5)
     x = torch.randn(2, 5, 576)
     assert torch.equal(m(x), base(x)), "delta_W must be exactly zero at step 0"
-    assert torch.count_nonzero(m.delta_weight()) == 0
+    assert torch.count_nonzero(_dense64(m)) == 0
     _random_factors(m)
-    coeff = (torch.softmax(m.moka_gate.double(), 0) if gating else torch.ones(3)) * 0.5
-    dw = torch.zeros(192, 576, dtype=torch.float64)
-    for i, c in enumerate(comps):
-        a = torch.eye(c.m1, dtype=torch.float64) if variant == "mokas" else m.moka_A[i].double()
-        dw += coeff[i] * torch.kron(a, m.moka_B[i].double())
-    ref = base(x).double() + x.double() @ dw.T
+    ref = base(x).double() + x.double() @ _dense64(m).T
     torch.testing.assert_close(m(x).double(), ref, rtol=1e-5, atol=1e-4)
-    m.disabled = True
+    torch.testing.assert_close(m.get_delta_weight(AD).double(), _dense64(m), rtol=1e-5, atol=1e-5)
+    m.enable_adapters(False)
     assert torch.equal(m(x), base(x))
 
 
 def test_factors_stay_float32_over_bf16_base():
     base = nn.Linear(64, 32).to(torch.bfloat16)
-    m = MokaLinear(base, [ComponentShape(4, 8, 8, 8), ComponentShape(8, 4, 4, 16)])
+    m = _layer(base, [ComponentShape(4, 8, 8, 8), ComponentShape(8, 4, 4, 16)])
     assert all(p.dtype == torch.float32 for n, p in m.named_parameters() if "moka" in n)
     y = m(torch.randn(3, 64, dtype=torch.bfloat16))
     assert y.dtype == torch.bfloat16
@@ -156,60 +182,24 @@ def test_factors_stay_float32_over_bf16_base():
 def test_gates_are_trainable_and_softmax_sums_to_one():
     torch.manual_seed(0)
     base = nn.Linear(64, 64)
-    m = MokaLinear(base, [ComponentShape(8, 8, 8, 8), ComponentShape(4, 16, 16, 4)])
-    base.requires_grad_(False)
-    assert m.moka_gate.requires_grad
-    torch.testing.assert_close(m.coefficients().sum(), torch.tensor(1.0))
+    m = _layer(base, [ComponentShape(8, 8, 8, 8), ComponentShape(4, 16, 16, 4)])
+    gate = m.moka_gate[AD]
+    assert gate.requires_grad
+    torch.testing.assert_close(m.coefficients(AD).sum(), torch.tensor(1.0))
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
     x, target = torch.randn(16, 64), torch.randn(16, 64)
     for _ in range(5):
         opt.zero_grad()
         ((m(x) - target) ** 2).mean().backward()
         opt.step()
-    assert m.moka_gate.grad is not None and m.moka_gate.grad.abs().sum() > 0
-    assert not torch.allclose(m.moka_gate, torch.zeros(2))
-    alpha = torch.softmax(m.moka_gate, 0)
+    assert gate.grad is not None and gate.grad.abs().sum() > 0
+    assert not torch.allclose(gate, torch.zeros(2))
+    alpha = torch.softmax(gate, 0)
     torch.testing.assert_close(alpha.sum(), torch.tensor(1.0))
     assert not torch.allclose(alpha, torch.full((2,), 0.5))
 
 
-def test_inject_and_export_on_a_toy_model():
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.q_proj = nn.Linear(24, 24)
-            self.v_proj = nn.Linear(24, 12)
-            self.o_proj = nn.Linear(24, 24)
-
-    model = nn.Module()
-    model.layers = nn.ModuleList([Block(), Block()])
-    shapes, _ = plan_shapes(
-        {"q_proj": (24, 24), "v_proj": (12, 24)},
-        {"q_proj": 2, "v_proj": 2},
-        num_components=2,
-        budget=None,
-    )
-    wrapped = inject_moka(model, shapes)
-    assert sorted(wrapped) == sorted(moka_modules(model))
-    assert sorted(wrapped) == [
-        "layers.0.q_proj",
-        "layers.0.v_proj",
-        "layers.1.q_proj",
-        "layers.1.v_proj",
-    ]
-    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert all(".moka_" in n for n in trainable)
-    for m in wrapped.values():
-        _random_factors(m)
-    adapter = export_adapter(model, "toy")
-    assert adapter.num_parameters() == sum(p.numel() for p in model.parameters() if p.requires_grad)
-    for path, m in wrapped.items():
-        torch.testing.assert_close(adapter.delta_weight(path), m.delta_weight())
-    with pytest.raises(ValueError, match="match no linear layer"):
-        inject_moka(model, {"k_proj": [ComponentShape(2, 2, 12, 12)]})
-
-
-# --------------------------------------------------------------------------- data, schedule
+# --------------------------------------------------------------------------- data
 
 
 def test_read_jsonl_errors_name_the_line(tmp_path):
@@ -225,26 +215,6 @@ def test_read_jsonl_errors_name_the_line(tmp_path):
         read_jsonl(f)
     with pytest.raises(DataError, match="no such file"):
         read_jsonl(tmp_path / "missing.jsonl")
-
-
-def test_batches_are_deterministic_and_resumable():
-    ex = list(range(10))
-    full = [b for _, (s, _, b) in zip(range(7), batches(ex, 4, seed=3), strict=False)]
-    resumed = [
-        b for _, (s, _, b) in zip(range(3), batches(ex, 4, seed=3, start_step=4), strict=False)
-    ]
-    assert full[4:] == resumed
-    assert sorted(epoch_order(10, 3, 0)) == ex
-    assert epoch_order(10, 3, 0) != epoch_order(10, 3, 1)
-    assert all(len(b) == 4 for b in full)
-
-
-def test_lr_schedule_warmup_then_linear_decay():
-    f = [lr_factor(s, 10, 2) for s in range(10)]
-    assert f[0] == pytest.approx(0.5) and f[1] == pytest.approx(1.0)
-    assert f[2] == pytest.approx(1.0) and f[-1] == pytest.approx(1 / 8)
-    assert all(a >= b for a, b in zip(f[1:], f[2:], strict=False))
-    assert lr_factor(0, 5, 0) == 1.0
 
 
 # --------------------------------------------------------------------------- shape families
@@ -284,9 +254,10 @@ def test_mixed_family_is_one_balanced_kronecker_term_plus_rank_1_terms():
 
 def _lora_like(m: MokaLinear) -> torch.Tensor:
     """delta_W of rank-1 components read as a LoRA: B_lora = [a_i c_i], A_lora = [b_i]."""
-    coeff = m.coefficients().detach().double()
-    a = torch.cat([m.moka_A[i].double() * coeff[i] for i in range(len(m.components))], dim=1)
-    b = torch.cat([m.moka_B[i].double() for i in range(len(m.components))], dim=0)
+    coeff = m.coefficients(AD).detach().double()
+    n = len(m.moka_shapes[AD])
+    a = torch.cat([_a(m, i).double() * coeff[i] for i in range(n)], dim=1)
+    b = torch.cat([_b(m, i).double() for i in range(n)], dim=0)
     return a.detach() @ b.detach()
 
 
@@ -303,15 +274,17 @@ def test_grouped_rank_1_and_kronecker_components_match_torch_kron(init, gating):
         ComponentShape(35, 1, 1, 21),
     ]
     base = nn.Linear(in_f, out_f)
-    m = MokaLinear(base, comps, gating=gating, scaling=1.7, init=init)
-    assert len(m._plan.column_groups) == 2  # the three rank-1 and the two 7x1 / 5x21 components
+    m = _layer(base, comps, gating=gating, scaling=1.7, init=init)
+    assert len(m.moka_plans[AD].column_groups) == 2  # the three rank-1 and the two 7x1 / 5x21
     x = torch.randn(3, 4, in_f)
     assert torch.equal(m(x), base(x)), "delta_W must be exactly zero at step 0"
-    zero, rand = (m.moka_A, m.moka_B) if init == "lora" else (m.moka_B, m.moka_A)
+    a_side = [f.weight for f in m.moka_A[AD]]
+    b_side = [f.weight for f in m.moka_B[AD]]
+    zero, rand = (a_side, b_side) if init == "lora" else (b_side, a_side)
     assert all(torch.count_nonzero(p) == 0 for p in zero)
     assert all(torch.count_nonzero(p) == p.numel() for p in rand)
     _random_factors(m, seed=3)
-    ref = base(x).double() + x.double() @ m.delta_weight().T
+    ref = base(x).double() + x.double() @ _dense64(m).T
     torch.testing.assert_close(m(x).double(), ref, rtol=1e-5, atol=1e-5)
     # Gradients flow to every factor (and gate) through the grouped path.
     m(x).sum().backward()
@@ -322,11 +295,14 @@ def test_grouped_rank_1_and_kronecker_components_match_torch_kron(init, gating):
 def test_rank_1_components_are_a_lora():
     torch.manual_seed(2)
     base = nn.Linear(24, 40, bias=False)
-    m = MokaLinear(base, [ComponentShape(40, 1, 1, 24)] * 3, gating=False, scaling=2.0)
+    m = _layer(base, [ComponentShape(40, 1, 1, 24)] * 3, gating=False, scaling=2.0)
     _random_factors(m, seed=4)
-    torch.testing.assert_close(m.delta_weight(), _lora_like(m), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(_dense64(m), _lora_like(m), rtol=1e-9, atol=1e-9)
     # LoRA's initialisation: the input-side row random (Kaiming over in), the output side zero.
-    m.reset_parameters()
-    assert all(torch.count_nonzero(a) == 0 for a in m.moka_A)
+    with torch.no_grad():
+        for f in m.moka_A[AD]:
+            f.weight.zero_()
+    m.reset_moka_parameters(AD, "lora", identity=False)
+    assert all(torch.count_nonzero(_a(m, i)) == 0 for i in range(3))
     bound = 1 / 24**0.5
-    assert all(0 < b.abs().max() <= bound for b in m.moka_B)
+    assert all(0 < _b(m, i).abs().max() <= bound for i in range(3))
