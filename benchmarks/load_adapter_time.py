@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from moka_serve.adapter_format import WEIGHTS_NAME, load_adapter, read_tensor_shapes
+from moka_core.adapter_format import WEIGHTS_NAME, load_adapter, read_tensor_shapes
 
 
 def median_ms(fn, n: int = 15) -> float:

@@ -42,7 +42,7 @@ def main() -> None:
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
 
-    from moka_serve.base_models import materialize_default_base
+    from moka_core.base_models import materialize_default_base
     from moka_serve.bench.random_adapters import random_moka, write_moka, write_random_lora
 
     base = materialize_default_base()

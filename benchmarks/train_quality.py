@@ -57,8 +57,8 @@ def _csv(text: str) -> list[str]:
 
 def lora_size(base: Path, targets: list[str], rank: int) -> int:
     """A rank-``rank`` LoRA's parameters on ``targets`` of a Llama-style base (config.json)."""
-    from moka_serve.base_models import llama_dims
-    from moka_serve.shapes import lora_params
+    from moka_core.base_models import llama_dims
+    from moka_core.shapes import lora_params
 
     dims, layers = llama_dims(base)
     return lora_params({t: dims[t] for t in targets}, dict.fromkeys(targets, layers), rank)
@@ -68,7 +68,7 @@ def run_args(method: str, rank: int, base: Path, targets: list[str], components:
     args = list(METHODS[method])
     if method == "lora":
         return args + ["--rank", str(rank)]
-    from moka_serve.shapes import BUDGET_SLACK
+    from moka_core.shapes import BUDGET_SLACK
 
     budget = int(lora_size(base, targets, rank) * BUDGET_SLACK)
     if method == "moka-kron":
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (one thread each)")
     p.add_argument("--out", default="/tmp/moka-train-quality")
     args = p.parse_args(argv)
-    from moka_serve.base_models import materialize_default_base
+    from moka_core.base_models import materialize_default_base
 
     base = Path(args.base) if args.base else materialize_default_base()
     tasks, methods = _csv(args.tasks), _csv(args.methods)

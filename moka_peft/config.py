@@ -1,6 +1,6 @@
 """``MokaConfig`` for PEFT: the fields of format v1's ``adapter_config.json`` as a ``PeftConfig``.
 
-``save_pretrained`` writes exactly format v1 (``moka_serve.adapter_format.MokaConfig.to_dict``),
+``save_pretrained`` writes exactly format v1 (``moka_core.adapter_format.MokaConfig.to_dict``),
 so the server loads a PEFT-saved folder unchanged, and ``PeftConfig.from_pretrained`` reads any
 format-v1 folder (``moka-train``'s included) because every key of it is a field here.
 
@@ -16,7 +16,7 @@ from typing import Any
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
-from moka_serve.adapter_format import FORMAT_VERSION, ComponentShape, MokaConfig, TargetSpec
+from moka_core.adapter_format import FORMAT_VERSION, ComponentShape, MokaConfig, TargetSpec
 
 
 def default_scaling(components: int, gating: bool) -> float:
@@ -51,7 +51,7 @@ class MokaPeftConfig(PeftConfig):
     )
     variant: str = field(default="moka", metadata={"help": "moka, or mokas (identity A)"})
     init: str = field(default="lora", metadata={"help": "lora (A zero) or a-random (B zero)"})
-    # What to plan when ``targets`` is empty (moka_serve.shapes.plan_shapes).
+    # What to plan when ``targets`` is empty (moka_core.shapes.plan_shapes).
     budget: str | None = field(
         default=None,
         metadata={"help": "trainable parameters: '0.1%' of the base, '200k', or 'lora-8'"},

@@ -17,9 +17,9 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from moka_core.adapter_format import ComponentShape, kron_sum
+from moka_core.bnb_cpu import keep_portable_4bit_layout
 from moka_kernels.torch_ops import MixturePlan, mixture_matmul, mixture_plan
-from moka_serve.adapter_format import ComponentShape
-from moka_serve.bnb_cpu import keep_portable_4bit_layout
 
 FACTOR_DTYPE = torch.float32
 
@@ -104,12 +104,6 @@ class MokaLayer(BaseTunerLayer):
             alpha = torch.ones(n, device=self.moka_B[adapter_name][0].weight.device)
         return self.moka_scaling[adapter_name] * alpha
 
-    def _factors(self, adapter_name: str):
-        a_list = self.moka_A[adapter_name] if adapter_name in self.moka_A else None
-        for i, shape in enumerate(self.moka_shapes[adapter_name]):
-            a = None if a_list is None else a_list[i].weight
-            yield shape, a, self.moka_B[adapter_name][i].weight
-
     def delta(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         """``delta_W @ x`` for ``x`` of shape ``(..., in)``, in float32."""
         lead = x.shape[:-1]
@@ -127,14 +121,16 @@ class MokaLayer(BaseTunerLayer):
         return out.reshape(*lead, self.out_features)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """The dense ``(out, in)`` update (merging and tests only)."""
-        c = self.coefficients(adapter_name)
-        total = None
-        for i, (s, a, b) in enumerate(self._factors(adapter_name)):
-            a = torch.eye(s.m1, dtype=b.dtype, device=b.device) if a is None else a
-            term = c[i] * torch.kron(a, b)
-            total = term if total is None else total + term
-        return total
+        """The dense ``(out, in)`` update in float32 (merging and tests only), formed in float64
+        by the format's reference formula."""
+        a = (
+            [f.weight.detach() for f in self.moka_A[adapter_name]]
+            if adapter_name in self.moka_A
+            else None
+        )
+        b = [f.weight.detach() for f in self.moka_B[adapter_name]]
+        coeff = self.coefficients(adapter_name).detach()
+        return kron_sum(self.moka_shapes[adapter_name], a, b, coeff).to(FACTOR_DTYPE)
 
 
 class MokaLinear(nn.Module, MokaLayer):

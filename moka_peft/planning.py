@@ -15,9 +15,9 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from moka_core.limits import DEFAULT_MAX_COMPONENTS, DEFAULT_MAX_FACTOR_NUMEL
+from moka_core.shapes import lora_params, parse_budget, parse_shapes, plan_shapes
 from moka_peft.config import default_scaling
-from moka_serve.limits import DEFAULT_MAX_COMPONENTS, DEFAULT_MAX_FACTOR_NUMEL
-from moka_serve.shapes import lora_params, parse_budget, parse_shapes, plan_shapes
 
 ALL_LINEAR = "all-linear"
 

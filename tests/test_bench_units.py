@@ -216,7 +216,7 @@ def test_adapter_params_count_factors_gates_and_lora_ranks():
 def test_lora_slot_bytes_splits_per_tensor_parallel_rank():
     """One formula for moka-serve's slot sizing and compare's report: A full and B split on
     column-parallel layers, A split and B full on row-parallel o/down; edges at every rank."""
-    from moka_serve.slots import lora_slot_bytes
+    from moka_core.slots import lora_slot_bytes
 
     dims = {"q_proj": (8, 8), "k_proj": (4, 8), "v_proj": (4, 8), "o_proj": (8, 8),
             "gate_proj": (16, 8), "up_proj": (16, 8), "down_proj": (8, 16)}  # fmt: skip
@@ -231,8 +231,8 @@ def test_lora_slot_bytes_splits_per_tensor_parallel_rank():
 def test_table_slot_bytes_is_one_bank_row_per_entry_a_slot_can_hold(monkeypatch):
     """The planner's slot-table bytes: the bank's row size (NUM_FIELDS int32 fields) times
     MOKA_MAX_COMPONENTS entries per output slice (q, k, v, o, gate, up, down) and layer."""
+    from moka_core.slots import TABLE_ROW_BYTES, table_slot_bytes
     from moka_kernels.bank import NUM_FIELDS
-    from moka_serve.slots import TABLE_ROW_BYTES, table_slot_bytes
 
     assert TABLE_ROW_BYTES == NUM_FIELDS * 4
     monkeypatch.setenv("MOKA_MAX_COMPONENTS", "3")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from moka_serve.adapter_format import CONFIG_NAME, WEIGHTS_NAME, load_adapter
+from moka_core.adapter_format import CONFIG_NAME, WEIGHTS_NAME, load_adapter
 from moka_serve.bench.random_adapters import random_moka, write_moka
 
 DIMS = {"q_proj": (64, 48), "v_proj": (32, 48), "down_proj": (48, 96)}

@@ -2,8 +2,8 @@
 too): kernels <- core <- {PEFT tuner <- trainer, vLLM plugin, serve CLI} <- bench, and no import
 circle.
 
-Core lives inside the ``moka_serve`` package today (the modules of :data:`CORE`, free of vLLM);
-issue #20 moves it into a package of its own. A new module must be placed in :func:`layer`.
+Core is the ``moka_core`` package (torch and safetensors at import; no vLLM, no transformers).
+A new module must be placed in :func:`layer`.
 """
 
 from __future__ import annotations
@@ -14,20 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("moka_kernels", "moka_peft", "moka_serve", "moka_trainer")
-CORE = {
-    "moka_serve",  # the package's __init__
-    "moka_serve.adapter_format",
-    "moka_serve.adapter_dir",
-    "moka_serve.adapter_check",
-    "moka_serve.admin_access",
-    "moka_serve.base_models",
-    "moka_serve.bnb_cpu",
-    "moka_serve.limits",
-    "moka_serve.settings",
-    "moka_serve.shapes",
-    "moka_serve.slots",
-}
+PACKAGES = ("moka_core", "moka_kernels", "moka_peft", "moka_serve", "moka_trainer")
 # What each layer may import besides itself. The trainer, the plugin and the serve CLI stand
 # side by side: none of them imports another.
 ALLOWED = {
@@ -54,7 +41,7 @@ def layer(module: str) -> str:
         return "bench"
     if module == "moka_serve.cli":
         return "cli"
-    if module in CORE:
+    if module.startswith("moka_core") or module == "moka_serve":  # the latter: an empty __init__
         return "core"
     raise AssertionError(f"{module}: place it in a layer (tests/test_layering.py)")
 
@@ -146,3 +133,21 @@ def test_the_rule_sees_a_wrong_import(tmp_path):
     found = imports("moka_serve.cli", src, known)
     assert found == {"moka_serve.bench", "moka_serve.bench.soak", "moka_trainer.train"}
     assert layer("moka_serve.bench.soak") not in ALLOWED[layer("moka_serve.cli")]
+
+
+def test_core_imports_with_torch_and_safetensors_alone():
+    """Every core module imports without vLLM, transformers, PEFT, TRL or bitsandbytes (they
+    are imported inside the functions that need them)."""
+    import subprocess
+    import sys
+
+    names = sorted(m for m in modules() if layer(m) == "core" and m.startswith("moka_core"))
+    assert len(names) > 10
+    code = (
+        "import importlib, sys\n"
+        f"for m in {names!r}: importlib.import_module(m)\n"
+        "bad = [m for m in ('vllm', 'transformers', 'peft', 'trl', 'bitsandbytes') "
+        "if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

@@ -1,4 +1,4 @@
-"""Local base models (moka_serve.base_models) and the merged-adapter reference (moka_trainer.reference).
+"""Local base models (moka_core.base_models) and the merged-adapter reference (moka_core.reference).
 
 The reference is what later serving tests compare vLLM against, so it is checked here against
 independent computations: a hand-merged weight, a forward hook adding ``delta_W x`` beside a
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moka_serve.adapter_format import (
+from moka_core.adapter_format import (
     ComponentShape,
     MokaAdapter,
     MokaConfig,
@@ -22,8 +22,8 @@ from moka_serve.adapter_format import (
     TargetSpec,
     save_adapter,
 )
-from moka_serve.base_models import MARKER_NAME, build_tiny_llama, materialize_default_base
-from moka_trainer.reference import (
+from moka_core.base_models import MARKER_NAME, build_tiny_llama, materialize_default_base
+from moka_core.reference import (
     greedy_generate,
     load_reference_model,
     merge_lora_into_model,

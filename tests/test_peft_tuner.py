@@ -1,5 +1,5 @@
 """MoKA as a PEFT method (``moka_peft``): the PEFT calls users make, on the tiny Llama, against
-the project's own format reader and merged reference (``moka_trainer.reference``)."""
+the project's own format reader and merged reference (``moka_core.reference``)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
 import moka_peft  # noqa: E402,F401  (registers the method)
+from moka_core.adapter_format import load_adapter  # noqa: E402
+from moka_core.base_models import tiny_llama_dir  # noqa: E402
 from moka_peft import MokaPeftConfig  # noqa: E402
-from moka_serve.adapter_format import load_adapter  # noqa: E402
-from moka_serve.base_models import tiny_llama_dir  # noqa: E402
 from moka_serve.bench.random_adapters import random_moka, write_moka  # noqa: E402
 
 IDS = torch.tensor([[5, 17, 42, 7, 99, 3]])
@@ -77,7 +77,7 @@ def test_save_pretrained_writes_format_v1_that_the_server_reads(tmp_path):
 @pytest.mark.parametrize("variant", ["moka", "mokas"])
 def test_from_pretrained_reads_a_format_v1_folder_as_the_reference_merges_it(tmp_path, variant):
     """A folder written by the project's writer (as moka-train writes one), MoKAs too."""
-    from moka_trainer.reference import load_reference_model
+    from moka_core.reference import load_reference_model
 
     comps = {"q_proj": [[16, 16, 16, 16], [256, 1, 1, 256]], "down_proj": [[16, 32, 16, 16]]}
     if variant == "mokas":
@@ -115,7 +115,7 @@ def test_over_a_4bit_base_and_merged_into_it():
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                bnb_4bit_compute_dtype=torch.float32)  # fmt: skip
-    from moka_serve.bnb_cpu import keep_portable_4bit_layout
+    from moka_core.bnb_cpu import keep_portable_4bit_layout
 
     base = AutoModelForCausalLM.from_pretrained(
         str(tiny_llama_dir()), quantization_config=quant, device_map="cpu", dtype=torch.float32
@@ -136,7 +136,7 @@ def test_over_a_4bit_base_and_merged_into_it():
 
 
 def _dims():
-    from moka_serve.base_models import llama_dims
+    from moka_core.base_models import llama_dims
 
     return llama_dims(tiny_llama_dir())[0]
 
@@ -157,7 +157,7 @@ def test_transformers_load_adapter_and_auto_peft_model_read_a_moka_folder(tmp_pa
 def _load_4bit():
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from moka_serve.bnb_cpu import keep_portable_4bit_layout
+    from moka_core.bnb_cpu import keep_portable_4bit_layout
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                bnb_4bit_compute_dtype=torch.float32)  # fmt: skip
@@ -169,7 +169,7 @@ def _load_4bit():
 def test_config_plans_all_linear_at_a_loras_size_with_moka_trains_defaults():
     """``target_modules="all-linear"`` + ``budget="lora-4"``: every linear layer but lm_head, the
     mixed family at a rank-4 LoRA's size, gated, each component starting at LoRA's 2."""
-    from moka_serve.shapes import lora_params
+    from moka_core.shapes import lora_params
 
     model = peft.get_peft_model(_base(), MokaPeftConfig(target_modules="all-linear",
                                                         budget="lora-4"))  # fmt: skip
@@ -205,8 +205,8 @@ def test_sft_trainer_over_a_4bit_base_saves_an_adapter_the_server_loads(tmp_path
         os.environ.clear()
         os.environ.update(env)
 
-    from moka_serve.adapter_check import folder_problem
-    from moka_serve.base_models import llama_dims
+    from moka_core.adapter_check import folder_problem
+    from moka_core.base_models import llama_dims
 
     tok = AutoTokenizer.from_pretrained(str(tiny_llama_dir()))
     words = "red green blue black white water fire earth".split()

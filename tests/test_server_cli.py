@@ -72,7 +72,7 @@ def test_precheck_uses_the_base_dims_limits_and_lora_rank(tmp_path, capsys):
     left out with one line each (they used to abort vLLM's start on ``--lora-modules``)."""
     from safetensors.torch import load_file, save_file
 
-    from moka_serve.base_models import tiny_llama_dir
+    from moka_core.base_models import tiny_llama_dir
 
     base = tiny_llama_dir()
     ad = tmp_path / "ad"
@@ -192,7 +192,7 @@ def test_plain_serves_the_base_without_lora(tmp_path):
 def test_moka_only_starts_a_moka_only_engine_and_leaves_out_every_lora(tmp_path, capsys):
     """--moka-only: MOKA_ONLY=1 for the engine (no LoRA buffers), vLLM's smallest rank for its
     warm-up, and LoRA folders left out with the reason, a rank-1 one too."""
-    from moka_serve.base_models import tiny_llama_dir
+    from moka_core.base_models import tiny_llama_dir
 
     ad = tmp_path / "ad"
     write_moka(ad / "moka-ok", random_moka({"q_proj": [[16, 16, 16, 16]]}, seed=1))
@@ -213,8 +213,8 @@ def test_adapter_memory_sizes_slots_for_the_largest_adapter(tmp_path, capsys):
     """--adapter-memory: slots = budget // (LoRA buffers + the largest MoKA adapter), the MoKA
     pools sized for that adapter, and the arithmetic printed; --max-loras still wins. A
     MoKA-only engine keeps no LoRA buffers; one that may serve LoRA (rank 8) keeps them."""
-    from moka_serve.base_models import tiny_llama_dir
-    from moka_serve.slots import lora_slot_bytes
+    from moka_core.base_models import tiny_llama_dir
+    from moka_core.slots import lora_slot_bytes
 
     base = tiny_llama_dir()
     ad = tmp_path / "ad"
@@ -244,7 +244,7 @@ def test_adapter_memory_sizes_slots_for_the_largest_adapter(tmp_path, capsys):
 
 
 def test_an_all_moka_folder_gets_a_moka_only_engine_unless_a_rank_is_given(tmp_path, capsys):
-    from moka_serve.base_models import tiny_llama_dir
+    from moka_core.base_models import tiny_llama_dir
 
     ad = tmp_path / "ad"
     write_moka(ad / "moka-ok", random_moka({"q_proj": [[16, 16, 16, 16]]}, seed=1))
@@ -297,10 +297,10 @@ def test_a_lora_config_without_peft_type_is_a_lora_on_every_route(tmp_path):
     does every route of ours (``adapter_format.config_kind``): the start-up check, the inventory,
     the slot planner. They used to disagree (left out at start-up, reported broken)."""
     pytest.importorskip("fastapi")
-    from moka_serve.adapter_format import adapter_kind, config_kind
-    from moka_serve.base_models import tiny_llama_dir
+    from moka_core.adapter_format import adapter_kind, config_kind
+    from moka_core.base_models import tiny_llama_dir
+    from moka_core.slots import adapter_numel_by_kind
     from moka_serve.plugin.inventory import describe_adapter
-    from moka_serve.slots import adapter_numel_by_kind
 
     folder = tmp_path / "ad" / "lora-old"
     _write(folder)

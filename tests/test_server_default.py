@@ -35,7 +35,7 @@ SMOLLM2_DIMS = {
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from moka_serve.base_models import smollm2_gguf_path
+    from moka_core.base_models import smollm2_gguf_path
 
     try:
         smollm2_gguf_path()

@@ -43,7 +43,7 @@ START_TIMEOUT_S = 300
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from moka_serve.base_models import build_tiny_llama
+    from moka_core.base_models import build_tiny_llama
 
     root = tmp_path_factory.mktemp("http")
     base = build_tiny_llama(root / "tiny-llama", seed=0)

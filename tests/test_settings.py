@@ -1,4 +1,4 @@
-"""One table of ``MOKA_*`` settings (``moka_serve/settings.py``): its parsers, and the docs table
+"""One table of ``MOKA_*`` settings (``moka_core/settings.py``): its parsers, and the docs table
 that must list exactly those variables with the same defaults."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from moka_serve import limits, settings
+from moka_core import limits, settings
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "serving.md"
 SOURCES = [Path(__file__).resolve().parent.parent / p for p in ("moka_serve", "moka_trainer")]

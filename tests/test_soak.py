@@ -39,7 +39,7 @@ def test_folder_history_says_when_a_folder_was_broken(monkeypatch):
 
 
 def test_short_soak_passes(tmp_path):
-    from moka_serve.base_models import tiny_llama_dir
+    from moka_core.base_models import tiny_llama_dir
 
     out = tmp_path / "soak"
     cmd = [

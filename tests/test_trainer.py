@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from moka_core.adapter_format import load_adapter
+from moka_core.base_models import tiny_llama_dir
 from moka_peft import MokaPeftConfig
 from moka_peft.layer import MokaLinear
 from moka_peft.planning import target_dims
-from moka_serve.adapter_format import load_adapter
-from moka_serve.base_models import tiny_llama_dir
 from moka_trainer.base_model import load_base_model
 from moka_trainer.cli import main as cli_main
 from moka_trainer.data import IGNORE_INDEX, DataError, load_examples
@@ -137,7 +137,7 @@ def test_saved_adapter_reproduces_logits_unmerged_and_merged(trained, tiny):
 
     torch.testing.assert_close(_logits(_attach(fresh, out), IDS), want, rtol=0, atol=1e-5)
 
-    reference = pytest.importorskip("moka_trainer.reference")
+    reference = pytest.importorskip("moka_core.reference")
     merged, _ = load_base_model(str(tiny), quantize=True, device=CPU, dtype=torch.float32)
     merged = reference.merge_moka_into_model(merged, adapter) or merged
     # merged = dequantized NF4 weights + delta_W: same math, another summation order

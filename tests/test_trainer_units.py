@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from moka_serve.adapter_format import ComponentShape
-from moka_serve.shapes import (
+from moka_core.adapter_format import ComponentShape
+from moka_core.shapes import (
     all_factorisations,
     check_shapes,
     choose_components,

@@ -37,7 +37,7 @@ def test_4bit_base_serves_moka_lora_and_base_in_one_batch(tmp_path, monkeypatch)
     from vllm.inputs import TokensPrompt
     from vllm.lora.request import LoRARequest
 
-    from moka_serve.base_models import build_tiny_llama
+    from moka_core.base_models import build_tiny_llama
 
     base = build_tiny_llama(tmp_path / "tiny", seed=0)
     moka = random_moka(

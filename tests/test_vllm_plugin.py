@@ -47,7 +47,7 @@ def workdir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def base_dir(workdir) -> Path:
-    from moka_serve.base_models import build_tiny_llama
+    from moka_core.base_models import build_tiny_llama
 
     return build_tiny_llama(workdir / "tiny-llama", seed=0)
 
@@ -317,10 +317,10 @@ def test_bad_adapter_is_rejected_and_engine_keeps_serving(
 
 
 def test_reference_agrees_with_moka_trainer_reference(base_dir, adapters, reference, prompts):
-    """The deltas used above equal the project's reference merge (moka_trainer.reference)."""
+    """The deltas used above equal the project's reference merge (moka_core.reference)."""
     from transformers import AutoTokenizer
 
-    from moka_trainer.reference import greedy_generate, load_reference_model, lora_deltas
+    from moka_core.reference import greedy_generate, load_reference_model, lora_deltas
 
     mine = adapters["lora-qvdown"][1]
     theirs = lora_deltas(adapters["lora-qvdown"][0])

@@ -94,7 +94,7 @@ def test_resolver_finds_adapter_folders_and_stays_inside(tmp_path, monkeypatch):
 
 
 def test_adapter_configs_read_by_one_reader_with_reasons(tmp_path):
-    from moka_serve.adapter_format import read_config_json
+    from moka_core.adapter_format import read_config_json
     from moka_serve.plugin.lora_model import read_peft_type
 
     f = tmp_path / "adapter_config.json"
@@ -112,7 +112,7 @@ def test_adapter_configs_read_by_one_reader_with_reasons(tmp_path):
 
 
 def test_bank_limits_from_env(monkeypatch):
-    from moka_serve.limits import bank_limits
+    from moka_core.limits import bank_limits
 
     monkeypatch.setenv("MOKA_MAX_COMPONENTS", "7")
     monkeypatch.setenv("MOKA_MAX_FACTOR_NUMEL", "100")
@@ -139,7 +139,7 @@ def test_compile_decision(monkeypatch, moka_compile, enforce_eager, enable_lora,
     from vllm.config import CompilationMode
     from vllm.engine.arg_utils import EngineArgs
 
-    from moka_serve.base_models import tiny_llama_dir
+    from moka_core.base_models import tiny_llama_dir
     from moka_serve.plugin import cpu_compile
 
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")

@@ -36,7 +36,7 @@ SLOT_NUMEL = 1536  # pool of 2 slots: 3072 >= BIG's 1792 + SMALL's 512, < 2 x BI
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from moka_serve.base_models import build_tiny_llama
+    from moka_core.base_models import build_tiny_llama
 
     root = tmp_path_factory.mktemp("pool")
     base = build_tiny_llama(root / "tiny-llama", seed=0)
@@ -130,7 +130,7 @@ def test_moka_only_slots_cost_what_their_adapters_weigh(llm, setup):
     # (MoKA-only) gives no LoRA bytes, rank 1 what a rank-1 engine would keep.
     from vllm_helpers import TINY_DIMS, TINY_LAYERS
 
-    from moka_serve.slots import lora_slot_bytes, table_slot_bytes
+    from moka_core.slots import lora_slot_bytes, table_slot_bytes
 
     assert lora_slot_bytes(TINY_DIMS, TINY_LAYERS, vocab, 0, 4) == 0
     assert lora_slot_bytes(TINY_DIMS, TINY_LAYERS, vocab, 1, 4) == 4 * per_rank

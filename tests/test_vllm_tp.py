@@ -101,7 +101,7 @@ def _adapters(folder):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from moka_serve.base_models import build_tiny_llama
+    from moka_core.base_models import build_tiny_llama
 
     root = tmp_path_factory.mktemp("tp")
     base = build_tiny_llama(root / "tiny-llama-tp", seed=5, **MODEL)

@@ -14,15 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from moka_serve.adapter_format import MokaAdapter
-from moka_serve.base_models import llama_dims, tiny_llama_dir
+from moka_core.adapter_format import MokaAdapter
+from moka_core.base_models import llama_dims, tiny_llama_dir
 from moka_serve.bench.random_adapters import module_path, write_moka  # noqa: F401 (re-exported)
 from moka_serve.bench.random_adapters import random_moka as _random_moka
 from moka_serve.bench.random_adapters import write_random_lora as _write_random_lora
 from moka_serve.bench.server import ServerError, free_port  # noqa: F401 (re-exported)
 from moka_serve.bench.server import running_server as _running_server
 
-# Projection shapes and layer count of the tiny Llama (moka_serve.base_models.build_tiny_llama,
+# Projection shapes and layer count of the tiny Llama (moka_core.base_models.build_tiny_llama,
 # default sizes), read from its config.json: hidden 256, 4 layers, 4 heads / 2 KV heads.
 TINY_DIMS, TINY_LAYERS = llama_dims(tiny_llama_dir())
 

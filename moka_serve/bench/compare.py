@@ -73,7 +73,7 @@ def _csv(text: str) -> list[str]:
 def moka_shapes(dims: dict, layers: int, targets: list[str], components: int) -> dict:
     """The cheapest diverse Kronecker shapes per target (``moka-train --shape-family kron``):
     the shapes every published serving number was measured with."""
-    from moka_serve.shapes import plan_shapes
+    from moka_core.shapes import plan_shapes
 
     shapes, _ = plan_shapes(
         {t: dims[t] for t in targets},
@@ -104,10 +104,10 @@ def slot_reservation_bytes(
     vocab: int | None = None,
 ) -> dict[str, int]:
     """Bytes one rank keeps per adapter slot: vLLM's LoRA buffers at ``max_rank``
-    (:func:`moka_serve.slots.lora_slot_bytes`), whatever the adapters; and the MoKA storage a
+    (:func:`moka_core.slots.lora_slot_bytes`), whatever the adapters; and the MoKA storage a
     slot holding a MoKA adapter of ``moka_bytes`` uses (on CPU the packed copy, grown on demand;
     ``moka_kernels.bank``)."""
-    from moka_serve.slots import lora_slot_bytes
+    from moka_core.slots import lora_slot_bytes
 
     return {"lora": lora_slot_bytes(dims, layers, vocab, max_rank, elt, tp), "moka": moka_bytes}
 
@@ -212,8 +212,8 @@ def plan_configs(methods: list[str], ns: list[int], pops: list[str]) -> list[tup
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from moka_serve.base_models import cache_dir, llama_dims, materialize_default_base
-    from moka_serve.slots import DTYPE_BYTES, vocab_size
+    from moka_core.base_models import cache_dir, llama_dims, materialize_default_base
+    from moka_core.slots import DTYPE_BYTES, vocab_size
 
     from .plot import plot_ratios
 

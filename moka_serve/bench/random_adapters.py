@@ -2,7 +2,7 @@
 
 Random (not trained) adapters cost exactly what trained ones cost to serve: the kernels never
 look at the values. Weights are drawn from a seeded generator so a benchmark's adapters are the
-same on every machine. Layer sizes come from the base's ``config.json`` (``moka_serve.base_models.llama_dims``).
+same on every machine. Layer sizes come from the base's ``config.json`` (``moka_core.base_models.llama_dims``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from moka_serve.adapter_format import MokaAdapter, MokaConfig, MokaModuleWeights, save_adapter
+from moka_core.adapter_format import MokaAdapter, MokaConfig, MokaModuleWeights, save_adapter
 
 MODULE_PARENT = {
     "q_proj": "self_attn",

@@ -11,7 +11,7 @@ the base. The ``today`` method is the engine as it was before the slot pool: MoK
 rank-16 LoRA buffers and MoKA banks padded to the bank limits in every slot.
 
 Rows (JSON ``rows``): ``method``, ``n``, ``popularity``, ``max_loras``, ``slot_bytes`` (per slot,
-``moka_serve.slots``: LoRA buffers + MoKA storage), ``slot_memory_bytes``, ``ttft_p50_s``,
+``moka_core.slots``: LoRA buffers + MoKA storage), ``slot_memory_bytes``, ``ttft_p50_s``,
 ``ttft_p99_s`` (adapter requests), ``base_ttft_p50_s``, ``base_ttft_p99_s``, ``requests_per_s``,
 ``rss_mb`` (the server's processes after the run). Results: ``<out>.json``, ``.md`` and ``.png``
 (adapter TTFT p50 against slot memory, per method).
@@ -73,9 +73,9 @@ def parse_phases(text: str) -> list[tuple[str, int]]:
 
 
 def phase_slot_bytes(method: str, spec: dict, dtype: str) -> int:
-    """What one slot costs on this rank for ``method``'s engine (``moka_serve.slots``)."""
-    from moka_serve.limits import bank_limits
-    from moka_serve.slots import DTYPE_BYTES, KINDS, lora_slot_bytes, table_slot_bytes
+    """What one slot costs on this rank for ``method``'s engine (``moka_core.slots``)."""
+    from moka_core.limits import bank_limits
+    from moka_core.slots import DTYPE_BYTES, KINDS, lora_slot_bytes, table_slot_bytes
 
     elt = DTYPE_BYTES.get(dtype, 4)
     dims, layers, vocab = spec["dims"], spec["layers"], spec["vocab"]
@@ -146,8 +146,8 @@ def run_phase(args, base: Path, adapters: Path, names: list[str], method: str, s
 
 
 def cmd_slots(args: argparse.Namespace) -> int:
-    from moka_serve.base_models import cache_dir, llama_dims, materialize_default_base
-    from moka_serve.slots import adapter_numel_by_kind, vocab_size
+    from moka_core.base_models import cache_dir, llama_dims, materialize_default_base
+    from moka_core.slots import adapter_numel_by_kind, vocab_size
 
     from .compare import moka_shapes, write_adapters
 

@@ -37,8 +37,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from moka_serve.adapter_format import config_kind
-from moka_serve.admin_access import ADMIN_HEADER
+from moka_core.adapter_format import config_kind
+from moka_core.admin_access import ADMIN_HEADER
 
 from .report import machine
 from .server import children_rss_bytes, free_port, running_server
@@ -402,7 +402,7 @@ def soak_markdown(report: dict) -> str:
 
 
 def cmd_soak(args: argparse.Namespace) -> int:
-    from moka_serve.base_models import cache_dir, llama_dims, materialize_default_base
+    from moka_core.base_models import cache_dir, llama_dims, materialize_default_base
     from moka_serve.cli import build_command, build_parser
 
     from .compare import moka_shapes, write_adapters

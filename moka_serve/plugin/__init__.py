@@ -16,7 +16,7 @@ of the project lives in this package:
 * ``resolver``: adapters of ``MOKA_ADAPTER_DIR`` found by name on first request.
 * ``api``: adapter validation errors answered with 400 (vLLM answers 500).
 * ``inventory``: ``GET /v1/moka/adapters[/{name}]`` for operators.
-* ``admin``: the admin endpoints closed without the admin key (``moka_serve.admin_access``).
+* ``admin``: the admin endpoints closed without the admin key (``moka_core.admin_access``).
 * ``logs``: one warning line, not tracebacks, for each adapter the loader rejects.
 
 Set ``MOKA_DISABLE_PLUGIN=1`` to load vLLM without any of it.
@@ -30,7 +30,7 @@ _REGISTERED = False
 def register() -> None:
     """Entry point called by vLLM: check the internals, then patch them (idempotent)."""
     global _REGISTERED
-    from moka_serve import settings
+    from moka_core import settings
 
     if _REGISTERED or settings.get("MOKA_DISABLE_PLUGIN"):
         return

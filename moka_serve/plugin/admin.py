@@ -4,7 +4,7 @@ vLLM registers ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` (and th
 as SageMaker's ``/adapters`` routes) for every client as soon as
 ``VLLM_ALLOW_RUNTIME_LORA_UPDATING`` is set, which the plugin's resolver needs. An ASGI
 middleware in front of vLLM's app answers those paths itself unless the request carries the
-admin credential (``moka_serve.admin_access``): 403 when the server has none (the admin surface
+admin credential (``moka_core.admin_access``): 403 when the server has none (the admin surface
 is off), 401 when it is missing or wrong. It is added where the inventory's router is, in the
 wrapper of ``attach_endpoint_plugins`` that ``build_app`` calls before the server starts.
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from starlette.datastructures import Headers
 
-from moka_serve.admin_access import ADMIN_HEADER, ENV_ADMIN_KEY, admin_key, is_admin, is_admin_path
+from moka_core.admin_access import ADMIN_HEADER, ENV_ADMIN_KEY, admin_key, is_admin, is_admin_path
 
 
 def error_body(message: str, err_type: str, code: int) -> dict:

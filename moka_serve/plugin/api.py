@@ -1,5 +1,5 @@
 """API-server side: adapter validation errors answered with 400 and their reason; loads by path
-only from the allowed roots (403 otherwise, ``moka_serve.admin_access``).
+only from the allowed roots (403 otherwise, ``moka_core.admin_access``).
 
 ``OpenAIServingModels.load_lora_adapter`` turns any failure of ``engine_client.add_lora`` into
 ``500 InternalServerError``. The exception crosses the engine-core process boundary as text, so
@@ -22,9 +22,9 @@ from collections import OrderedDict
 from http import HTTPStatus
 from pathlib import Path
 
-from moka_serve import settings
-from moka_serve.adapter_dir import adapter_folder, folder_signature
-from moka_serve.admin_access import path_problem
+from moka_core import settings
+from moka_core.adapter_dir import adapter_folder, folder_signature
+from moka_core.admin_access import path_problem
 
 from .worker_manager import INVALID_ADAPTER
 

@@ -22,7 +22,7 @@ ENV = "MOKA_COMPILE"
 
 
 def compile_enabled() -> bool:
-    from moka_serve import settings
+    from moka_core import settings
 
     return settings.get(ENV)
 

@@ -10,7 +10,7 @@ The router is added to vLLM's FastAPI app by wrapping ``attach_endpoint_plugins`
 ``vllm.endpoint_plugins`` entry point, which vLLM loads only when it is named in
 ``VLLM_PLUGINS`` (an allow-list that would also filter the general plugins). Server paths
 (``path``, a local ``base_model``, paths in error texts) are shown to admin clients only
-(``moka_serve.admin_access``). Where an adapter lives is asked from the worker with
+(``moka_core.admin_access``). Where an adapter lives is asked from the worker with
 ``collective_rpc("moka_adapter_state")``, a method this plugin adds to vLLM's ``WorkerBase``.
 
 Descriptions come from configs and safetensors headers (plus MoKA's tiny gate tensors), never a
@@ -32,10 +32,10 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from moka_serve import settings
-from moka_serve.adapter_dir import adapter_folders, folder_signature
-from moka_serve.adapter_format import config_kind, read_config_json
-from moka_serve.admin_access import ADMIN_HEADER, is_admin
+from moka_core import settings
+from moka_core.adapter_dir import adapter_folders, folder_signature
+from moka_core.adapter_format import config_kind, read_config_json
+from moka_core.admin_access import ADMIN_HEADER, is_admin
 
 # (folder, folder_signature) -> description; insertion order, oldest dropped first.
 MAX_DESCRIPTIONS = 4096
@@ -75,7 +75,7 @@ def _describe_moka(folder: Path) -> dict[str, Any]:
     import torch
     from safetensors import safe_open
 
-    from moka_serve.adapter_format import (
+    from moka_core.adapter_format import (
         PEFT_PREFIX,
         WEIGHTS_NAME,
         read_adapter_config,

@@ -10,7 +10,7 @@ host-side state is read inside it, eagerly (``docs/serving.md``, "Compiled forwa
 slot -1 (no adapter) are never touched. The embedding LoRA layer runs its LoRA part in the same
 op, and the lm_head LoRA is skipped on CPU when no present slot holds lm_head weights.
 
-Bank sizes are engine-start options read from the environment (``moka_serve.limits``) when the
+Bank sizes are engine-start options read from the environment (``moka_core.limits``) when the
 layers are built:
 
 * ``MOKA_MAX_COMPONENTS`` (default 4): Kronecker components per adapted module (per output
@@ -38,10 +38,10 @@ from vllm.lora.layers.row_parallel_linear import RowParallelLinearWithLoRA
 from vllm.lora.layers.vocab_parallel_embedding import VocabParallelEmbeddingWithLoRA
 from vllm.utils.torch_utils import direct_register_custom_op
 
+from moka_core.limits import bank_limits, moka_only_engine, slot_numel
 from moka_kernels import EntryShape, KronEntry, MokaBank
 from moka_kernels.sharding import LayerShard, Run
 from moka_kernels.torch_ops import moka_apply_torch
-from moka_serve.limits import bank_limits, moka_only_engine, slot_numel
 
 from .kernel_metadata import MokaKernelMeta
 

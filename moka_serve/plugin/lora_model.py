@@ -19,10 +19,8 @@ from pathlib import Path
 import torch
 from vllm.lora.lora_model import LoRAModel
 
-from moka_kernels import EntryShape, KronEntry
-from moka_kernels.bank import entries_numel
-from moka_serve.adapter_check import lora_shape_problem, moka_limit_problem, update_size_problem
-from moka_serve.adapter_format import (
+from moka_core.adapter_check import lora_shape_problem, moka_limit_problem, update_size_problem
+from moka_core.adapter_format import (
     CONFIG_NAME,
     PEFT_TYPE,
     config_kind,
@@ -30,6 +28,8 @@ from moka_serve.adapter_format import (
     load_adapter,
     read_config_json,
 )
+from moka_kernels import EntryShape, KronEntry
+from moka_kernels.bank import entries_numel
 
 from .layers import MokaLayerMixin
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from vllm.lora.request import LoRARequest
 from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
 
-from moka_serve.adapter_dir import adapter_folder
+from moka_core.adapter_dir import adapter_folder
 
 RESOLVER_NAME = "moka_dir"
 ENV_DIR = "MOKA_ADAPTER_DIR"
@@ -40,7 +40,7 @@ class MokaDirResolver(LoRAResolver):
 
 def install() -> None:
     """Register the resolver when ``MOKA_ADAPTER_DIR`` names a folder."""
-    from moka_serve import settings
+    from moka_core import settings
 
     root = settings.get(ENV_DIR)
     if root and os.path.isdir(root):

@@ -24,8 +24,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from moka_serve import settings
-from moka_serve.adapter_dir import folder_signature
+from moka_core import settings
+from moka_core.adapter_dir import folder_signature
 
 # Top-level files of an adapter folder bigger than this are not adapter files (the format's own
 # limit for MoKA weights is far lower); they are not copied, and a load that needs one fails.

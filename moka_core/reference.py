@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from moka_serve.adapter_format import (
+from moka_core.adapter_format import (
     PEFT_PREFIX,
     MokaAdapter,
     adapter_kind,
@@ -31,7 +31,7 @@ from moka_serve.adapter_format import (
     load_adapter,
     read_config_json,
 )
-from moka_serve.bnb_cpu import keep_portable_4bit_layout
+from moka_core.bnb_cpu import keep_portable_4bit_layout
 
 LORA_CONFIG_NAME = "adapter_config.json"
 LORA_WEIGHTS_NAME = "adapter_model.safetensors"

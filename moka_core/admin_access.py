@@ -21,8 +21,8 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from moka_serve import settings
-from moka_serve.adapter_dir import stays_inside
+from moka_core import settings
+from moka_core.adapter_dir import stays_inside
 
 ENV_ADMIN_KEY = "MOKA_ADMIN_KEY"
 ENV_ADMIN_ROOTS = "MOKA_ADMIN_ROOTS"

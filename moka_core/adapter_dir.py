@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from moka_serve import settings
+from moka_core import settings
 
 ENV_ALLOW_SYMLINKS = "MOKA_ALLOW_SYMLINKS"
 NAME_MAX_BYTES = 255  # NAME_MAX of Linux file systems

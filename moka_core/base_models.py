@@ -9,7 +9,7 @@ the server use is built here from what is installed:
 * ``build_tiny_llama`` makes a small random Llama with its own BPE tokenizer: fast enough for unit
   tests and an engine start in every test run, deterministic for a seed.
 
-They live in ``moka_serve`` (not the trainer) because ``moka-serve`` with no ``--base`` serves the
+They live in the core (not the trainer) because ``moka-serve`` with no ``--base`` serves the
 embedded model: the server must work without the trainer and its ``train`` extra.
 
 Both are cached: built into a temporary sibling folder, marked complete, then renamed into
@@ -87,7 +87,7 @@ def llama_dims(base_dir: str | Path) -> tuple[dict[str, tuple[int, int]], int]:
 
 def cache_dir() -> Path:
     """Where built models live: ``$MOKA_CACHE`` or ``~/.cache/moka-serve``."""
-    from moka_serve import settings
+    from moka_core import settings
 
     env = settings.get("MOKA_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "moka-serve"
@@ -440,10 +440,10 @@ def tiny_llama_dir() -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m moka_serve.base_models default|tiny``: build if needed, print the folder."""
+    """``python -m moka_core.base_models default|tiny``: build if needed, print the folder."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1 or args[0] not in ("default", "tiny"):
-        print("usage: python -m moka_serve.base_models default|tiny", file=sys.stderr)
+        print("usage: python -m moka_core.base_models default|tiny", file=sys.stderr)
         return 2
     print(materialize_default_base() if args[0] == "default" else tiny_llama_dir())
     return 0

@@ -76,7 +76,7 @@ def lora_slot_bytes(dims: dict[str, tuple[int, int]], layers: int, vocab: int | 
 def table_slot_bytes(layers: int) -> int:
     """Bytes of the MoKA slot tables for one slot (every layer kind, ``MOKA_MAX_COMPONENTS``
     entries per output slice; at TP=1)."""
-    from moka_serve.limits import bank_limits
+    from moka_core.limits import bank_limits
 
     slices = sum(len(parts) for parts in KINDS.values())
     return layers * slices * bank_limits()[0] * TABLE_ROW_BYTES
@@ -85,7 +85,7 @@ def table_slot_bytes(layers: int) -> int:
 def adapter_numel_by_kind(folder: Path) -> dict[str, int]:
     """Factor elements a MoKA adapter takes per layer, by vLLM layer kind (from its config:
     no tensor is read); ``{}`` for a LoRA or an unreadable folder."""
-    from moka_serve.adapter_format import config_kind, read_config_json
+    from moka_core.adapter_format import config_kind, read_config_json
 
     try:
         cfg = read_config_json(folder / "adapter_config.json")

@@ -23,7 +23,7 @@ import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 
-from moka_serve.adapter_format import ComponentShape
+from moka_core.adapter_format import ComponentShape
 
 
 def divisors(n: int) -> list[int]:

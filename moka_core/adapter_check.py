@@ -3,7 +3,7 @@
 vLLM aborts start-up when one ``--lora-modules`` entry fails to load, so ``moka-serve`` leaves
 out, with one warning line each, the folders the engine would refuse: a broken format, module
 shapes of another base, layers the base does not have, MoKA components or factors over the bank
-limits (``moka_serve.limits``), a LoRA rank over ``--max-lora-rank``, non-finite values. These
+limits (``moka_core.limits``), a LoRA rank over ``--max-lora-rank``, non-finite values. These
 are the rules the plugin's loader applies in the engine (``plugin/lora_model.py``); a folder left
 out can still be requested later and then gets the engine's own error.
 """
@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 
-from moka_serve.adapter_format import (
+from moka_core.adapter_format import (
     config_kind,
     first_non_finite,
     load_adapter,
     read_config_json,
 )
-from moka_serve.limits import bank_limits
+from moka_core.limits import bank_limits
 
 Dims = Mapping[str, tuple[int, int]]
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
@@ -33,7 +33,7 @@ DEFAULT_MAX_LORA_RANK = 16  # vLLM's default for --max-lora-rank
 
 def base_shape(base: str | Path) -> tuple[dict[str, tuple[int, int]], int] | None:
     """Projection dims and layer count of a local Llama-style base, or None if unknown."""
-    from moka_serve.base_models import llama_dims
+    from moka_core.base_models import llama_dims
 
     try:
         return llama_dims(base)
@@ -69,7 +69,7 @@ def _layer_problem(module: str, layers: int) -> str | None:
 def moka_limit_problem(
     module: str, A: list[torch.Tensor | None], B: list[torch.Tensor]
 ) -> str | None:
-    """Why one module of a MoKA adapter exceeds the bank limits (``moka_serve.limits``), or
+    """Why one module of a MoKA adapter exceeds the bank limits (``moka_core.limits``), or
     None. The one rule for the start-up precheck and the engine's loader."""
     max_components, max_numel = bank_limits()
     if len(B) > max_components:

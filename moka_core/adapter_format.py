@@ -266,6 +266,28 @@ def _validate_target(name: str, spec: TargetSpec, identity_a: bool) -> None:
             )
 
 
+def kron_sum(
+    shapes,
+    a_list: list[torch.Tensor | None] | None,
+    b_list: list[torch.Tensor],
+    coeff: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """The dense update ``sum_i c_i kron(A_i, B_i)`` (``A_i`` None, or no list: the identity of
+    MoKAs; no ``coeff``: every c_i = 1) in ``dtype``: the one reference formula that the
+    format's readers, the PEFT layer's merge and the tests share (kernels have their own
+    ``naive.py`` over a bank)."""
+    out = None
+    for i, (shape, b) in enumerate(zip(shapes, b_list, strict=True)):
+        a = None if a_list is None else a_list[i]
+        a = torch.eye(shape.m1, dtype=dtype, device=b.device) if a is None else a.to(dtype)
+        term = torch.kron(a, b.to(dtype))
+        if coeff is not None:
+            term = coeff[i].to(dtype) * term
+        out = term if out is None else out + term
+    return out
+
+
 @dataclass
 class MokaModuleWeights:
     """Trained tensors of one adapted module; ``A[i]`` is None when it is the identity (mokas)."""
@@ -294,12 +316,7 @@ class FoldedModule:
 
     def delta_weight(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """Dense (out_features, in_features) update, for reference and tests."""
-        out = None
-        for shape, a, b in zip(self.shapes, self.A, self.B, strict=True):
-            a = torch.eye(shape.m1, dtype=dtype) if a is None else a.to(dtype)
-            term = torch.kron(a, b.to(dtype))
-            out = term if out is None else out + term
-        return out
+        return kron_sum(self.shapes, self.A, self.B, None, dtype)
 
 
 @dataclass
@@ -345,12 +362,7 @@ class MokaAdapter:
     def delta_weight(self, module_path: str, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """Dense (out, in) update scaling * sum_i alpha_i kron(A_i, B_i): the reference math."""
         w, spec = self._module(module_path)
-        c = self._constants(w)
-        out = torch.zeros(spec.out_features, spec.in_features, dtype=dtype)
-        for i, (shape, a, b) in enumerate(zip(spec.components, w.A, w.B, strict=True)):
-            a = torch.eye(shape.m1, dtype=dtype) if a is None else a.to(dtype)
-            out += c[i].to(dtype) * torch.kron(a, b.to(dtype))
-        return out
+        return kron_sum(spec.components, w.A, w.B, self._constants(w), dtype)
 
     def fold(self, dtype: torch.dtype | None = None) -> dict[str, FoldedModule]:
         """Fold gates and scaling into the factors for inference.

@@ -19,7 +19,7 @@ precheck (which leaves out folders the engine would refuse), so both give the sa
 
 from __future__ import annotations
 
-from moka_serve import settings
+from moka_core import settings
 
 DEFAULT_MAX_COMPONENTS = settings.SETTINGS["MOKA_MAX_COMPONENTS"].default
 DEFAULT_MAX_FACTOR_NUMEL = settings.SETTINGS["MOKA_MAX_FACTOR_NUMEL"].default
