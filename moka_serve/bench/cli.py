@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("soak", help="streams over many adapters while faults change the disk")
     add_soak_args(k)
 
-    from moka_core.slots import add_slots_args
+    from .slots import add_slots_args
 
     m = sub.add_parser("slots", help="adapter latency against the memory given to slots")
     add_slots_args(m)
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return cmd_soak(args)
         if args.command == "slots":
-            from moka_core.slots import cmd_slots
+            from .slots import cmd_slots
 
             return cmd_slots(args)
         from .compare import cmd_compare
