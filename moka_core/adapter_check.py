@@ -23,7 +23,7 @@ from moka_core.adapter_format import (
     load_adapter,
     read_config_json,
 )
-from moka_core.limits import bank_limits
+from moka_core.limits import bank_limits, kernel_entries
 
 Dims = Mapping[str, tuple[int, int]]
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
@@ -70,12 +70,19 @@ def moka_limit_problem(
     module: str, A: list[torch.Tensor | None], B: list[torch.Tensor]
 ) -> str | None:
     """Why one module of a MoKA adapter exceeds the bank limits (``moka_core.limits``), or
-    None. The one rule for the start-up precheck and the engine's loader."""
+    None. The one rule for the start-up precheck and the engine's loader.
+
+    Components count as the kernels store them: all rank-1 components of a module (``(m, 1)
+    (x) (1, n)``, ``moka-train``'s ``mixed`` family) are one low-rank entry, so a rank-8-sized
+    ``mixed`` adapter is two entries, not eight. The factor cap holds per component."""
     max_components, max_numel = bank_limits()
-    if len(B) > max_components:
+    identity = any(a is None for a in A)
+    shapes = [(*(b.shape if a is None else a.shape), *b.shape) for a, b in zip(A, B, strict=True)]
+    terms = kernel_entries(shapes, identity_a=identity)
+    if terms > max_components:
         return (
-            f"module {module!r}: {len(B)} components exceed the limit of {max_components} per "
-            "module (MOKA_MAX_COMPONENTS)"
+            f"module {module!r}: {terms} components exceed the limit of {max_components} per "
+            "module (MOKA_MAX_COMPONENTS; a module's rank-1 components count as one)"
         )
     for name, factors in (("A", A), ("B", B)):
         for t in factors:

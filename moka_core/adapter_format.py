@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 from moka_kernels import KronEntry
+from moka_kernels.bank import group_rank_one
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "adapter_config.json"
@@ -311,8 +312,11 @@ class FoldedModule:
     B: list[torch.Tensor]
 
     def kron_entries(self, slice: int = 0) -> list[KronEntry]:
-        """The folded components as kernel entries (``moka_kernels.MokaBank.write_slot``)."""
-        return [KronEntry(b=b, a=a, slice=slice) for a, b in zip(self.A, self.B, strict=True)]
+        """The folded components as kernel entries (``moka_kernels.MokaBank.write_slot``), the
+        rank-1 ones stacked into one low-rank entry (``moka_kernels.bank.group_rank_one``):
+        r rank-1 components then cost the kernels one shrink and one expand, as a rank-r LoRA."""
+        terms = [KronEntry(b=b, a=a, slice=slice) for a, b in zip(self.A, self.B, strict=True)]
+        return group_rank_one(terms)
 
     def delta_weight(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """Dense (out_features, in_features) update, for reference and tests."""

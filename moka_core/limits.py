@@ -4,7 +4,8 @@ Shared by the plugin's layers (which size their banks with them) and ``moka-serv
 precheck (which leaves out folders the engine would refuse), so both give the same verdict.
 
 * ``MOKA_MAX_COMPONENTS`` (default 4): Kronecker components per adapted module (per output
-  slice of a fused layer: q, k and v of ``qkv_proj`` each get this many).
+  slice of a fused layer: q, k and v of ``qkv_proj`` each get this many). It bounds the
+  kernels' entries, so a module's rank-1 components, applied as one rank-r pair, count as one.
 * ``MOKA_MAX_FACTOR_NUMEL`` (default 4096): elements of one A or B factor.
 * ``MOKA_SLOT_NUMEL`` (default: room for every slot full at those caps): factor elements the
   pool of one layer holds per slot, on average: the pool of a layer is ``max_loras`` times this.
@@ -19,10 +20,23 @@ precheck (which leaves out folders the engine would refuse), so both give the sa
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+
 from moka_core import settings
 
 DEFAULT_MAX_COMPONENTS = settings.SETTINGS["MOKA_MAX_COMPONENTS"].default
 DEFAULT_MAX_FACTOR_NUMEL = settings.SETTINGS["MOKA_MAX_FACTOR_NUMEL"].default
+
+
+def kernel_entries(shapes: Iterable[Sequence[int]], identity_a: bool = False) -> int:
+    """Entries the kernels hold for one module's components ``(m1, n1, m2, n2)``: its rank-1
+    components (``(m, 1, 1, n)`` or ``(1, n, m, 1)``, never with an identity A) together are
+    one (``moka_kernels.bank.group_rank_one``); what ``MOKA_MAX_COMPONENTS`` bounds."""
+    shapes = [tuple(s) for s in shapes]
+    rank_one = 0
+    if not identity_a:
+        rank_one = sum((n1 == 1 and m2 == 1) or (m1 == 1 and n2 == 1) for m1, n1, m2, n2 in shapes)
+    return len(shapes) - rank_one + (1 if rank_one else 0)
 
 
 def bank_limits() -> tuple[int, int]:

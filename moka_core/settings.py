@@ -81,7 +81,8 @@ SETTINGS: dict[str, Setting] = {
     s.name: s
     for s in (
         Setting("MOKA_MAX_COMPONENTS", 4, parse_positive_int, "4",
-                "Kronecker components per adapted module (per slice of a fused layer)"),
+                "Kronecker components per adapted module (per slice of a fused layer); "
+                "its rank-1 components count as one"),
         Setting("MOKA_MAX_FACTOR_NUMEL", 4096, parse_positive_int, "4096",
                 "elements of one A or B factor"),
         Setting("MOKA_SLOT_NUMEL", None, parse_slot_numel,

@@ -22,6 +22,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from moka_kernels.bank import NUM_FIELDS
+
 # vLLM module (layer kind) -> the checkpoint modules packed into it, in slice order.
 KINDS = {
     "qkv_proj": ("q_proj", "k_proj", "v_proj"),
@@ -31,7 +33,7 @@ KINDS = {
 }
 DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2, "auto": 4}
 # One row of a MoKA bank's slot table: ``moka_kernels.bank.NUM_FIELDS`` int32 fields.
-TABLE_ROW_BYTES = 11 * 4
+TABLE_ROW_BYTES = NUM_FIELDS * 4
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,16 @@ reading ``n1*n2`` consecutive input columns. An unsharded component covers its w
 every input column; under tensor parallelism a component becomes a few entries that each cover
 part of a rank's rows or columns (``moka_kernels.sharding``). The components of a mixture are
 several entries on the same slice.
+
+*Low-rank entries.* A rank-1 component ``kron(a, b)`` with ``a`` an ``(m, 1)`` column and ``b`` a
+``(1, n)`` row is the outer product ``a @ b``; ``moka-train``'s default ``mixed`` family has one
+balanced Kronecker component and several of these. :func:`group_rank_one` stacks all rank-1
+components of a slice into one entry of rank ``r``: ``U = [a_1 .. a_r]`` ``(m, r)`` and
+``V = [b_1; ..; b_r]`` ``(r, n)``, applied as ``U @ (V @ x)`` (a LoRA's shrink and expand), so
+r components cost one pair of small GEMMs instead of r. Its table row reads ``m1 = m, n1 = 1,
+m2 = 1, n2 = n`` (rows ``m1*m2``, columns ``n1*n2``, as for any entry) and ``RANK = r``; A and B
+are stored ``(m, r)`` and ``(r, n)``, row-major. Every entry with ``n1 == m2 == 1`` and a stored
+A is low-rank (rank 1 included) and the kernels apply it as such.
 """
 
 from __future__ import annotations
@@ -41,8 +51,10 @@ from dataclasses import dataclass
 import torch
 
 # Column indices of ``MokaBank.table``.
-M1, N1, M2, N2, IDENTITY_A, A_FIRST, OUT_OFFSET, SLICE, IN_OFFSET, A_START, B_START = range(11)
-NUM_FIELDS = 11
+M1, N1, M2, N2, IDENTITY_A, A_FIRST, OUT_OFFSET, SLICE, IN_OFFSET, A_START, B_START, RANK = range(
+    12
+)
+NUM_FIELDS = 12
 
 
 @dataclass(frozen=True)
@@ -53,6 +65,9 @@ class KronEntry:
     from ``out_offset`` (relative to the slice's start) and ``cols`` the ``n1*n2`` input columns
     from ``in_offset``. ``a is None`` means A is the identity ``I_k`` (the MoKAs variant), never
     materialised; ``k`` is ``identity_size``, or ``in_features // b.shape[1]`` when None.
+
+    ``rank > 1`` makes it a low-rank entry (module docstring): ``a`` is ``U`` ``(m, rank)``, ``b``
+    is ``V`` ``(rank, n)`` and the term is ``U @ V`` (:func:`group_rank_one` builds them).
     """
 
     b: torch.Tensor
@@ -61,6 +76,7 @@ class KronEntry:
     out_offset: int = 0
     in_offset: int = 0
     identity_size: int | None = None
+    rank: int = 1
 
 
 @dataclass(frozen=True)
@@ -76,11 +92,65 @@ class EntryShape:
     out_offset: int  # absolute: the slice's offset plus the entry's own
     slice: int
     in_offset: int = 0
+    rank: int = 1
+
+    @property
+    def low_rank(self) -> bool:
+        """Applied as ``U @ (V @ x)`` (module docstring): an ``(m, 1) (x) (1, n)`` term or a
+        group of them."""
+        return self.n1 == 1 and self.m2 == 1 and not self.identity_a
 
     @property
     def numel(self) -> int:
         """Factor elements the entry stores (an identity A stores none)."""
-        return (0 if self.identity_a else self.m1 * self.n1) + self.m2 * self.n2
+        return self.rank * ((0 if self.identity_a else self.m1 * self.n1) + self.m2 * self.n2)
+
+    @property
+    def a_shape(self) -> tuple[int, int]:
+        """How A is stored: ``(m1, n1)``, or ``U``'s ``(m, rank)`` for a low-rank entry."""
+        return (self.m1, self.n1 * self.rank)
+
+    @property
+    def b_shape(self) -> tuple[int, int]:
+        """How B is stored: ``(m2, n2)``, or ``V``'s ``(rank, n)`` for a low-rank entry."""
+        return (self.m2 * self.rank, self.n2)
+
+
+def is_rank_one(a: torch.Tensor | None, b: torch.Tensor) -> bool:
+    """Whether ``kron(a, b)`` is an outer product: ``(m, 1) (x) (1, n)`` or ``(1, n) (x) (m, 1)``."""
+    if a is None:
+        return False
+    return (a.shape[1] == 1 and b.shape[0] == 1) or (a.shape[0] == 1 and b.shape[1] == 1)
+
+
+def group_rank_one(entries: Sequence[KronEntry]) -> list[KronEntry]:
+    """The same update with every slice's rank-1 terms stacked into one low-rank entry.
+
+    Only whole, unsharded terms (offsets 0) are grouped; the others are kept as they are, in
+    their order, and the group of a slice takes the place of its first rank-1 term. A term
+    ``(1, n) (x) (m, 1)`` is the outer product ``b @ a`` and joins as ``(b, a)``.
+    """
+    out: list[KronEntry | list[KronEntry]] = []
+    groups: dict[int, list[KronEntry]] = {}
+    for e in entries:
+        if e.rank != 1 or e.out_offset or e.in_offset or not is_rank_one(e.a, e.b):
+            out.append(e)
+            continue
+        u, v = (e.a, e.b) if e.a.shape[1] == 1 else (e.b, e.a)
+        term = KronEntry(b=v, a=u, slice=e.slice)
+        if e.slice not in groups:
+            groups[e.slice] = []
+            out.append(groups[e.slice])
+        groups[e.slice].append(term)
+    result = []
+    for item in out:
+        if isinstance(item, KronEntry):
+            result.append(item)
+        else:
+            u = torch.cat([t.a for t in item], dim=1)
+            v = torch.cat([t.b for t in item], dim=0)
+            result.append(KronEntry(b=v, a=u, slice=item[0].slice, rank=len(item)))
+    return result
 
 
 def entries_numel(shapes: Sequence[EntryShape]) -> int:
@@ -220,6 +290,16 @@ class MokaBank:
             if e.b.dim() != 2:
                 raise ValueError(f"entry {i}: B must be 2-D, got shape {tuple(e.b.shape)}")
             m2, n2 = e.b.shape
+            rank = e.rank
+            if rank > 1:  # a low-rank entry: U (m, rank), V (rank, n)
+                if e.a is None or e.a.dim() != 2 or e.a.shape[1] != rank or m2 != rank:
+                    raise ValueError(
+                        f"entry {i}: a rank-{rank} entry needs A (m, {rank}) and B ({rank}, n), "
+                        f"got {None if e.a is None else tuple(e.a.shape)} and {tuple(e.b.shape)}"
+                    )
+                m2 = 1
+            elif rank < 1:
+                raise ValueError(f"entry {i}: rank must be at least 1, got {rank}")
             if e.a is None:
                 if e.identity_size is None and self.in_features % n2:
                     raise ValueError(
@@ -229,7 +309,7 @@ class MokaBank:
             else:
                 if e.a.dim() != 2:
                     raise ValueError(f"entry {i}: A must be 2-D, got shape {tuple(e.a.shape)}")
-                m1, n1 = e.a.shape
+                m1, n1 = e.a.shape[0], e.a.shape[1] // rank
             if min(m1, n1, m2, n2) < 1:
                 raise ValueError(f"entry {i}: empty factor ({m1}x{n1} (x) {m2}x{n2})")
             if e.in_offset < 0 or e.in_offset + n1 * n2 > self.in_features:
@@ -258,7 +338,9 @@ class MokaBank:
             ident = e.a is None
             a_first = choose_a_first(m1, n1, m2, n2, ident)
             offset = self.slice_offsets[e.slice] + e.out_offset
-            shapes.append(EntryShape(m1, n1, m2, n2, ident, a_first, offset, e.slice, e.in_offset))
+            shapes.append(
+                EntryShape(m1, n1, m2, n2, ident, a_first, offset, e.slice, e.in_offset, rank)
+            )
         numel = entries_numel(shapes)
         if numel > self.pool_numel:
             raise ValueError(
@@ -316,15 +398,15 @@ class MokaBank:
             a_start = pos
             if e.a is not None:
                 parts.append(e.a.reshape(-1))
-                pos += s.m1 * s.n1
+                pos += e.a.numel()
             parts.append(e.b.reshape(-1))
             rows.append(
                 [
                     *(s.m1, s.n1, s.m2, s.n2, int(s.identity_a), int(s.a_first)),
-                    *(s.out_offset, s.slice, s.in_offset, a_start, pos),
+                    *(s.out_offset, s.slice, s.in_offset, a_start, pos, s.rank),
                 ]
             )
-            pos += s.m2 * s.n2
+            pos += e.b.numel()
         if self.pool is not None and parts:
             flat = torch.cat([p.to(self.pool.dtype) for p in parts])
             self.pool[start : start + numel].copy_(flat)
@@ -401,19 +483,21 @@ class MokaBank:
             store, starts, pos = self.cpu.packed[slot], [], 0
             for s in self.entries[slot]:
                 a_start = pos
-                pos += 0 if s.identity_a else s.m1 * s.n1
+                pos += 0 if s.identity_a else s.m1 * s.n1 * s.rank
                 starts.append((a_start, pos))
-                pos += s.m2 * s.n2
+                pos += s.m2 * s.n2 * s.rank
         views = []
         for s, (a0, b0) in zip(self.entries[slot], starts, strict=True):
-            a = None if s.identity_a else store[a0 : a0 + s.m1 * s.n1].view(s.m1, s.n1)
-            views.append((a, store[b0 : b0 + s.m2 * s.n2].view(s.m2, s.n2), s))
+            (am, an), (bm, bn) = s.a_shape, s.b_shape
+            a = None if s.identity_a else store[a0 : a0 + am * an].view(am, an)
+            views.append((a, store[b0 : b0 + bm * bn].view(bm, bn), s))
         return views
 
     def factors(
         self, slot: int, index: int
     ) -> tuple[torch.Tensor | None, torch.Tensor, EntryShape]:
-        """Views of entry ``index`` of ``slot``: ``(A or None, B, shape)``."""
+        """Views of entry ``index`` of ``slot``: ``(A or None, B, shape)`` (``U``, ``V`` for a
+        low-rank entry)."""
         return self.views[slot][index]
 
 

@@ -20,7 +20,11 @@ def delta_weight(bank: MokaBank, slot: int, dtype: torch.dtype = torch.float64) 
         a = torch.eye(s.m1, dtype=dtype, device=bank.device) if a is None else a.to(dtype)
         rows = slice(s.out_offset, s.out_offset + s.m1 * s.m2)
         cols = slice(s.in_offset, s.in_offset + s.n1 * s.n2)
-        delta[rows, cols] += torch.kron(a, b.to(dtype))
+        if s.rank > 1:  # a low-rank entry: the sum of its rank-1 Kronecker terms
+            for j in range(s.rank):
+                delta[rows, cols] += torch.kron(a[:, j : j + 1], b[j : j + 1].to(dtype))
+        else:
+            delta[rows, cols] += torch.kron(a, b.to(dtype))
     return delta
 
 

@@ -130,6 +130,8 @@ class LayerShard:
             raise ValueError("only whole (unsharded) terms can be sharded")
         if self.is_whole:
             return [entry]
+        if entry.rank > 1:
+            return self._shard_low_rank(entry)
         m2, n2 = entry.b.shape
         if entry.a is None:
             m1 = n1 = entry.identity_size or self.in_features // n2
@@ -167,6 +169,29 @@ class LayerShard:
                             in_offset=in_offset,
                         )  # fmt: skip
                     out.append(piece)
+            local_row += row_len
+        return out
+
+    def _shard_low_rank(self, entry: KronEntry) -> list[KronEntry]:
+        """A low-rank entry ``U @ V``: one piece per run of rows, ``U``'s rows times ``V``'s
+        columns (a LoRA's B and A shards)."""
+        u, v = entry.a, entry.b
+        width = self.slice_widths[entry.slice]
+        if u is None or u.shape[0] != width or v.shape[1] != self.in_features:
+            raise ValueError(
+                f"low-rank term {None if u is None else tuple(u.shape)} x {tuple(v.shape)} does "
+                f"not cover the layer's {width}x{self.in_features} slice"
+            )
+        col_start, col_len = self.cols
+        v_piece = v[:, col_start : col_start + col_len].contiguous()
+        out, local_row = [], 0
+        for row_start, row_len in self.rows[entry.slice]:
+            u_piece = u[row_start : row_start + row_len].contiguous()
+            out.append(
+                KronEntry(
+                    b=v_piece, a=u_piece, slice=entry.slice, out_offset=local_row, rank=entry.rank
+                )
+            )
             local_row += row_len
         return out
 

@@ -6,7 +6,8 @@ For the tokens ``idx`` of one slot and one entry with factors A (m1, n1) and B (
     Y = A @ (X @ B.T)          # or (A @ X) @ B.T, whichever is cheaper (bank.choose_a_first)
     y[idx, off:off + m1*m2] += Y.reshape(T, m1*m2)
 
-Two batched GEMMs per entry, never the dense ``kron``. Grouping happens on the host; that is
+Two batched GEMMs per entry, never the dense ``kron``; a low-rank entry (``bank``: a slice's
+rank-1 components stacked) is ``(x @ V.T) @ U.T``, a LoRA's shrink and expand. Grouping happens on the host; that is
 fine on CPU, where vLLM runs LoRA models eagerly. Tokens with slot -1 are never touched.
 """
 
@@ -24,6 +25,8 @@ PLAN_MAX_TOKENS = 64
 # One adapter takes the gathered path only for this many tokens: beyond, copying its factors
 # per token costs more (on Llama-3-8B shapes at 64 tokens) than multiplying them shared.
 ONE_ADAPTER_GATHER_MAX_TOKENS = 16
+# How a gathered entry multiplies (``_GatherPlan.entries``).
+A_FIRST, B_FIRST, LOW_RANK = range(3)
 
 
 def kron_matmul(
@@ -182,8 +185,11 @@ def _apply_one_slot(
     out = y if direct else torch.zeros(n, bank.out_features, dtype=dtype, device=x.device)
     for a, b, s in bank.views[slot]:
         a = None if a is None else a.to(dtype)
-        xm = xs[:, s.in_offset : s.in_offset + s.n1 * s.n2].view(n, s.n1, s.n2)
-        ym = kron_matmul(xm, a, b.to(dtype), s.a_first)
+        xc = xs[:, s.in_offset : s.in_offset + s.n1 * s.n2]
+        if s.low_rank:  # U @ (V @ x): a LoRA's shrink and expand
+            ym = (xc @ b.to(dtype).t()) @ a.t()
+        else:
+            ym = kron_matmul(xc.view(n, s.n1, s.n2), a, b.to(dtype), s.a_first)
         out[:, s.out_offset : s.out_offset + s.m1 * s.m2].add_(ym.view(n, -1))
     if direct:
         return
@@ -205,10 +211,11 @@ class _GatherPlan:
 
     gathered: torch.Tensor  # (n, packed width)
     # per entry: input columns, (n1, n2), A view (n, m1, n1) or None, B^T view (n, n2, m2),
-    # a_first, output view (n, m1, m2), whether it overwrites its output (the first entry into
-    # a slice it covers whole) rather than accumulating
+    # the order (A_FIRST, B_FIRST or LOW_RANK), output view (n, m1, m2), whether it overwrites
+    # its output (the first entry into a slice it covers whole) rather than accumulating. A
+    # low-rank entry's views: x as (n, 1, in), U^T (n, r, m), V^T (n, in, r), output (n, 1, m).
     entries: list[
-        tuple[slice, tuple[int, int], torch.Tensor | None, torch.Tensor, bool, torch.Tensor, bool]
+        tuple[slice, tuple[int, int], torch.Tensor | None, torch.Tensor, int, torch.Tensor, bool]
     ]
     outs: list[tuple[int, int, torch.Tensor]]  # (offset, width, (n, width) buffer) per slice
     zero_first: list[torch.Tensor]  # slice buffers whose first entry covers only part of them
@@ -250,11 +257,16 @@ def _gather_plan(bank: MokaBank, slot: int, n: int) -> _GatherPlan:
     pos = 0
     for s in bank.entries[slot]:
         a = None
+        (am, an), (bm, bn) = s.a_shape, s.b_shape
         if not s.identity_a:
-            a = gathered[:, pos : pos + s.m1 * s.n1].view(n, s.m1, s.n1)
-            pos += s.m1 * s.n1
-        bt = gathered[:, pos : pos + s.m2 * s.n2].view(n, s.m2, s.n2).mT
-        pos += s.m2 * s.n2
+            a = gathered[:, pos : pos + am * an].view(n, am, an)
+            pos += am * an
+        bt = gathered[:, pos : pos + bm * bn].view(n, bm, bn).mT
+        pos += bm * bn
+        if s.low_rank:
+            order, a, n12, out_shape = LOW_RANK, a.mT, (1, s.n2), (1, s.m1)
+        else:
+            order, n12, out_shape = (A_FIRST if s.a_first else B_FIRST), (s.n1, s.n2), (s.m1, s.m2)
         first = s.slice not in outs
         if first:
             outs[s.slice] = out_rows[s.slice][:n]
@@ -263,9 +275,9 @@ def _gather_plan(bank: MokaBank, slot: int, n: int) -> _GatherPlan:
         whole = start == 0 and s.m1 * s.m2 == bank.slice_widths[s.slice]
         if first and not whole:
             zero_first.append(outs[s.slice])
-        dst = outs[s.slice][:, start : start + s.m1 * s.m2].view(n, s.m1, s.m2)
+        dst = outs[s.slice][:, start : start + s.m1 * s.m2].view(n, *out_shape)
         cols = slice(s.in_offset, s.in_offset + s.n1 * s.n2)
-        entries.append((cols, (s.n1, s.n2), a, bt, s.a_first, dst, first and whole))
+        entries.append((cols, n12, a, bt, order, dst, first and whole))
     plan = _GatherPlan(
         gathered,
         entries,
@@ -306,11 +318,13 @@ def _apply_gathered(
     torch.index_select(bank.cpu.packed, 0, tok_slots, out=plan.gathered)
     for out in plan.zero_first:
         out.zero_()
-    for cols, n12, a, bt, a_first, dst, overwrite in plan.entries:
+    for cols, n12, a, bt, order, dst, overwrite in plan.entries:
         xm = xs[:, cols].view(n, *n12)
         if a is None:
             p, q = xm, bt
-        elif a_first:
+        elif order == LOW_RANK:  # (x V^T) U^T
+            p, q = torch.bmm(xm, bt), a
+        elif order == A_FIRST:
             p, q = torch.bmm(a, xm), bt
         else:
             p, q = a, torch.bmm(xm, bt)

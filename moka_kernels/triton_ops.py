@@ -18,6 +18,12 @@ Two forms, chosen from the batch's token->slot grouping (``form="auto"``):
 The association ``A @ (X @ B.T)`` or ``(A @ X) @ B.T`` is chosen per entry when the adapter is
 written (``bank.choose_a_first``); identity A factors (MoKAs) skip the second GEMM.
 
+Low-rank entries (``bank``: a slice's rank-1 components stacked as ``U (m, r)``, ``V (r, n)``)
+take a GEMV-shaped path instead of the Kronecker tiles, which would pad their 1-wide factors to
+64 and recompute ``V @ x`` for every block of output rows: ``z = x @ V.T`` once over the input,
+then ``y += z @ U.T`` block by block, the rank tiled by ``LOW_RANK_BLOCK_R``. Its token tile has
+``LOW_RANK_T = 16`` rows (``tl.dot``'s minimum), of which the decode form uses one.
+
 Under ``TRITON_INTERPRET=1`` (CPU) the interpreter's bf16 ``tl.dot`` returns garbage, so tiles are
 cast to fp32 there. fp32 inputs use IEEE fp32 dots (no TF32) everywhere.
 
@@ -42,6 +48,10 @@ PREFILL_BLOCK_T = 16
 # (BLOCK_1, BLOCK_2): tile sizes along the A-factor and B-factor dimensions, per form.
 DECODE_BLOCKS = (64, 64)
 PREFILL_BLOCKS = (16, 32)
+# Low-rank entries: token rows per tile, rank columns per tile, input/output width per tile.
+LOW_RANK_T = 16
+LOW_RANK_BLOCK_R = 16
+LOW_RANK_BLOCK_N = 64
 
 
 def interpreting() -> bool:
@@ -154,12 +164,50 @@ def _apply_a_first(
 
 
 @triton.jit
+def _apply_low_rank(
+    x_rows, t_mask, y_rows, a_base, b_base, m, n, rank, off,
+    LR_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, CAST_F32: tl.constexpr,
+):  # fmt: skip
+    """``Y = (X @ V.T) @ U.T`` for up to ``LR_T`` tokens: ``x_rows``/``y_rows`` point at each
+    token's first input column and its output row; ``U`` is ``(m, rank)``, ``V`` ``(rank, n)``."""
+    rr = tl.arange(0, BLOCK_R)
+    rn = tl.arange(0, BLOCK_N)
+    for r0 in range(0, rank, BLOCK_R):
+        r = r0 + rr
+        z = tl.zeros((LR_T, BLOCK_R), dtype=tl.float32)
+        for j0 in range(0, n, BLOCK_N):
+            j = j0 + rn
+            x_tile = tl.load(
+                x_rows[:, None] + j[None, :], mask=t_mask[:, None] & (j < n)[None, :], other=0.0
+            )
+            vt_tile = tl.load(
+                b_base + r[None, :] * n + j[:, None],
+                mask=(j < n)[:, None] & (r < rank)[None, :],
+                other=0.0,
+            )
+            z += _dot(x_tile, vt_tile, CAST_F32)
+        for i0 in range(0, m, BLOCK_N):
+            i = i0 + rn
+            ut_tile = tl.load(
+                a_base + i[None, :] * rank + r[:, None],
+                mask=(r < rank)[:, None] & (i < m)[None, :],
+                other=0.0,
+            )
+            acc = _dot(z.to(ut_tile.dtype), ut_tile, CAST_F32)
+            y_ptrs = y_rows[:, None] + off + i[None, :]
+            y_mask = t_mask[:, None] & (i < m)[None, :]
+            y_old = tl.load(y_ptrs, mask=y_mask, other=0.0)
+            tl.store(y_ptrs, (y_old.to(tl.float32) + acc).to(y_old.dtype), mask=y_mask)
+
+
+@triton.jit
 def _moka_kernel(
     x_ptr, y_ptr, sorted_tok_ptr, sorted_slot_ptr, group_start_ptr,
     pool_ptr, table_ptr, num_tokens,
     stride_xt, stride_yt, stride_ts, stride_te,
     NUM_ENTRIES: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_1: tl.constexpr,
-    BLOCK_2: tl.constexpr, CAST_F32: tl.constexpr,
+    BLOCK_2: tl.constexpr, CAST_F32: tl.constexpr, LR_T: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     start = tl.load(group_start_ptr + tl.program_id(0))
     slice_id = tl.program_id(1)
@@ -179,6 +227,12 @@ def _moka_kernel(
     tc_in = ct < num_tokens
     tc_mask = tc_in & (tl.load(sorted_slot_ptr + ct, mask=tc_in, other=-1) == slot)
     tok_c = tl.load(sorted_tok_ptr + ct, mask=tc_mask, other=0).to(tl.int64)
+    # The low-rank path's token rows: the group's BLOCK_T tokens in a tile of LR_T rows.
+    lr = tl.arange(0, LR_T)
+    lt = start + lr
+    lt_in = (lr < BLOCK_T) & (lt < num_tokens)
+    lt_mask = lt_in & (tl.load(sorted_slot_ptr + lt, mask=lt_in, other=-1) == slot)
+    tok_l = tl.load(sorted_tok_ptr + lt, mask=lt_mask, other=0).to(tl.int64)
 
     for e in range(NUM_ENTRIES):
         row = table_ptr + slot * stride_ts + e * stride_te
@@ -193,7 +247,13 @@ def _moka_kernel(
             x_col = tl.load(row + 8)  # the entry's first input column
             a_base = pool_ptr + tl.load(row + 9).to(tl.int64)  # where A and B start in the pool
             b_base = pool_ptr + tl.load(row + 10).to(tl.int64)
-            if a_first != 0:
+            if (n1 == 1) & (m2 == 1) & (ident == 0):  # low-rank: U (m1, rank), V (rank, n2)
+                _apply_low_rank(
+                    x_ptr + tok_l * stride_xt + x_col, lt_mask, y_ptr + tok_l * stride_yt,
+                    a_base, b_base, m1, n2, tl.load(row + 11), off,
+                    LR_T, BLOCK_R, BLOCK_N, CAST_F32,
+                )  # fmt: skip
+            elif a_first != 0:
                 _apply_a_first(
                     x_ptr + tok_c * stride_xt + x_col, tc_mask, y_ptr + tok_r * stride_yt, tr_mask,
                     a_base, b_base, m1, n1, m2, n2, off, BLOCK_T, BLOCK_1, BLOCK_2, CAST_F32,
@@ -296,7 +356,7 @@ def _moka_apply_op(
         x, y, order, sorted_slots, starts, pool, table, n,
         x.stride(0), y.stride(0), table.stride(0), table.stride(1),
         NUM_ENTRIES=table.shape[1], BLOCK_T=block_t, BLOCK_1=block_1, BLOCK_2=block_2,
-        CAST_F32=cast_f32,
+        CAST_F32=cast_f32, LR_T=LOW_RANK_T, BLOCK_R=LOW_RANK_BLOCK_R, BLOCK_N=LOW_RANK_BLOCK_N,
     )  # fmt: skip
 
 
@@ -336,4 +396,4 @@ def moka_apply_triton(
     )
 
 
-assert NUM_FIELDS == 11  # the kernel reads table fields 0..10 by position
+assert NUM_FIELDS == 12  # the kernel reads table fields 0..11 by position

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from moka_core.limits import DEFAULT_MAX_COMPONENTS, DEFAULT_MAX_FACTOR_NUMEL
+from moka_core.limits import DEFAULT_MAX_COMPONENTS, DEFAULT_MAX_FACTOR_NUMEL, kernel_entries
 from moka_core.shapes import lora_params, parse_budget, parse_shapes, plan_shapes
 from moka_peft.config import default_scaling
 
@@ -93,7 +93,8 @@ def count_base_params(model: nn.Module) -> int:
 def serving_notes(shapes: dict) -> list[str]:
     """What ``moka-serve`` needs beyond its default bank limits to serve these shapes."""
     notes = []
-    r = max(len(v) for v in shapes.values())
+    # The server counts a module's rank-1 components as one entry (moka_kernels.group_rank_one).
+    r = max(kernel_entries(c.as_list() for c in v) for v in shapes.values())
     if r > DEFAULT_MAX_COMPONENTS:
         notes.append(
             f"{r} components per module: serve with MOKA_MAX_COMPONENTS={r} (moka-serve's "

@@ -618,10 +618,10 @@ def test_loaded_adapter_through_kernel_bank_equals_merged_delta(tmp_path, varian
         target = loaded.config.target_for(path)
         out_f, in_f = DIMS[target]
         shapes = loaded.config.targets[target].components
-        bank = MokaBank(
-            2, len(shapes), max(c.m1 * c.n1 for c in shapes), max(c.m2 * c.n2 for c in shapes),
-            in_f, out_f, torch.float64,
-        )  # fmt: skip
+        # one cap for A and B, as the server's banks have: a (1, n) (x) (m, 1) term is stored
+        # as the outer product's column and row, its factors' roles swapped
+        cap = max(max(c.m1 * c.n1, c.m2 * c.n2) for c in shapes)
+        bank = MokaBank(2, len(shapes), cap, cap, in_f, out_f, torch.float64)
         bank.write_slot(1, folded[path].kron_entries())
         x = torch.randn(4, in_f, dtype=torch.float64)
         y = torch.zeros(4, out_f, dtype=torch.float64)

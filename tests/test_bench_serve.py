@@ -124,7 +124,7 @@ def test_serve_without_a_server_is_a_clear_error():
 def test_compare_end_to_end_tiny(server, tmp_path):
     p = _bench(
         "compare", "--base", str(server["base"]), "--num-adapters", "1,2", "--repeats", "1",
-        "--methods", "plain,base,moka,lora16", "--num-requests", "4", "--concurrency", "2",
+        "--methods", "plain,base,moka-r2,lora2", "--num-requests", "4", "--concurrency", "2",
         "--input-len", "8", "--output-len", "4", "--cold-loads", "1", "--max-model-len", "128",
         "--adapters-dir", str(tmp_path / "adapters"), "--out-dir", str(tmp_path / "out"),
         "--name", "tiny", "--server-arg=--enforce-eager", timeout=600,
@@ -133,9 +133,9 @@ def test_compare_end_to_end_tiny(server, tmp_path):
     report = json.loads((tmp_path / "out" / "tiny.json").read_text())
     keys = [(r["method"], r["n"], r["popularity"]) for r in report["rows"]]
     assert keys == [
-        ("plain", 1, "-"), ("base", 1, "-"), ("moka", 1, "distinct"), ("lora16", 1, "distinct"),
-        ("plain", 2, "-"), ("base", 2, "-"), ("moka", 2, "distinct"), ("lora16", 2, "distinct"),
-        ("moka", 2, "skewed"), ("lora16", 2, "skewed"),
+        ("plain", 1, "-"), ("base", 1, "-"), ("moka-r2", 1, "distinct"), ("lora2", 1, "distinct"),
+        ("plain", 2, "-"), ("base", 2, "-"), ("moka-r2", 2, "distinct"), ("lora2", 2, "distinct"),
+        ("moka-r2", 2, "skewed"), ("lora2", 2, "skewed"),
     ]  # fmt: skip
     for r in report["rows"]:
         assert r["tpot_ratio"] > 0 and r["ttft_ratio"] > 0 and r["output_tok_s"] > 0
@@ -143,13 +143,16 @@ def test_compare_end_to_end_tiny(server, tmp_path):
     assert set(report["engine_start_s"]) == {"adapter", "plain"}
     for run in report["runs"]:
         assert all(s["requests"]["failed"] == 0 for s in run["summaries"])
-    assert set(report["cold_loads"]) == {"moka", "lora16"}
-    assert report["memory_per_adapter"]["moka"]["params"] > 0
+    assert set(report["cold_loads"]) == {"moka-r2", "lora2"}
+    assert report["memory_per_adapter"]["moka-r2"]["params"] > 0
     assert (tmp_path / "out" / "tiny.png").stat().st_size > 1000
-    assert "| distinct | 2 | moka |" in (tmp_path / "out" / "tiny.md").read_text()
+    assert "| distinct | 2 | moka-r2 |" in (tmp_path / "out" / "tiny.md").read_text()
+    # moka-train's rank-2-sized adapter, beside the rank-2 LoRA of (about) its size
+    assert all(r["tpot_ratio_to_lora"] > 0 for r in report["rows"] if r["method"] == "moka-r2")
+    assert report["moka_shapes"]["moka-r2"]["q_proj"][1] == [256, 1, 1, 256]
     # cold adapters are removed after the run; the timed ones stay for the next run
     left = sorted(d.name for d in (tmp_path / "adapters").iterdir())
-    assert left == ["lora16-0", "lora16-1", "moka-0", "moka-1"]
+    assert left == ["lora2-0", "lora2-1", "moka-r2-0", "moka-r2-1"]
 
 
 def test_admin_endpoints_are_off_without_an_admin_key(server):

@@ -12,6 +12,8 @@ from moka_serve.bench.client import RequestResult
 from moka_serve.bench.compare import (
     adapter_params,
     compare_markdown,
+    method_kind,
+    moka_shapes,
     plan_configs,
     ratio_rows,
 )
@@ -141,18 +143,18 @@ def test_stats_and_summary_match_numpy():
 
 
 def test_plan_configs_puts_base_first_and_runs_n1_once():
-    runs = plan_configs(["base", "moka", "lora16"], [1, 8], ["distinct", "skewed"])
+    runs = plan_configs(["base", "moka-kron", "lora16"], [1, 8], ["distinct", "skewed"])
     assert runs == [
-        ("base", 1, "-"), ("moka", 1, "distinct"), ("lora16", 1, "distinct"),
-        ("base", 8, "-"), ("moka", 8, "distinct"), ("lora16", 8, "distinct"),
-        ("moka", 8, "skewed"), ("lora16", 8, "skewed"),
+        ("base", 1, "-"), ("moka-kron", 1, "distinct"), ("lora16", 1, "distinct"),
+        ("base", 8, "-"), ("moka-kron", 8, "distinct"), ("lora16", 8, "distinct"),
+        ("moka-kron", 8, "skewed"), ("lora16", 8, "skewed"),
     ]  # fmt: skip
-    runs = plan_configs(["moka", "base", "plain"], [1], ["distinct"])
-    assert runs == [("plain", 1, "-"), ("base", 1, "-"), ("moka", 1, "distinct")]
+    runs = plan_configs(["moka-kron", "base", "plain"], [1], ["distinct"])
+    assert runs == [("plain", 1, "-"), ("base", 1, "-"), ("moka-kron", 1, "distinct")]
 
 
 def test_ratio_rows_divide_by_the_same_repeats_base():
-    runs = [("base", 1, "-"), ("moka", 1, "distinct")]
+    runs = [("base", 1, "-"), ("moka-kron", 1, "distinct")]
 
     def summ(tpot, ttft):
         return {"tpot_ms": {"p50": tpot}, "ttft_ms": {"p50": ttft}, "output_token_throughput": 1}
@@ -170,17 +172,17 @@ def test_ratio_rows_divide_by_the_same_repeats_base():
         "command": "moka-bench compare", "machine": {"processor": "cpu", "cpus": 2},
         "base": "/x/base", "quantize": "none", "dtype": "float32", "targets": ["q_proj"],
         "concurrency": 8, "repeats": 3, "rows": rows,
-        "memory_per_adapter": {"moka": {"params": 10, "adapter_bytes": 40}},
-        "cold_loads": {"moka": {"cold_load_ms_median": 12.0}},
+        "memory_per_adapter": {"moka-kron": {"params": 10, "adapter_bytes": 40}},
+        "cold_loads": {"moka-kron": {"cold_load_ms_median": 12.0}},
         "slot_reservation_bytes": {"lora": 1e6, "moka": 2e6},
     }  # fmt: skip
     md = compare_markdown(report)
-    assert "| distinct | 1 | moka | 12.0 | 1.10 | - |" in md and "| moka | 10 |" in md
+    assert "| distinct | 1 | moka-kron | 12.0 | 1.10 | - | - |" in md and "| moka-kron | 10 |" in md
     assert "| - | 1 | base | 10.0 | 1.00 |" in md
 
 
 def test_ratio_rows_to_the_plain_engine():
-    runs = [("plain", 1, "-"), ("base", 1, "-"), ("moka", 1, "distinct")]
+    runs = [("plain", 1, "-"), ("base", 1, "-"), ("moka-kron", 1, "distinct")]
 
     def summ(tpot, ttft):
         return {"tpot_ms": {"p50": tpot}, "ttft_ms": {"p50": ttft}, "output_token_throughput": 1}
@@ -191,19 +193,21 @@ def test_ratio_rows_to_the_plain_engine():
         runs[2]: [summ(11, 100), summ(22, 120)],
     }
     rows = {r["method"]: r for r in ratio_rows(summaries, runs, 2)}
-    assert rows["moka"]["tpot_ratio"] == pytest.approx(1.1)
-    assert rows["moka"]["tpot_ratio_to_plain"] == pytest.approx(11 / 8)  # 11/8 and 22/16
-    assert rows["moka"]["ttft_ratio_to_plain"] == pytest.approx((100 / 80 + 120 / 80) / 2)
+    assert rows["moka-kron"]["tpot_ratio"] == pytest.approx(1.1)
+    assert rows["moka-kron"]["tpot_ratio_to_plain"] == pytest.approx(11 / 8)  # 11/8 and 22/16
+    assert rows["moka-kron"]["ttft_ratio_to_plain"] == pytest.approx((100 / 80 + 120 / 80) / 2)
     assert rows["base"]["tpot_ratio_to_plain"] == pytest.approx(1.25)
     assert rows["plain"]["tpot_ratio_to_plain"] == pytest.approx(1.0)
 
 
 def test_adapter_params_count_factors_gates_and_lora_ranks():
     dims = {"q_proj": (576, 576), "v_proj": (192, 576)}
-    shapes = {"q_proj": [[24, 24, 24, 24]], "v_proj": [[8, 24, 24, 24]]}
-    assert adapter_params("moka", dims, 30, ["q_proj", "v_proj"], shapes) == 30 * (
+    shapes = {"q_proj": [[24, 24, 24, 24]] * 2, "v_proj": [[8, 24, 24, 24]] * 2}
+    assert adapter_params("moka-kron", dims, 30, ["q_proj", "v_proj"], shapes) == 30 * 2 * (
         (576 + 576 + 1) + (192 + 576 + 1)
     )
+    one = {"q_proj": [[576, 1, 1, 576]], "v_proj": [[192, 1, 1, 576]]}  # one term: no gate
+    assert adapter_params("moka-r1", dims, 30, ["q_proj", "v_proj"], one) == 30 * (1152 + 768)
     assert adapter_params("lora16", dims, 30, ["q_proj", "v_proj"], shapes) == 30 * 16 * (
         1152 + 768
     )
@@ -211,6 +215,46 @@ def test_adapter_params_count_factors_gates_and_lora_ranks():
         adapter_params("lora8", dims, 30, ["q_proj"], shapes) * 2,
         adapter_params("lora16", dims, 30, ["q_proj"], shapes),
     )
+
+
+def test_moka_methods_are_the_adapters_moka_train_makes():
+    """moka-rR: moka-train's mixed family at a rank-R LoRA's size (a balanced term plus R-1
+    rank-1 terms on SmolLM2's q/v), within the budget's slack of the LoRA's parameter count;
+    moka-kron: the kron family's balanced terms; unknown names are refused."""
+    dims = {"q_proj": (576, 576), "v_proj": (192, 576)}
+    targets = ["q_proj", "v_proj"]
+    for r in (2, 8):
+        shapes = moka_shapes(dims, 30, targets, f"moka-r{r}", components=4)
+        assert shapes["q_proj"][0] == [24, 24, 24, 24]
+        assert shapes["q_proj"][1:] == [[576, 1, 1, 576]] * (r - 1)
+        moka = adapter_params(f"moka-r{r}", dims, 30, targets, shapes)
+        lora = adapter_params(f"lora{r}", dims, 30, targets, shapes)
+        assert 0.9 * lora < moka <= 1.005 * lora
+    kron = moka_shapes(dims, 30, targets, "moka-kron", components=4)
+    assert all(len(v) == 4 and 1 not in v[0] for v in kron.values())
+    assert method_kind("moka-r8") == ("moka-mixed", 8) and method_kind("lora16") == ("lora", 16)
+    for bad in ("moka", "moka-r0", "lora17", "moka-r2x"):
+        with pytest.raises(ValueError, match="unknown method"):
+            method_kind(bad)
+
+
+def test_moka_rows_get_the_same_size_lora_ratio():
+    runs = [("base", 8, "-"), ("moka-r2", 8, "distinct"), ("lora2", 8, "distinct"),
+            ("moka-kron", 8, "distinct")]  # fmt: skip
+
+    def summ(tpot):
+        return {"tpot_ms": {"p50": tpot}, "ttft_ms": {"p50": 10}, "output_token_throughput": 1}
+
+    summaries = {
+        runs[0]: [summ(10), summ(20), summ(10)],
+        runs[1]: [summ(11), summ(20), summ(12)],
+        runs[2]: [summ(22), summ(20), summ(15)],
+        runs[3]: [summ(11), summ(20), summ(12)],
+    }
+    rows = {r["method"]: r for r in ratio_rows(summaries, runs, 3)}
+    assert rows["moka-r2"]["tpot_ratio_to_lora"] == pytest.approx(0.8)  # 0.5, 1.0, 0.8
+    assert "tpot_ratio_to_lora" not in rows["moka-kron"]
+    assert "tpot_ratio_to_lora" not in rows["lora2"]
 
 
 def test_lora_slot_bytes_splits_per_tensor_parallel_rank():

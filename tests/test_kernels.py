@@ -19,7 +19,8 @@ from moka_kernels.torch_ops import PLAN_MAX_TOKENS
 triton_ops = pytest.importorskip("moka_kernels.triton_ops")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-# (in_features, slice widths, {slice: [(m1, n1, m2, n2, identity_a), ...]})
+# (in_features, slice widths, {slice: [(m1, n1, m2, n2, identity_a[, rank]), ...]}); a rank
+# > 1 is a low-rank entry (U (m1, rank), V (rank, n2), n1 = m2 = 1): grouped rank-1 components.
 LAYERS = {
     "mixed-48x40": (
         48,
@@ -40,6 +41,22 @@ LAYERS = {
     ),
     "smollm-v_proj": (576, [192], {0: [(12, 24, 16, 24, False), (16, 36, 12, 16, False)]}),
     "smollm-q_proj": (576, [576], {0: [(24, 24, 24, 24, False), (24, 24, 24, 24, True)]}),
+    # moka-train's mixed family: a balanced term and the rank-1 ones grouped (rank 7, 3, 1),
+    # and a rank over the Triton path's rank tile (17 > LOW_RANK_BLOCK_R)
+    "mixed-family-qkv": (
+        48,
+        [24, 8, 8],
+        {
+            0: [(4, 6, 6, 8, False), (24, 1, 1, 48, False, 7)],
+            1: [(8, 1, 1, 48, False, 3), (2, 4, 4, 12, False)],
+            2: [(8, 1, 1, 48, False, 17)],
+        },
+    ),
+    "smollm-v_proj-mixed-8": (
+        576,
+        [192],
+        {0: [(12, 24, 16, 24, False), (192, 1, 1, 576, False, 7)]},
+    ),  # fmt: skip
 }
 
 
@@ -51,12 +68,16 @@ def random_entries(
     for slice_id, comps in spec.items():
         comps = comps[variant % len(comps) :] + comps[: variant % len(comps)]
         comps = comps[: max(1, len(comps) - variant % 2)]
-        for m1, n1, m2, n2, ident in comps:
-            b = torch.randn(m2, n2, generator=gen, dtype=torch.float64) / n2**0.5
-            a = None if ident else torch.randn(m1, n1, generator=gen, dtype=torch.float64) / n1**0.5
-            entries.append(
-                KronEntry(b=b.to(dtype), a=None if a is None else a.to(dtype), slice=slice_id)
+        for m1, n1, m2, n2, ident, *rank in comps:
+            r = rank[0] if rank else 1
+            b = torch.randn(m2 * r, n2, generator=gen, dtype=torch.float64) / n2**0.5
+            a = (
+                None
+                if ident
+                else torch.randn(m1, n1 * r, generator=gen, dtype=torch.float64) / n1**0.5
             )
+            a = None if a is None else a.to(dtype)
+            entries.append(KronEntry(b=b.to(dtype), a=a, slice=slice_id, rank=r))
     return entries
 
 
@@ -78,10 +99,12 @@ def make_bank(
     in_features, widths, spec = LAYERS[layer]
     max_entries = sum(len(c) for c in spec.values())
     max_a = max(m1 * n1 for comps in spec.values() for m1, n1, *_ in comps)
-    max_b = max(m2 * n2 for comps in spec.values() for _, _, m2, n2, _ in comps)
+    max_b = max(m2 * n2 for comps in spec.values() for _, _, m2, n2, *_ in comps)
+    max_rank = max(c[5] if len(c) > 5 else 1 for comps in spec.values() for c in comps)
     bank = MokaBank(
         num_slots, max_entries, max_a, max_b, in_features, sum(widths), dtype, DEVICE, widths,
         pooled=True,  # the Triton kernel reads the pool (in the interpreter on CPU too)
+        pool_numel=num_slots * max_entries * max_rank * (max_a + max_b),
     )  # fmt: skip
     gen = torch.Generator().manual_seed(seed)
     for slot in range(num_slots - 1):  # the last slot stays empty
@@ -227,7 +250,10 @@ def _triton(form):
     return impl
 
 
-@pytest.mark.parametrize("layer", ["mixed-48x40", "qkv-slices", "smollm-v_proj"])
+@pytest.mark.parametrize(
+    "layer",
+    ["mixed-48x40", "qkv-slices", "smollm-v_proj", "mixed-family-qkv", "smollm-v_proj-mixed-8"],
+)
 @pytest.mark.parametrize("mapping", ["mixed-with-none", "runs", "all-none"])
 @pytest.mark.parametrize("form", ["decode", "prefill"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -307,6 +333,45 @@ def test_delta_weight_is_sum_of_krons():
     assert torch.allclose(delta, want, atol=1e-12)
 
 
+def test_grouped_rank_one_terms_are_the_same_update():
+    """``group_rank_one`` stacks a slice's rank-1 terms (both orientations, (m,1)x(1,n) and
+    (1,n)x(m,1)) into one low-rank entry per slice, keeps the other terms, and the bank's dense
+    update equals the ungrouped terms' ``torch.kron`` sum."""
+    from moka_kernels.bank import group_rank_one
+
+    gen = torch.Generator().manual_seed(11)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    terms = [
+        KronEntry(a=rnd(5, 6), b=rnd(8, 8)),
+        KronEntry(a=rnd(40, 1), b=rnd(1, 48)),
+        KronEntry(a=rnd(1, 48), b=rnd(40, 1)),  # the same outer product, transposed roles
+        KronEntry(b=rnd(10, 12), identity_size=4),
+        KronEntry(a=rnd(24, 1), b=rnd(1, 48), slice=1),
+        KronEntry(a=rnd(40, 1), b=rnd(1, 48)),
+    ]
+    grouped = group_rank_one(terms)
+    assert [(e.slice, e.rank, e.a is None) for e in grouped] == [
+        (0, 1, False), (0, 3, False), (0, 1, True), (1, 1, False)
+    ]  # fmt: skip
+    want = torch.zeros(64, 48, dtype=torch.float64)
+    for e in terms:
+        a = torch.eye(e.identity_size, dtype=torch.float64) if e.a is None else e.a
+        want[e.slice * 40 : e.slice * 40 + a.shape[0] * e.b.shape[0]] += torch.kron(a, e.b)
+    bank = MokaBank(1, 4, 48 * 40, 48 * 40, 48, 64, torch.float64, "cpu", [40, 24])
+    bank.write_slot(0, grouped)
+    assert [s.low_rank for s in bank.entries[0]] == [False, True, False, True]
+    assert bank.entries[0][1].numel == 3 * (40 + 48)
+    assert torch.allclose(delta_weight(bank, 0), want, atol=1e-12)
+    x = rnd(7, 48)
+    for impl in (moka_apply_torch, moka_apply_naive):
+        y = torch.zeros(7, 64, dtype=torch.float64)
+        impl(x, y, torch.zeros(7, dtype=torch.long), bank)
+        assert torch.allclose(y, x @ want.T, atol=1e-10)
+
+
 def test_bank_rejects_entries_that_do_not_fit():
     bank = MokaBank(2, 2, 32, 64, 48, 40)
     with pytest.raises(ValueError, match="exceed in_features 48"):
@@ -327,6 +392,8 @@ def test_bank_rejects_entries_that_do_not_fit():
                 KronEntry(a=torch.ones(40, 1), b=torch.ones(1, 48)),
             ],
         )
+    with pytest.raises(ValueError, match="rank-3 entry needs"):
+        bank.write_slot(0, [KronEntry(a=torch.ones(40, 2), b=torch.ones(3, 48), rank=3)])
 
 
 def test_custom_op_under_torch_compile():

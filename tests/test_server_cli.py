@@ -214,7 +214,7 @@ def test_adapter_memory_sizes_slots_for_the_largest_adapter(tmp_path, capsys):
     pools sized for that adapter, and the arithmetic printed; --max-loras still wins. A
     MoKA-only engine keeps no LoRA buffers; one that may serve LoRA (rank 8) keeps them."""
     from moka_core.base_models import tiny_llama_dir
-    from moka_core.slots import lora_slot_bytes
+    from moka_core.slots import TABLE_ROW_BYTES, lora_slot_bytes
 
     base = tiny_llama_dir()
     ad = tmp_path / "ad"
@@ -225,7 +225,7 @@ def test_adapter_memory_sizes_slots_for_the_largest_adapter(tmp_path, capsys):
             "--dtype", "float32", "--adapter-memory", "0.01"]  # fmt: skip
     cmd, env = _cmd(argv)
     # big: q 2 x 512, down 512 + 256 (float32 on CPU); slot tables of 4 entries per slice
-    moka = TINY_LAYERS * (1024 + 768) * 4 + TINY_LAYERS * 7 * 4 * 44
+    moka = TINY_LAYERS * (1024 + 768) * 4 + TINY_LAYERS * 7 * 4 * TABLE_ROW_BYTES
     slots = int(0.01 * 2**30) // moka
     assert cmd[cmd.index("--max-loras") + 1] == str(slots) and cmd.count("--max-loras") == 1
     assert env["MOKA_SLOT_NUMEL"] == "qkv_proj=1024,o_proj=0,gate_up_proj=0,down_proj=768"

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from moka_kernels import KronEntry, MokaBank, delta_weight, moka_apply_naive, moka_apply_torch
+from moka_kernels.bank import group_rank_one
 from moka_kernels.sharding import LayerShard, block_pieces, shard_delta
 
 WIDTH, IN = 48, 72  # divisible by 2, 3 and 4; many factorisations
@@ -108,7 +109,16 @@ def test_rank_blocks_equal_the_unsharded_kron(tp, kind, seed):
             term = random_term(rng, gen, w, IN, identity=c == 2)
             if term is not None:
                 entries.append(KronEntry(b=term.b, a=term.a, slice=s))
+        for _ in range(1 + seed % 3):  # rank-1 terms, as moka-train's mixed family has
+            u = torch.randn(w, 1, generator=gen, dtype=torch.float64)
+            entries.append(
+                KronEntry(b=torch.randn(1, IN, generator=gen, dtype=torch.float64), a=u, slice=s)
+            )
     full = full_delta(entries, widths, IN)
+    if seed % 2:  # the server's form: each slice's rank-1 terms as one low-rank entry
+        entries = group_rank_one(entries)
+        assert any(e.rank > 1 for e in entries) or seed % 3 == 0
+        assert torch.allclose(full_delta(entries, widths, IN), full, atol=1e-12)
     shards = (column_shards if kind == "column" else row_shards)(tp, widths, IN)
     x = torch.randn(5, IN, generator=gen, dtype=torch.float64)
     total = torch.zeros(5, sum(widths), dtype=torch.float64)

@@ -122,6 +122,28 @@ def test_bank_limits_from_env(monkeypatch):
         bank_limits()
 
 
+def test_component_limit_counts_rank_one_components_as_one(monkeypatch):
+    """moka-train's mixed family at a rank-8 LoRA's size (a balanced term and 7 rank-1 terms)
+    is two kernel entries, within the default limit of 4; five balanced terms are not. The
+    precheck and the trainer's serving note agree (one counting rule, moka_core.limits)."""
+    import torch
+
+    from moka_core.adapter_check import moka_limit_problem
+    from moka_core.limits import kernel_entries
+
+    monkeypatch.delenv("MOKA_MAX_COMPONENTS", raising=False)
+    mixed = [(24, 24, 24, 24)] + [(576, 1, 1, 576)] * 6 + [(1, 576, 576, 1)]
+    assert kernel_entries(mixed) == 2
+    assert kernel_entries(mixed, identity_a=True) == 8
+    a = [torch.zeros(m1, n1) for m1, n1, _, _ in mixed]
+    b = [torch.zeros(m2, n2) for _, _, m2, n2 in mixed]
+    assert moka_limit_problem("q_proj", a, b) is None
+    five = [torch.zeros(24, 24)] * 5
+    assert "5 components exceed the limit of 4" in moka_limit_problem("q_proj", five, five)
+    monkeypatch.setenv("MOKA_MAX_COMPONENTS", "1")
+    assert "2 components exceed the limit of 1" in moka_limit_problem("q_proj", a, b)
+
+
 @pytest.mark.parametrize(
     "moka_compile, enforce_eager, enable_lora, compiled",
     [

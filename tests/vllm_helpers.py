@@ -100,15 +100,17 @@ MIXED_NAMES = ["moka-qkv", "mokas-o-down", "moka-o-gateup", "lora-qvdown"]
 
 def mixed_adapters(workdir: Path) -> dict[str, tuple[Path, dict[str, torch.Tensor]]]:
     """name -> (folder, dense deltas by HF module path): MoKA on all three qkv slices (k's
-    narrower GQA slice included), MoKAs on row-parallel o_proj/down_proj, merged gate_up with
-    lopsided shapes, and a LoRA."""
+    narrower GQA slice included) in moka-train's mixed family, MoKAs on row-parallel
+    o_proj/down_proj, merged gate_up and o_proj with lopsided shapes and rank-1 groups, and a
+    LoRA."""
     out = {}
     a = random_moka(
         {
-            # moka-train's default (mixed) form: a balanced term plus repeated rank-1 terms.
-            "q_proj": [[16, 16, 16, 16], [256, 1, 1, 256], [256, 1, 1, 256]],
-            "k_proj": [[8, 32, 16, 8], [128, 1, 1, 256]],
-            "v_proj": [[8, 16, 16, 16]],
+            # moka-train's default (mixed) form: a balanced term plus 7, 3 and 1 rank-1 terms
+            # (served as one rank-7/3/1 pair each, under MOKA_MAX_COMPONENTS=4).
+            "q_proj": [[16, 16, 16, 16]] + [[256, 1, 1, 256]] * 7,
+            "k_proj": [[8, 32, 16, 8]] + [[128, 1, 1, 256]] * 3,
+            "v_proj": [[8, 16, 16, 16], [128, 1, 1, 256]],
         },
         seed=1,
     )
@@ -122,8 +124,9 @@ def mixed_adapters(workdir: Path) -> dict[str, tuple[Path, dict[str, torch.Tenso
     out["mokas-o-down"] = (write_moka(workdir / "mokas-o-down", b), moka_deltas(b))
     c = random_moka(
         {
-            "o_proj": [[4, 64, 64, 4], [32, 8, 8, 32]],
-            "gate_proj": [[32, 16, 16, 16]],
+            # rank-1 groups on a row-parallel and a merged column-parallel layer (TP shards)
+            "o_proj": [[4, 64, 64, 4], [32, 8, 8, 32]] + [[256, 1, 1, 256]] * 3,
+            "gate_proj": [[32, 16, 16, 16]] + [[512, 1, 1, 256]] * 2,
             "up_proj": [[16, 16, 32, 16]],
         },
         seed=3,

@@ -36,9 +36,36 @@ from .serve import BenchError, run_requests
 from .server import free_port, running_server
 from .workload import WorkloadConfig
 
-METHODS = ("plain", "base", "moka", "lora8", "lora16")
 # Runs against the engine started without --enable-lora (the others share the adapter engine).
 PLAIN = "plain"
+# Adapter methods: ``moka-rR`` is what ``moka-train`` makes by default at a rank-R LoRA's size
+# (``--budget lora-R``: the ``mixed`` family, one balanced Kronecker term and R-1 rank-1 terms
+# on SmolLM2's q/v); ``moka-kron`` the ``kron`` family (``--moka-components`` balanced terms,
+# what every serving number before the mixed family measured); ``loraR`` a rank-R LoRA.
+DEFAULT_METHODS = "plain,base,moka-r2,moka-r4,moka-r8,moka-kron,lora2,lora4,lora8,lora16"
+MAX_LORA_RANK = 16  # the adapter engine's --max-lora-rank
+
+
+def method_kind(method: str) -> tuple[str, int]:
+    """``(kind, rank)``: kind is plain, base, lora, moka-mixed or moka-kron; rank is the LoRA
+    rank (of the LoRA, or whose size a mixed MoKA has), 0 where none. ValueError if unknown."""
+    if method in (PLAIN, "base", "moka-kron"):
+        return method, 0
+    for prefix, kind in (("lora", "lora"), ("moka-r", "moka-mixed")):
+        rank = method.removeprefix(prefix)
+        if method.startswith(prefix) and rank.isdigit() and 1 <= int(rank) <= MAX_LORA_RANK:
+            return kind, int(rank)
+    renamed = " ('moka' is now 'moka-kron')" if method == "moka" else ""
+    raise ValueError(
+        f"unknown method {method!r}{renamed}: plain, base, moka-kron, moka-rR or loraR (R from "
+        f"1 to {MAX_LORA_RANK})"
+    )
+
+
+def same_size_lora(method: str) -> str | None:
+    """The LoRA whose parameter count a ``moka-rR`` adapter matches (``loraR``), else None."""
+    kind, rank = method_kind(method)
+    return f"lora{rank}" if kind == "moka-mixed" else None
 
 
 def add_compare_args(p: argparse.ArgumentParser) -> None:
@@ -48,14 +75,16 @@ def add_compare_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default=None, help="float32 (none) / bfloat16 (4bit) by default")
     g.add_argument(
         "--methods",
-        default="plain,base,moka,lora8,lora16",
-        help="plain = base requests to a second engine started without --enable-lora",
+        default=DEFAULT_METHODS,
+        help="plain = base requests to a second engine started without --enable-lora; "
+        "moka-rR = moka-train's default (mixed) adapter at a rank-R LoRA's size; moka-kron = "
+        "--moka-components balanced Kronecker terms; loraR = a rank-R LoRA",
     )
     g.add_argument("--num-adapters", default="1,8,64", help="comma-separated N")
     g.add_argument("--popularities", default="distinct,skewed")
     g.add_argument("--repeats", type=int, default=3)
     g.add_argument("--targets", default="q_proj,v_proj")
-    g.add_argument("--moka-components", type=int, default=4)
+    g.add_argument("--moka-components", type=int, default=4, help="moka-kron's terms")
     g.add_argument("--cold-loads", type=int, default=4, help="never-seen adapters per method")
     g.add_argument("--adapters-dir", type=Path, default=None, help="default: a cache folder")
     g.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
@@ -70,27 +99,31 @@ def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def moka_shapes(dims: dict, layers: int, targets: list[str], components: int) -> dict:
-    """The cheapest diverse Kronecker shapes per target (``moka-train --shape-family kron``):
-    the shapes every published serving number was measured with."""
-    from moka_core.shapes import plan_shapes
+def moka_shapes(dims: dict, layers: int, targets: list[str], method: str, components: int) -> dict:
+    """Component shapes per target of a ``moka-*`` method, as ``moka-train`` plans them:
+    ``moka-rR`` with ``--budget lora-R`` (the default ``mixed`` family), ``moka-kron`` the
+    cheapest diverse set of ``components`` balanced terms (``--shape-family kron``)."""
+    from moka_core.shapes import BUDGET_SLACK, lora_params, plan_shapes
 
-    shapes, _ = plan_shapes(
-        {t: dims[t] for t in targets},
-        {t: layers for t in targets},
-        num_components=components,
-        budget=None,
-    )
+    kind, rank = method_kind(method)
+    layer_dims = {t: dims[t] for t in targets}
+    counts = {t: layers for t in targets}
+    if kind == "moka-mixed":
+        budget = lora_params(layer_dims, counts, rank) * BUDGET_SLACK
+        shapes, _ = plan_shapes(layer_dims, counts, num_components=1, budget=budget, family="mixed")
+    else:
+        shapes, _ = plan_shapes(layer_dims, counts, num_components=components, budget=None)
     return {t: [c.as_list() for c in cs] for t, cs in shapes.items()}
 
 
 def adapter_params(method: str, dims: dict, layers: int, targets: list[str], shapes: dict) -> int:
-    """Trainable parameters of one adapter of ``method`` (gate logits included for MoKA)."""
-    if method == "moka":
-        per = {t: sum(m1 * n1 + m2 * n2 for m1, n1, m2, n2 in shapes[t]) + len(shapes[t])
-               for t in targets}  # fmt: skip
+    """Trainable parameters of one adapter of ``method`` (``shapes``: its ``moka_shapes``;
+    gate logits included for MoKA with more than one component, as ``moka-train`` gates)."""
+    kind, rank = method_kind(method)
+    if kind.startswith("moka"):
+        per = {t: sum(m1 * n1 + m2 * n2 for m1, n1, m2, n2 in shapes[t])
+               + (len(shapes[t]) if len(shapes[t]) > 1 else 0) for t in targets}  # fmt: skip
         return layers * sum(per.values())
-    rank = int(method.removeprefix("lora"))
     return layers * sum(rank * (dims[t][0] + dims[t][1]) for t in targets)
 
 
@@ -122,14 +155,17 @@ def write_adapters(root: Path, base: Path, names: dict[str, str], spec: dict) ->
             continue
         seed = 1000 + i
         tmp = root / f".{name}.tmp"
-        if method == "moka":
-            adapter = random_moka(spec["shapes"], seed=seed, dims=spec["dims"],
-                                  layers=spec["layers"], std=0.05, base_model=str(base))  # fmt: skip
+        kind, rank = method_kind(method)
+        if kind.startswith("moka"):
+            shapes = spec["shapes"][method]
+            gating = max(len(v) for v in shapes.values()) > 1  # moka-train: no gate for one
+            adapter = random_moka(shapes, seed=seed, dims=spec["dims"], layers=spec["layers"],
+                                  std=0.05, base_model=str(base), gating=gating)  # fmt: skip
             write_moka(tmp, adapter)
         else:
             write_random_lora(tmp, spec["targets"], seed=seed, dims=spec["dims"],
-                              layers=spec["layers"], r=int(method.removeprefix("lora")),
-                              std=0.02, base_model=str(base))  # fmt: skip
+                              layers=spec["layers"], r=rank, std=0.02,
+                              base_model=str(base))  # fmt: skip
         tmp.rename(folder)
 
 
@@ -156,7 +192,7 @@ def server_command(
     ]  # fmt: skip
     if adapters is not None:
         rest += ["--max-loras", str(args.concurrency), "--max-cpu-loras", str(max_cpu_loras),
-                 "--max-lora-rank", "16"]  # fmt: skip
+                 "--max-lora-rank", str(MAX_LORA_RANK)]  # fmt: skip
     cmd, env = build_command(serve_args, rest)
     if adapters is not None:
         env["MOKA_ADAPTER_DIR"] = str(adapters)
@@ -219,16 +255,21 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     methods, pops = _csv(args.methods), _csv(args.popularities)
     ns = sorted({int(n) for n in _csv(args.num_adapters)})
-    bad = [m for m in methods if m not in METHODS]
-    if bad or not ns or min(ns) < 1 or args.repeats < 1:
-        raise BenchError(f"bad --methods {bad} (choose from {METHODS}), N or --repeats")
+    try:
+        for m in methods:
+            method_kind(m)
+    except ValueError as e:
+        raise BenchError(f"--methods: {e}") from None
+    if not ns or min(ns) < 1 or args.repeats < 1:
+        raise BenchError("--num-adapters and --repeats must be positive")
     base = Path(args.base) if args.base else materialize_default_base()
     dims, layers = llama_dims(base)
     targets = _csv(args.targets)
     unknown = [t for t in targets if t not in dims]
     if unknown:
         raise BenchError(f"unknown --targets {unknown}; choose from {sorted(dims)}")
-    shapes = moka_shapes(dims, layers, targets, args.moka_components)
+    shapes = {m: moka_shapes(dims, layers, targets, m, args.moka_components)
+              for m in methods if m.startswith("moka")}  # fmt: skip
     spec = {"dims": dims, "layers": layers, "targets": targets, "shapes": shapes}
     adapters = args.adapters_dir or cache_dir() / "bench-adapters" / base.name
     adapters.mkdir(parents=True, exist_ok=True)
@@ -292,7 +333,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 _rmtree(adapters / n)
     rows = ratio_rows(summaries, runs, args.repeats)
     elt = DTYPE_BYTES.get(dtype, 4)
-    params = {m: adapter_params(m, dims, layers, targets, shapes) for m in adapter_methods}
+    params = {m: adapter_params(m, dims, layers, targets, shapes.get(m, {}))
+              for m in adapter_methods}  # fmt: skip
     memory = {m: {"params": p, "adapter_bytes": p * elt} for m, p in params.items()}
     report = {
         "kind": "moka-bench compare",
@@ -318,7 +360,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
             16,
             elt,
             args.tensor_parallel_size,
-            moka_bytes=memory.get("moka", {}).get("params", 0) * 4,  # packed float32 on CPU
+            # packed float32 on CPU; the largest MoKA adapter run
+            moka_bytes=max(
+                (v["params"] for m, v in memory.items() if m.startswith("moka")), default=0
+            )
+            * 4,  # fmt: skip
             vocab=vocab_size(base),
         ),
         "runs": [
@@ -353,7 +399,8 @@ def ratio_rows(summaries: dict[tuple, list[dict]], runs: list[tuple], repeats: i
     """Per configuration: median TPOT/TTFT p50 and the median over repeats of its ratio to the
     same repeat's base requests on the adapter engine (``tpot_ratio``, ``ttft_ratio``) and on
     the plain engine (``tpot_ratio_to_plain``, ``ttft_ratio_to_plain``); the reference runs of
-    one repeat are pooled by their median."""
+    one repeat are pooled by their median. A ``moka-rR`` row also gets its ratio to the
+    ``loraR`` run of the same N, popularity and repeat (``tpot_ratio_to_lora``, same size)."""
     refs = {"": "base", "_to_plain": PLAIN}
     rows = []
     for key in runs:
@@ -371,6 +418,12 @@ def ratio_rows(summaries: dict[tuple, list[dict]], runs: list[tuple], repeats: i
                     b = statistics.median(summaries[k][rep][metric]["p50"] for k in ref_keys)
                     ratios.append(vals[rep] / b)
                 row[metric.replace("_ms", "_ratio") + suffix] = statistics.median(ratios)
+            lora = same_size_lora(method)
+            if (lora, n, pop) in summaries:  # the LoRA of the same parameter count, same runs
+                ratios = [
+                    v / summaries[(lora, n, pop)][rep][metric]["p50"] for rep, v in enumerate(vals)
+                ]
+                row[metric.replace("_ms", "_ratio") + "_to_lora"] = statistics.median(ratios)
         row["output_tok_s"] = statistics.median(
             s["output_token_throughput"] for s in summaries[key]
         )
@@ -392,9 +445,9 @@ def compare_markdown(report: dict) -> str:
         f"{','.join(report['targets'])}; concurrency {report['concurrency']}; median of "
         f"{report['repeats']} interleaved repeats",
         "",
-        "| popularity | N | method | TPOT p50 ms | TPOT / base | TPOT / plain | TTFT p50 ms | "
-        "TTFT / base | TTFT / plain | out tok/s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| popularity | N | method | TPOT p50 ms | TPOT / base | TPOT / plain | "
+        "TPOT / same-size LoRA | TTFT p50 ms | TTFT / base | TTFT / plain | out tok/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def ratio(r: dict, key: str) -> str:
@@ -404,7 +457,7 @@ def compare_markdown(report: dict) -> str:
         lines.append(
             f"| {r['popularity']} | {r['n']} | {r['method']} | {r['tpot_ms']:.1f} | "
             f"{ratio(r, 'tpot_ratio')} | {ratio(r, 'tpot_ratio_to_plain')} | "
-            f"{r['ttft_ms']:.1f} | {ratio(r, 'ttft_ratio')} | {ratio(r, 'ttft_ratio_to_plain')} | "
+            f"{ratio(r, 'tpot_ratio_to_lora')} | {r['ttft_ms']:.1f} | {ratio(r, 'ttft_ratio')} | {ratio(r, 'ttft_ratio_to_plain')} | "
             f"{r['output_tok_s']:.1f} |"
         )
     lines += ["", "| method | params/adapter | bytes/adapter | cold load ms (median) | "

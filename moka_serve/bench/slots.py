@@ -155,7 +155,7 @@ def cmd_slots(args: argparse.Namespace) -> int:
     base = Path(args.base) if args.base else materialize_default_base()
     dims, layers = llama_dims(base)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    shapes = moka_shapes(dims, layers, targets, args.moka_components)
+    shapes = {"moka-kron": moka_shapes(dims, layers, targets, "moka-kron", args.moka_components)}
     spec = {"dims": dims, "layers": layers, "targets": targets, "shapes": shapes,
             "vocab": vocab_size(base)}  # fmt: skip
     root = cache_dir() / "slots-adapters" / base.name
@@ -164,7 +164,8 @@ def cmd_slots(args: argparse.Namespace) -> int:
         kind = "moka" if method in ("moka", "today") else method
         folder = root / kind
         folder.mkdir(parents=True, exist_ok=True)
-        names = {f"{kind}-{i:03d}": kind for i in range(args.num_adapters)}
+        adapter_method = "moka-kron" if kind == "moka" else kind  # compare's method names
+        names = {f"{kind}-{i:03d}": adapter_method for i in range(args.num_adapters)}
         write_adapters(folder, base, names, spec)
         dirs[method] = (folder, sorted(names))
     some_moka = root / "moka" / "moka-000"

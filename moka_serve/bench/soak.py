@@ -413,9 +413,9 @@ def cmd_soak(args: argparse.Namespace) -> int:
     base = Path(args.base) if args.base else materialize_default_base()
     dims, layers = llama_dims(base)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    shapes = moka_shapes(dims, layers, targets, args.moka_components)
+    shapes = {"moka-kron": moka_shapes(dims, layers, targets, "moka-kron", args.moka_components)}
     spec = {"dims": dims, "layers": layers, "targets": targets, "shapes": shapes}
-    methods = {f"moka-{i:03d}": "moka" for i in range(args.num_moka)}
+    methods = {f"moka-{i:03d}": "moka-kron" for i in range(args.num_moka)}
     methods |= {f"lora-{i:03d}": f"lora{args.lora_rank}" for i in range(args.num_lora)}
     pristine = args.adapters_cache or cache_dir() / "soak-adapters" / base.name
     pristine.mkdir(parents=True, exist_ok=True)

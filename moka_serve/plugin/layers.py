@@ -14,7 +14,8 @@ Bank sizes are engine-start options read from the environment (``moka_core.limit
 layers are built:
 
 * ``MOKA_MAX_COMPONENTS`` (default 4): Kronecker components per adapted module (per output
-  slice of a fused layer: q, k and v of ``qkv_proj`` each get this many).
+  slice of a fused layer: q, k and v of ``qkv_proj`` each get this many; a module's rank-1
+  components are one low-rank entry and count as one).
 * ``MOKA_MAX_FACTOR_NUMEL`` (default 4096): elements of one A or B factor (capped per layer at
   what a factor of that layer can have, so small models do not over-allocate).
 

@@ -12,6 +12,7 @@ Activation then only copies tensors.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from pathlib import Path
@@ -164,10 +165,11 @@ def load_moka_model(manager, lora_request, path: str) -> MokaLoRAModel:
         for i, e in enumerate(folded.kron_entries(slice=slice_idx)):
             a = None if e.a is None else e.a.to(dtype)
             b = e.b.to(dtype)
+            what = "rank-1 components" if e.rank > 1 else f"term {i}"
             for name, t in (("A", a), ("B", b)):
                 if t is not None:
-                    factors[f"{module_path!r} (component {i}, {name})"] = t
-            terms.append((layer_name, KronEntry(b=b, a=a, slice=slice_idx)))
+                    factors[f"{module_path!r} ({what}, {name})"] = t
+            terms.append((layer_name, dataclasses.replace(e, a=a, b=b)))
     bad = first_non_finite(factors)
     if bad is not None:
         raise ValueError(f"{where}: module {bad}: folded factors overflow {dtype}")
