@@ -37,7 +37,8 @@ examples:
 
 several processes (data parallel; --batch-size stays the global batch):
   torchrun --nproc_per_node 2 $(which moka-train) --data train.jsonl --out runs/moka
-  accelerate launch --num_processes 2 $(which moka-train) --data train.jsonl --out runs/moka
+  accelerate launch --multi_gpu --num_processes 2 $(which moka-train) --data train.jsonl \
+      --out runs/moka     (also on CPU, with gloo; '--cpu --num_processes 2' runs one process)
 """
 
 
