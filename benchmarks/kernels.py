@@ -14,14 +14,19 @@ Variants (rows of the table):
   ``form`` (CUDA, or CPU through Triton's interpreter with ``--interpret-triton``).
 * ``torch``: ``moka_apply_torch`` (tokens grouped by slot on the host, two matmuls per component).
 * ``base-gemm``: the frozen layer itself, ``x @ W.T`` with a dense ``(out, in)`` weight.
-* ``lora16-bgmv``: rank-16 LoRA, Punica's BGMV in torch: gather each token's ``A (r, in)`` and
+* ``loraR-bgmv``: rank-R LoRA, Punica's BGMV in torch: gather each token's ``A (r, in)`` and
   ``B (out, r)`` by slot, then two ``torch.bmm`` (no host sync; the gather is materialised).
-* ``lora16-grouped``: rank-16 LoRA, tokens grouped by slot on the host, two matmuls per slot
+* ``loraR-grouped``: rank-R LoRA, tokens grouped by slot on the host, two matmuls per slot
   (the same scheme as the MoKA torch path).
-* ``lora16-vllm``: rank-16 LoRA through vLLM's own ops, called as vLLM 0.32's punica wrapper calls
+* ``loraR-vllm``: rank-R LoRA through vLLM's own ops, called as vLLM 0.32's punica wrapper calls
   them: on CUDA ``lora_shrink`` + ``lora_expand`` (Triton), on the CPU ``bgmv_shrink`` +
   ``bgmv_expand_slice`` (torch). Absent, with a ``#`` line saying why, when vLLM is not importable.
   The "x LoRA" column divides by the fastest LoRA row of the same case.
+
+The LoRA rank R is the layer's: 16 beside the ``kron``-family layers (4 balanced terms), and the
+rank whose size the adapter has beside ``moka-train``'s default ``mixed`` adapters (layers named
+``...mixed-rR``: shapes planned by ``moka_core.shapes.plan_shapes`` with a rank-R LoRA's budget,
+a balanced term and R-1 rank-1 terms, which the kernels apply as one rank-(R-1) pair).
 
 With both Llama-3-8B layers in the run, a last table projects the per-decode-step time the
 adapters add to a Llama-3-8B-shaped model (32 blocks x (q_proj + v_proj)) against the time of all
@@ -40,6 +45,7 @@ on the CPU.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -59,6 +65,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing the pack
     sys.path.insert(0, str(ROOT))
 
 from moka_kernels import KronEntry, MokaBank, moka_apply_naive, moka_apply_torch  # noqa: E402
+from moka_kernels.bank import group_rank_one  # noqa: E402
 from moka_kernels.torch_ops import group_tokens  # noqa: E402
 
 # --------------------------------------------------------------------------------------------
@@ -72,7 +79,24 @@ class Layer:
     out_features: int
     comps: tuple[tuple[int, int, int, int], ...]  # (m1, n1, m2, n2): A is m1 x n1, B is m2 x n2
     small: bool  # SmolLM2 shapes: the only layers run under --interpret-triton
+    lora_rank: int = 16  # the LoRA baseline's rank (the same size for mixed layers)
 
+
+def mixed_layer(model: str, target: str, dims: dict, layers: int, rank: int, small: bool) -> Layer:
+    """``moka-train``'s default adapter for one module at a rank-R LoRA's size (its planner,
+    the ``mixed`` family, over ``layers`` blocks of q_proj and v_proj)."""
+    from moka_core.shapes import BUDGET_SLACK, lora_params, plan_shapes
+
+    counts = dict.fromkeys(dims, layers)
+    budget = lora_params(dims, counts, rank) * BUDGET_SLACK
+    shapes, _ = plan_shapes(dims, counts, num_components=1, budget=budget, family="mixed")
+    comps = tuple(tuple(c.as_list()) for c in shapes[target])
+    out_f, in_f = dims[target]
+    return Layer(f"{model}.{target}.mixed-r{rank}", in_f, out_f, comps, small, rank)
+
+
+LLAMA3_8B_QV = {"q_proj": (4096, 4096), "v_proj": (1024, 4096)}
+SMOLLM2_QV = {"q_proj": (576, 576), "v_proj": (192, 576)}
 
 LAYERS = [
     Layer(
@@ -103,13 +127,20 @@ LAYERS = [
         ((12, 24, 16, 24), (16, 36, 12, 16), (8, 72, 24, 8), (24, 16, 8, 36)),
         True,
     ),
+] + [
+    mixed_layer(model, target, dims, layers, rank, small)
+    for model, dims, layers, small in (
+        ("llama3-8b", LLAMA3_8B_QV, 32, False),
+        ("smollm2-135m", SMOLLM2_QV, 30, True),
+    )
+    for rank in (2, 8)
+    for target in ("q_proj", "v_proj")
 ]
 
 TOKENS_FULL = [1, 16, 64, 256, 4096]
 TOKENS_QUICK_CPU = [1, 16, 64]
 TOKENS_INTERPRET = [1, 4]
 MAPPINGS = ["distinct", "identical", "uniform"]
-LORA_RANK = 16
 MOKA_VARIANTS_TRITON = ["triton-decode", "triton-prefill", "triton-auto"]
 # Relative to the reference's max |value|; bf16 as asked, the others a few ulps of headroom.
 TOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-4, torch.float64: 1e-10}
@@ -169,31 +200,33 @@ def build_layer(
     for m1, n1, m2, n2 in layer.comps:
         assert m1 * m2 == layer.out_features and n1 * n2 == layer.in_features, (layer, m1, n1)
     gen = torch.Generator().manual_seed(seed)
-    args = (
-        num_slots,
-        len(layer.comps),
-        max(m1 * n1 for m1, n1, _, _ in layer.comps),
-        max(m2 * n2 for _, _, m2, n2 in layer.comps),
-        layer.in_features,
-        layer.out_features,
-    )
-    bank = MokaBank(*args, dtype=dtype, device=device, pooled=True)
-    ref_bank = MokaBank(*args, dtype=torch.float64, device=device, pooled=True)
-    for slot in range(num_slots):
-        entries = []
+    slots_terms = []
+    for _ in range(num_slots):
+        terms = []
         for m1, n1, m2, n2 in layer.comps:
             a = (torch.randn(m1, n1, generator=gen, dtype=torch.float64) / n1**0.5).to(dtype)
             b = (torch.randn(m2, n2, generator=gen, dtype=torch.float64) / n2**0.5).to(dtype)
-            entries.append(KronEntry(b=b, a=a))
+            terms.append(KronEntry(b=b, a=a))
+        slots_terms.append(group_rank_one(terms))  # as the server folds an adapter
+    entries = slots_terms[0]
+    cap = max(max(m1 * n1, m2 * n2) for m1, n1, m2, n2 in layer.comps)
+    numel = sum(e.a.numel() + e.b.numel() for e in entries)
+    args = (num_slots, len(entries), cap, cap, layer.in_features, layer.out_features)
+    bank = MokaBank(*args, dtype=dtype, device=device, pooled=True, pool_numel=num_slots * numel)
+    ref_bank = MokaBank(*args, dtype=torch.float64, device=device, pooled=True,
+                        pool_numel=num_slots * numel)  # fmt: skip
+    for slot, entries in enumerate(slots_terms):
         bank.write_slot(slot, entries)
-        ref_bank.write_slot(slot, [KronEntry(b=e.b.double(), a=e.a.double()) for e in entries])
+        ref_bank.write_slot(
+            slot, [dataclasses.replace(e, a=e.a.double(), b=e.b.double()) for e in entries]
+        )
     # Poison the pool outside the slots' factors: a kernel that reads it produces NaN.
     if bank.pool is not None:
         used = torch.zeros(bank.pool_numel, dtype=torch.bool, device=bank.pool.device)
         for start, n in bank.regions.values():
             used[start : start + n] = True
         bank.pool[~used] = float("nan")
-    r = LORA_RANK
+    r = layer.lora_rank
     lora_a = (
         torch.randn(num_slots + 1, r, layer.in_features, generator=gen) / layer.in_features**0.5
     )
@@ -307,9 +340,9 @@ VllmLora = Callable[[torch.Tensor, torch.Tensor], Fn]
 
 
 def find_vllm_lora(device: str, dtype: torch.dtype) -> tuple[VllmLora | None, str]:
-    """The ``lora16-vllm`` builder for this device, or None; and a line saying which or why not.
+    """The ``loraR-vllm`` builder for this device, or None; and a line saying which or why not.
 
-    Optional by design: the GPU host has no vLLM (there ``lora16-bgmv`` stands in for Punica).
+    Optional by design: the GPU host has no vLLM (there ``loraR-bgmv`` stands in for Punica).
     """
     try:
         import vllm
@@ -356,22 +389,21 @@ def adapter_variants(
     data: LayerData, use_triton: bool, vllm_lora: VllmLora | None
 ) -> dict[str, Fn]:
     out = moka_variants(data, use_triton)
-    out["lora16-bgmv"] = lora_bgmv(data.lora_a, data.lora_b)
-    out["lora16-grouped"] = lora_grouped(data.lora_a, data.lora_b)
+    lora = f"lora{data.layer.lora_rank}"
+    out[f"{lora}-bgmv"] = lora_bgmv(data.lora_a, data.lora_b)
+    out[f"{lora}-grouped"] = lora_grouped(data.lora_a, data.lora_b)
     if vllm_lora is not None:
-        out["lora16-vllm"] = vllm_lora(data.lora_a, data.lora_b)
+        out[f"{lora}-vllm"] = vllm_lora(data.lora_a, data.lora_b)
     return out
 
 
-# lora16-vllm: vLLM captures these ops in its own decode graphs (metadata prepared outside).
-CAPTURABLE = {
-    "triton-decode",
-    "triton-prefill",
-    "triton-auto",
-    "lora16-bgmv",
-    "lora16-vllm",
-    "base-gemm",
-}
+# loraR-vllm: vLLM captures these ops in its own decode graphs (metadata prepared outside).
+CAPTURABLE_SUFFIXES = ("triton-decode", "triton-prefill", "triton-auto", "-bgmv", "-vllm",
+                       "base-gemm")  # fmt: skip
+
+
+def capturable(variant: str) -> bool:
+    return variant.endswith(CAPTURABLE_SUFFIXES)
 
 
 def auto_form(num_tokens: int, num_slots: int) -> str:
@@ -561,13 +593,15 @@ def moka_cost(bank: MokaBank, slots: list[int], elt: int) -> tuple[float, float]
     nbytes = elt * tokens * (bank.in_features + 2 * bank.out_features)
     for s in used:
         for e in bank.entries[s]:
-            nbytes += elt * ((0 if e.identity_a else e.m1 * e.n1) + e.m2 * e.n2)
+            nbytes += elt * e.numel
     flops = 0
     macs_per_slot = {}
     for s in used:
         macs = 0
         for e in bank.entries[s]:
-            if e.identity_a:
+            if e.low_rank:  # U (m, r), V (r, n): a LoRA's shrink and expand
+                macs += e.rank * (e.n2 + e.m1)
+            elif e.identity_a:
                 macs += e.n1 * e.n2 * e.m2
             elif e.a_first:
                 macs += e.m1 * e.n1 * e.n2 + e.m1 * e.n2 * e.m2
@@ -578,11 +612,11 @@ def moka_cost(bank: MokaBank, slots: list[int], elt: int) -> tuple[float, float]
     return float(nbytes), float(flops)
 
 
-def lora_cost(in_f: int, out_f: int, slots: list[int], elt: int) -> tuple[float, float]:
+def lora_cost(in_f: int, out_f: int, slots: list[int], elt: int, rank: int) -> tuple[float, float]:
     tokens = len(slots)
     used = len({s for s in slots if s >= 0})
-    nbytes = elt * (tokens * (in_f + 2 * out_f) + used * LORA_RANK * (in_f + out_f))
-    flops = 2 * sum(1 for s in slots if s >= 0) * LORA_RANK * (in_f + out_f)
+    nbytes = elt * (tokens * (in_f + 2 * out_f) + used * rank * (in_f + out_f))
+    flops = 2 * sum(1 for s in slots if s >= 0) * rank * (in_f + out_f)
     return float(nbytes), float(flops)
 
 
@@ -645,7 +679,7 @@ def fmt(v, digits=1) -> str:
 def markdown_table(rows: list[dict]) -> str:
     head = (
         "| layer | T | mapping | variant | time us | p20-p80 us | floor us | bound | x floor "
-        "| x base GEMM | x LoRA-16 |"
+        "| x base GEMM | x LoRA (R) |"
     )
     lines = [head, "|---|---:|---|---|---:|---:|---:|---|---:|---:|---:|"]
     for r in rows:
@@ -662,7 +696,7 @@ def markdown_table(rows: list[dict]) -> str:
 def summary_table(rows: list[dict]) -> str:
     """One line per (layer, T, mapping): the fastest MoKA variant against GEMM and LoRA."""
     lines = [
-        "| layer | T | mapping | best MoKA | time us | x floor | base GEMM us | LoRA-16 us "
+        "| layer | T | mapping | best MoKA | time us | x floor | base GEMM us | LoRA (R) us "
         "| x base | x LoRA |",
         "|---|---:|---|---|---:|---:|---:|---:|---:|---:|",
     ]
@@ -699,14 +733,28 @@ def project_llama3_step(rows: list[dict], gemm_us: Callable[[int, int, int], flo
 
     The adapters sit on q_proj and v_proj of each of the 32 blocks and run one after another on
     one stream, so they add 32 x (time(q) + time(v)), taking the fastest MoKA and the fastest
-    rank-16 LoRA variant of each layer. Against that: the measured base GEMMs of those layers
+    LoRA variant of each layer (rank 16 beside the kron layers, the same size beside the mixed
+    ones). Against that: the measured base GEMMs of those layers
     (32 x (gemm q + gemm v)) and of all the linear layers of a block (q, k, v, o, gate, up, down),
     each timed at that T with the same timer: q/o and k/v share shapes with the measured q_proj
     and v_proj GEMMs, and ``gemm_us(in, out, T)`` times gate/up and down. vLLM fuses qkv and
     gate/up into one GEMM each (the same FLOPs, a little faster), and the step also runs
     attention, norms, lm_head and sampling, so the percentage overstates the share of the step.
     """
-    q, v, n = "llama3-8b.q_proj", "llama3-8b.v_proj", LLAMA3_8B_BLOCKS
+    out = []
+    for suffix in ("", ".mixed-r2", ".mixed-r8"):
+        q, v = f"llama3-8b.q_proj{suffix}", f"llama3-8b.v_proj{suffix}"
+        out += project_pair(rows, gemm_us, q, v, suffix.lstrip(".") or "kron (4 terms)")
+    return out
+
+
+_MLP_US: dict[int, float] = {}
+
+
+def project_pair(rows, gemm_us, q: str, v: str, adapters: str) -> list[dict]:
+    """:func:`project_llama3_step` for one pair of adapted layers (q_proj, v_proj)."""
+    n = LLAMA3_8B_BLOCKS
+    base_q, base_v = "llama3-8b.q_proj", "llama3-8b.v_proj"  # same shapes, same GEMMs
 
     def fastest(layer: str, tokens: int, mapping: str, kind: str) -> dict | None:
         key = (layer, tokens, mapping, kind)
@@ -718,13 +766,13 @@ def project_llama3_step(rows: list[dict], gemm_us: Callable[[int, int, int], flo
         return min(timed, key=lambda r: r["time_us"], default=None)
 
     names = lambda a, b: a if a == b else f"{a}/{b}"  # noqa: E731
-    mlp_us: dict[int, float] = {}
+    mlp_us = _MLP_US
     out = []
     for tokens, mapping in dict.fromkeys(
         (r["tokens"], r["mapping"]) for r in rows if r["layer"] == q and r["kind"] != "base"
     ):
         picks = [fastest(lay, tokens, mapping, k) for k in ("moka", "lora") for lay in (q, v)]
-        gemms = [fastest(lay, tokens, "-", "base") for lay in (q, v)]
+        gemms = [fastest(lay, tokens, "-", "base") for lay in (base_q, base_v)]
         if None in picks or None in gemms:
             continue
         moka_q, moka_v, lora_q, lora_v = picks
@@ -736,6 +784,8 @@ def project_llama3_step(rows: list[dict], gemm_us: Callable[[int, int, int], flo
         lora_us = n * (lora_q["time_us"] + lora_v["time_us"])
         out.append(
             {
+                "adapters": adapters,
+                "lora_rank": next(lay.lora_rank for lay in LAYERS if lay.name == q),
                 "tokens": tokens,
                 "mapping": mapping,
                 "moka_variants": names(moka_q["variant_label"], moka_v["variant_label"]),
@@ -754,13 +804,14 @@ def project_llama3_step(rows: list[dict], gemm_us: Callable[[int, int, int], flo
 
 def projection_table(proj: list[dict]) -> str:
     lines = [
-        "| T | mapping | MoKA (q/v) | MoKA +ms | LoRA-16 (q/v) | LoRA-16 +ms | q+v GEMM ms "
-        "| all linear GEMMs ms | MoKA % | LoRA-16 % |",
-        "|---:|---|---|---:|---|---:|---:|---:|---:|---:|",
+        "| MoKA adapter | LoRA rank | T | mapping | MoKA (q/v) | MoKA +ms | LoRA (q/v) | LoRA +ms "
+        "| q+v GEMM ms | all linear GEMMs ms | MoKA % | LoRA % |",
+        "|---|---:|---:|---|---|---:|---|---:|---:|---:|---:|---:|",
     ]
     for p in proj:
         lines.append(
-            f"| {p['tokens']} | {p['mapping']} | {p['moka_variants']} "
+            f"| {p['adapters']} | {p['lora_rank']} | {p['tokens']} | {p['mapping']} "
+            f"| {p['moka_variants']} "
             f"| {fmt(p['moka_added_us'] / 1e3, 3)} | {p['lora_variants']} "
             f"| {fmt(p['lora_added_us'] / 1e3, 3)} | {fmt(p['qv_gemm_us'] / 1e3, 3)} "
             f"| {fmt(p['step_gemm_us'] / 1e3, 3)} | {fmt(p['moka_pct'], 1)} "
@@ -879,7 +930,7 @@ def main(argv=None) -> int:
     )
     print(f"# command: {command}", flush=True)
     vllm_lora, vllm_note = find_vllm_lora(device, dtype)
-    print(f"# lora16-vllm: {vllm_note}", flush=True)
+    print(f"# loraR-vllm: {vllm_note}", flush=True)
 
     peaks: dict = {}
     if not args.check_only:
@@ -924,8 +975,8 @@ def main(argv=None) -> int:
             else "time.perf_counter, median over repeats"
         ),
         "num_slots": args.num_slots,
-        "lora_rank": LORA_RANK,
-        "lora16_vllm": vllm_note,
+        "lora_rank": {lay.name: lay.lora_rank for lay in layers},
+        "lora_vllm": vllm_note,
         "checks": [],
         "rows": [],
     }
@@ -943,7 +994,7 @@ def main(argv=None) -> int:
 
     def timer(fn: Callable[[], None], variant: str) -> dict:
         if device == "cuda":
-            graph = args.cuda_graph and variant in CAPTURABLE
+            graph = args.cuda_graph and capturable(variant)
             med, p20, p80 = time_cuda(fn, warmup_ms, rep_ms, graph)
             how = "graph" if graph else "events"
         else:
@@ -1011,7 +1062,9 @@ def main(argv=None) -> int:
                     if kind == "moka":
                         nb, nf = moka_cost(data.bank, slot_list, elt)
                     else:
-                        nb, nf = lora_cost(layer.in_features, layer.out_features, slot_list, elt)
+                        nb, nf = lora_cost(
+                            layer.in_features, layer.out_features, slot_list, elt, layer.lora_rank
+                        )
                     f_us, bound = floor_us(nb, nf, peaks)
                     row = case_row(layer, tokens, mapping, len(set(slot_list)), name, label, kind)
                     row.update(bytes=nb, flops=nf, floor_us=f_us, bound=bound, base_us=t_base)
