@@ -91,6 +91,15 @@ def train_run(folder: Path, cli_args: list[str], log: Path) -> dict:
     return json.loads(info.read_text())
 
 
+def run_header(args: argparse.Namespace, argv: list[str] | None) -> dict:
+    """The machine, the command and the options of a sweep, first in its results."""
+    return {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
+        "args": vars(args),
+    }
+
+
 def summary_of(info: dict) -> dict:
     after = info.get("after") or {}
     return {
@@ -142,9 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.base:
         common += ["--base", str(base)]
     results: dict = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
-        "args": vars(args),
+        **run_header(args, argv),
         "lora_sizes": {r: lora_size(base, targets, r) for r in budgets},
         "tasks": {},
     }

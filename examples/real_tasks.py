@@ -210,23 +210,31 @@ def pick_choice(choice_logprobs: list[list[float]], normalize: bool = False) -> 
 
 
 def choice_logprobs(model, tokenizer, question: Question) -> list[list[float]]:
-    """Per choice, the log-probabilities of its tokens after the context (one forward per
-    choice; the context's tokens are the same prefix for every choice)."""
+    """Per choice, the log-probabilities of its tokens after the context: one forward over
+    every choice at once (context + choice, padded on the right, so no real position sees
+    padding in a causal model)."""
     import torch
 
     ctx = tokenizer(question.context, add_special_tokens=False)["input_ids"]
-    out = []
-    for text in question.choices:
-        ids = ctx + tokenizer(text, add_special_tokens=False)["input_ids"]
-        n_ctx = len(ctx)
-        if n_ctx == 0 or len(ids) == n_ctx:
-            raise RealTaskError("a question needs a non-empty context and non-empty choices")
-        with torch.no_grad():
-            logits = model(input_ids=torch.tensor([ids])).logits[0].float()
-        logp = torch.log_softmax(logits[n_ctx - 1 : -1], dim=-1)
-        target = torch.tensor(ids[n_ctx:])
-        out.append(logp.gather(1, target[:, None])[:, 0].tolist())
-    return out
+    conts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in question.choices]
+    if not ctx or not all(conts):
+        raise RealTaskError("a question needs a non-empty context and non-empty choices")
+    seqs = [ctx + c for c in conts]
+    width = max(map(len, seqs))
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for i, seq in enumerate(seqs):
+        ids[i, : len(seq)] = torch.tensor(seq)
+        mask[i, : len(seq)] = 1
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+    logp = torch.log_softmax(logits.float().cpu(), dim=-1)
+    n = len(ctx)
+    return [
+        logp[i, n - 1 : n - 1 + len(c)].gather(1, torch.tensor(c)[:, None])[:, 0].tolist()
+        for i, c in enumerate(conts)
+    ]
 
 
 def accuracy(model, tokenizer, questions: Iterable[Question], normalize: bool = False) -> float:

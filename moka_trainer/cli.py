@@ -83,7 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("adapter")
     g.add_argument(
-        "--method", choices=("moka", "lora"), default="moka", help="adapter kind (default: moka)"
+        "--method",
+        choices=("moka", "lora", "dora"),
+        default="moka",
+        help="adapter kind (default: moka); lora and dora are PEFT's LoraConfig "
+        "(dora: use_dora=True, QDoRA over the 4-bit base), the baselines",
     )
     g.add_argument(
         "--targets",
@@ -156,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
         "2 without, so each component starts with coefficient 2 like a LoRA term with alpha "
         "= 2 x rank)",
     )
-    g.add_argument("--rank", type=int, default=8, help="LoRA rank for --method lora (default: 8)")
+    g.add_argument("--rank", type=int, default=8, help="rank for --method lora / dora (default: 8)")
     g.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: 2 x rank)")
 
     g = p.add_argument_group("base model")

@@ -57,6 +57,8 @@ from .data import LONG_RECORDS, CompletionCollator, DataError, load_examples
 
 # Which factor starts at zero (moka_peft.layer.MokaLayer.reset_moka_parameters).
 INITS = ("lora", "a-random")
+# moka, or PEFT's LoraConfig (dora: use_dora=True, "QDoRA" over a 4-bit base) through one path
+METHODS = ("moka", "lora", "dora")
 
 LOG_NAME = "train_log.jsonl"
 INFO_NAME = "train_info.json"
@@ -73,7 +75,7 @@ class TrainConfig:
     out: str
     base: str | None = None  # None: the embedded SmolLM2-135M-Instruct (materialised once)
     eval_data: str | None = None
-    method: str = "moka"  # "moka" or "lora"
+    method: str = "moka"  # "moka", "lora" or "dora" (PEFT LoRA with use_dora: QDoRA on 4-bit)
     targets: Sequence[str] = ("q_proj", "v_proj")
     # MoKA
     components: int = 4
@@ -131,7 +133,10 @@ def check_config(cfg: TrainConfig) -> None:
         if not ok:
             raise TrainError(msg)
 
-    need(cfg.method in ("moka", "lora"), f"--method must be moka or lora, got {cfg.method!r}")
+    need(
+        cfg.method in METHODS,
+        f"--method must be one of {', '.join(METHODS)}, got {cfg.method!r}",
+    )
     need(cfg.variant in ("moka", "mokas"), f"--variant must be moka or mokas, got {cfg.variant!r}")
     need(
         cfg.shape_family in (None, *FAMILIES),
@@ -187,7 +192,9 @@ def check_config(cfg: TrainConfig) -> None:
         except ValueError as e:
             raise TrainError(str(e)) from None
     elif cfg.shapes or cfg.budget is not None:
-        raise TrainError("--shapes and --budget apply to --method moka only (LoRA uses --rank)")
+        raise TrainError(
+            "--shapes and --budget apply to --method moka only (LoRA and DoRA use --rank)"
+        )
     if cfg.base is not None and looks_like_path(cfg.base):
         need(Path(cfg.base).expanduser().is_dir(), f"--base {cfg.base}: no such model folder")
         need(
@@ -211,11 +218,12 @@ def _say(cfg: TrainConfig, msg: str) -> None:
 
 def peft_config(cfg: TrainConfig, model: nn.Module, targets: list[str]):
     """The PEFT config of the run, planned on ``model``, and notes for the user."""
-    if cfg.method == "lora":
+    if cfg.method in ("lora", "dora"):
         from peft import LoraConfig
 
         return LoraConfig(
             r=cfg.rank,
+            use_dora=cfg.method == "dora",
             lora_alpha=cfg.lora_alpha if cfg.lora_alpha is not None else 2 * cfg.rank,
             target_modules=targets,
             lora_dropout=0.0,
@@ -260,7 +268,7 @@ def attach_adapter(model: nn.Module, cfg: TrainConfig, base_params: int) -> tupl
         "trainable_params": trainable,
         "base_params": base_params,
     }
-    if cfg.method == "lora":
+    if cfg.method in ("lora", "dora"):
         return model, {**info, "rank": cfg.rank, "lora_alpha": pc.lora_alpha}
     shapes = {t: pc.component_shapes(t) for t in dims}
     expected = sum(module_params(shapes[t], pc.variant, pc.gating) * counts[t] for t in dims)
@@ -600,7 +608,7 @@ def train_model(cfg: TrainConfig) -> Trained:
         json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8"
     )
     say(
-        f"wrote {'MoKA adapter' if cfg.method == 'moka' else 'PEFT LoRA adapter'} to {out} "
+        f"wrote {'MoKA adapter' if cfg.method == 'moka' else f'PEFT {cfg.method} adapter'} to {out} "
         f"(loss {summary['first_loss']} -> {summary['last_loss']}, "
         f"{summary['wall_time_s']:.1f} s)"
     )

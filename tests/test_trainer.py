@@ -173,15 +173,20 @@ def test_resume_continues_exactly(tiny, task, tmp_path, method):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
 
 
-def test_lora_baseline_saves_a_peft_folder(tiny, task, tmp_path):
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_lora_baseline_saves_a_peft_folder(tiny, task, tmp_path, method):
+    """The LoRA baselines (QLoRA, and QDoRA with --method dora: PEFT's use_dora, one magnitude
+    per output row) train over the 4-bit base through the same Trainer path and reload."""
     from peft import PeftModel
 
-    out = tmp_path / "lora"
-    res = train_model(_cfg(tiny, task, out, method="lora", rank=4, max_steps=2))
+    out = tmp_path / method
+    res = train_model(_cfg(tiny, task, out, method=method, rank=4, max_steps=2))
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 4
+    assert cfg["use_dora"] is (method == "dora")
     assert sorted(cfg["target_modules"]) == ["q_proj", "v_proj"]
-    assert res.summary["trainable_params"] == 4 * 4 * ((256 + 256) + (256 + 128))
+    magnitudes = 4 * (256 + 128) if method == "dora" else 0
+    assert res.summary["trainable_params"] == 4 * 4 * ((256 + 256) + (256 + 128)) + magnitudes
     res.model.eval()
     want = _logits(res.model, IDS)
     base, _ = load_base_model(str(tiny), quantize=True, device=CPU, dtype=torch.float32)
