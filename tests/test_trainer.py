@@ -276,7 +276,7 @@ def test_cli_rejects_bad_options_clearly(tiny, task, tmp_path, capsys):
         (["--shapes", "q_proj=24x24"], "M1xN1xM2xN2"),
         (["--budget", "lots"], "--budget"),
         (["--method", "lora", "--budget", "1%"], "apply to --method moka only"),
-        (["--method", "dora"], "invalid choice"),
+        (["--method", "qlora"], "invalid choice"),
         (["--no-such-flag"], "unrecognized arguments"),
         (["--warmup-ratio", "1.5"], "--warmup-ratio"),
     ]
