@@ -85,11 +85,9 @@ class Layer:
 def mixed_layer(model: str, target: str, dims: dict, layers: int, rank: int, small: bool) -> Layer:
     """``moka-train``'s default adapter for one module at a rank-R LoRA's size (its planner,
     the ``mixed`` family, over ``layers`` blocks of q_proj and v_proj)."""
-    from moka_core.shapes import BUDGET_SLACK, lora_params, plan_shapes
+    from moka_core.shapes import plan_lora_sized
 
-    counts = dict.fromkeys(dims, layers)
-    budget = lora_params(dims, counts, rank) * BUDGET_SLACK
-    shapes, _ = plan_shapes(dims, counts, num_components=1, budget=budget, family="mixed")
+    shapes = plan_lora_sized(dims, dict.fromkeys(dims, layers), rank)
     comps = tuple(tuple(c.as_list()) for c in shapes[target])
     out_f, in_f = dims[target]
     return Layer(f"{model}.{target}.mixed-r{rank}", in_f, out_f, comps, small, rank)
@@ -742,16 +740,16 @@ def project_llama3_step(rows: list[dict], gemm_us: Callable[[int, int, int], flo
     attention, norms, lm_head and sampling, so the percentage overstates the share of the step.
     """
     out = []
+    mlp_us: dict[int, float] = {}  # T -> the MLP GEMMs of one block, timed once per T
     for suffix in ("", ".mixed-r2", ".mixed-r8"):
         q, v = f"llama3-8b.q_proj{suffix}", f"llama3-8b.v_proj{suffix}"
-        out += project_pair(rows, gemm_us, q, v, suffix.lstrip(".") or "kron (4 terms)")
+        out += project_pair(rows, gemm_us, mlp_us, q, v, suffix.lstrip(".") or "kron (4 terms)")
     return out
 
 
-_MLP_US: dict[int, float] = {}
-
-
-def project_pair(rows, gemm_us, q: str, v: str, adapters: str) -> list[dict]:
+def project_pair(
+    rows, gemm_us, mlp_us: dict[int, float], q: str, v: str, adapters: str
+) -> list[dict]:
     """:func:`project_llama3_step` for one pair of adapted layers (q_proj, v_proj)."""
     n = LLAMA3_8B_BLOCKS
     base_q, base_v = "llama3-8b.q_proj", "llama3-8b.v_proj"  # same shapes, same GEMMs
@@ -766,7 +764,6 @@ def project_pair(rows, gemm_us, q: str, v: str, adapters: str) -> list[dict]:
         return min(timed, key=lambda r: r["time_us"], default=None)
 
     names = lambda a, b: a if a == b else f"{a}/{b}"  # noqa: E731
-    mlp_us = _MLP_US
     out = []
     for tokens, mapping in dict.fromkeys(
         (r["tokens"], r["mapping"]) for r in rows if r["layer"] == q and r["kind"] != "base"

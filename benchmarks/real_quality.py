@@ -61,18 +61,14 @@ def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def run_args(method: str, rank: int, base: Path, targets: list[str], components: int) -> list[str]:
+def run_args(method: str, rank: int, components: int) -> list[str]:
     """``moka-train`` options for ``method`` at a rank-``rank`` LoRA's size."""
     args = list(METHODS[method])
     if method in ("qlora", "qdora"):
         return args + ["--rank", str(rank)]
-    from moka_core.shapes import BUDGET_SLACK
-
-    if targets == ["all-linear"]:
-        return args + ["--budget", f"lora-{rank}"]
     if method != "moka":
         args += ["--components", str(min(components, max(rank, 1)))]
-    return args + ["--budget", str(int(lora_size(base, targets, rank) * BUDGET_SLACK))]
+    return args + ["--budget", f"lora-{rank}"]  # moka-train's own rule for a LoRA's size
 
 
 def write_union(out: Path, tasks: list[str], per_task: int, seed: int) -> dict[str, int]:
@@ -212,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         folder = where / f"{method}-r{rank}-s{seed}-lr{lr:g}"
         folder.mkdir(parents=True, exist_ok=True)
         cli = [*common, "--lr", str(lr), "--seed", str(seed)]
-        cli += run_args(method, rank, base, targets, args.components)
+        cli += run_args(method, rank, args.components)
         info = train_run(folder, cli, folder.parent / f"{folder.name}.log")
         ev = eval_run(folder, folder / "real_eval.json", args, base, tasks)
         return {"method": method, "budget_rank": rank, "seed": seed, "lr": lr,

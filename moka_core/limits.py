@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from moka_core import settings
+from moka_kernels.bank import rank_one_shape
 
 DEFAULT_MAX_COMPONENTS = settings.SETTINGS["MOKA_MAX_COMPONENTS"].default
 DEFAULT_MAX_FACTOR_NUMEL = settings.SETTINGS["MOKA_MAX_FACTOR_NUMEL"].default
@@ -33,9 +34,7 @@ def kernel_entries(shapes: Iterable[Sequence[int]], identity_a: bool = False) ->
     components (``(m, 1, 1, n)`` or ``(1, n, m, 1)``, never with an identity A) together are
     one (``moka_kernels.bank.group_rank_one``); what ``MOKA_MAX_COMPONENTS`` bounds."""
     shapes = [tuple(s) for s in shapes]
-    rank_one = 0
-    if not identity_a:
-        rank_one = sum((n1 == 1 and m2 == 1) or (m1 == 1 and n2 == 1) for m1, n1, m2, n2 in shapes)
+    rank_one = 0 if identity_a else sum(rank_one_shape(*s) for s in shapes)
     return len(shapes) - rank_one + (1 if rank_one else 0)
 
 

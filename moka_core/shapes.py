@@ -381,6 +381,19 @@ def format_shapes(shapes: Sequence[ComponentShape]) -> str:
     return ",".join("x".join(map(str, c.as_list())) for c in shapes)
 
 
+def plan_lora_sized(
+    layer_dims: Mapping[str, tuple[int, int]],
+    counts: Mapping[str, int],
+    rank: int,
+    family: str = "mixed",
+) -> dict[str, list[ComponentShape]]:
+    """The shapes ``moka-train --budget lora-R`` plans (``family`` ``mixed`` by default: one
+    balanced Kronecker term and R-1 rank-1 terms on typical layers)."""
+    budget = parse_budget(f"lora-{rank}", 0, lora_params(layer_dims, counts, 1))
+    shapes, _ = plan_shapes(layer_dims, counts, num_components=1, budget=budget, family=family)
+    return shapes
+
+
 def lora_params(layer_dims: Mapping[str, tuple[int, int]], counts: Mapping[str, int], rank: int):
     """Trainable parameters of a rank-``rank`` LoRA on the same modules: r*(in+out) each."""
     return sum(rank * (o + i) * counts.get(t, 0) for t, (o, i) in layer_dims.items())

@@ -116,11 +116,15 @@ class EntryShape:
         return (self.m2 * self.rank, self.n2)
 
 
+def rank_one_shape(m1: int, n1: int, m2: int, n2: int) -> bool:
+    """Whether ``kron(A, B)`` with A ``(m1, n1)`` and B ``(m2, n2)`` is an outer product:
+    ``(m, 1) (x) (1, n)`` or ``(1, n) (x) (m, 1)`` (never with an identity A)."""
+    return (n1 == 1 and m2 == 1) or (m1 == 1 and n2 == 1)
+
+
 def is_rank_one(a: torch.Tensor | None, b: torch.Tensor) -> bool:
-    """Whether ``kron(a, b)`` is an outer product: ``(m, 1) (x) (1, n)`` or ``(1, n) (x) (m, 1)``."""
-    if a is None:
-        return False
-    return (a.shape[1] == 1 and b.shape[0] == 1) or (a.shape[0] == 1 and b.shape[1] == 1)
+    """:func:`rank_one_shape` of a stored pair (an identity A, ``None``, is not rank 1)."""
+    return a is not None and rank_one_shape(*a.shape, *b.shape)
 
 
 def group_rank_one(entries: Sequence[KronEntry]) -> list[KronEntry]:

@@ -7,8 +7,9 @@ For the tokens ``idx`` of one slot and one entry with factors A (m1, n1) and B (
     y[idx, off:off + m1*m2] += Y.reshape(T, m1*m2)
 
 Two batched GEMMs per entry, never the dense ``kron``; a low-rank entry (``bank``: a slice's
-rank-1 components stacked) is ``(x @ V.T) @ U.T``, a LoRA's shrink and expand. Grouping happens on the host; that is
-fine on CPU, where vLLM runs LoRA models eagerly. Tokens with slot -1 are never touched.
+rank-1 components stacked) is ``(x @ V.T) @ U.T``, a LoRA's shrink and expand. Grouping happens
+on the host; that is fine on CPU, where vLLM runs LoRA models eagerly. Tokens with slot -1 are
+never touched.
 """
 
 from __future__ import annotations

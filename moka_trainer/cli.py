@@ -54,7 +54,7 @@ def _csv(text: str) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     from moka_core.shapes import FAMILIES
 
-    from .train import INITS
+    from .train import INITS, METHODS
 
     p = _Parser(
         prog="moka-train",
@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("adapter")
     g.add_argument(
         "--method",
-        choices=("moka", "lora", "dora"),
+        choices=METHODS,
         default="moka",
         help="adapter kind (default: moka); lora and dora are PEFT's LoraConfig "
         "(dora: use_dora=True, QDoRA over the 4-bit base), the baselines",

@@ -608,7 +608,7 @@ def train_model(cfg: TrainConfig) -> Trained:
         json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8"
     )
     say(
-        f"wrote {'MoKA adapter' if cfg.method == 'moka' else f'PEFT {cfg.method} adapter'} to {out} "
+        f"wrote {'MoKA' if cfg.method == 'moka' else f'PEFT {cfg.method}'} adapter to {out} "
         f"(loss {summary['first_loss']} -> {summary['last_loss']}, "
         f"{summary['wall_time_s']:.1f} s)"
     )

@@ -103,14 +103,13 @@ def moka_shapes(dims: dict, layers: int, targets: list[str], method: str, compon
     """Component shapes per target of a ``moka-*`` method, as ``moka-train`` plans them:
     ``moka-rR`` with ``--budget lora-R`` (the default ``mixed`` family), ``moka-kron`` the
     cheapest diverse set of ``components`` balanced terms (``--shape-family kron``)."""
-    from moka_core.shapes import BUDGET_SLACK, lora_params, plan_shapes
+    from moka_core.shapes import plan_lora_sized, plan_shapes
 
     kind, rank = method_kind(method)
     layer_dims = {t: dims[t] for t in targets}
     counts = {t: layers for t in targets}
     if kind == "moka-mixed":
-        budget = lora_params(layer_dims, counts, rank) * BUDGET_SLACK
-        shapes, _ = plan_shapes(layer_dims, counts, num_components=1, budget=budget, family="mixed")
+        shapes = plan_lora_sized(layer_dims, counts, rank)
     else:
         shapes, _ = plan_shapes(layer_dims, counts, num_components=components, budget=None)
     return {t: [c.as_list() for c in cs] for t, cs in shapes.items()}
@@ -119,11 +118,13 @@ def moka_shapes(dims: dict, layers: int, targets: list[str], method: str, compon
 def adapter_params(method: str, dims: dict, layers: int, targets: list[str], shapes: dict) -> int:
     """Trainable parameters of one adapter of ``method`` (``shapes``: its ``moka_shapes``;
     gate logits included for MoKA with more than one component, as ``moka-train`` gates)."""
+    from moka_core.adapter_format import ComponentShape
+    from moka_core.shapes import module_params
+
     kind, rank = method_kind(method)
     if kind.startswith("moka"):
-        per = {t: sum(m1 * n1 + m2 * n2 for m1, n1, m2, n2 in shapes[t])
-               + (len(shapes[t]) if len(shapes[t]) > 1 else 0) for t in targets}  # fmt: skip
-        return layers * sum(per.values())
+        comps = {t: [ComponentShape(*c) for c in shapes[t]] for t in targets}
+        return layers * sum(module_params(c, "moka", gating=len(c) > 1) for c in comps.values())
     return layers * sum(rank * (dims[t][0] + dims[t][1]) for t in targets)
 
 
@@ -457,7 +458,8 @@ def compare_markdown(report: dict) -> str:
         lines.append(
             f"| {r['popularity']} | {r['n']} | {r['method']} | {r['tpot_ms']:.1f} | "
             f"{ratio(r, 'tpot_ratio')} | {ratio(r, 'tpot_ratio_to_plain')} | "
-            f"{ratio(r, 'tpot_ratio_to_lora')} | {r['ttft_ms']:.1f} | {ratio(r, 'ttft_ratio')} | {ratio(r, 'ttft_ratio_to_plain')} | "
+            f"{ratio(r, 'tpot_ratio_to_lora')} | {r['ttft_ms']:.1f} | {ratio(r, 'ttft_ratio')} | "
+            f"{ratio(r, 'ttft_ratio_to_plain')} | "
             f"{r['output_tok_s']:.1f} |"
         )
     lines += ["", "| method | params/adapter | bytes/adapter | cold load ms (median) | "
