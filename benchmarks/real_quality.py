@@ -139,8 +139,34 @@ def eval_run(
     return json.loads(cache.read_text())
 
 
-def mean_acc(ev: dict, split: str) -> float:
-    return statistics.mean(t[split]["accuracy"] for t in ev.values())
+def mean_acc(ev: dict, split: str, tasks: list[str] | None = None) -> float:
+    return statistics.mean(ev[t][split]["accuracy"] for t in (tasks or list(ev)))
+
+
+# A task on which every adapter stays this close to the majority class cannot rank methods.
+CHANCE_MARGIN = 0.03
+
+
+def groups_of(results: dict) -> dict[tuple[str, int], list[dict]]:
+    """(method, budget rank) -> its runs (one per seed)."""
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for r in results["runs"]:
+        groups.setdefault((r["method"], r["budget_rank"]), []).append(r)
+    return groups
+
+
+def separating(results: dict, tasks: list[str]) -> list[str]:
+    """The tasks on which some (method, budget), averaged over seeds, is more than
+    ``CHANCE_MARGIN`` from the majority class on test; the others are reported as not
+    separating and left out of the average, by name, never silently."""
+    out = []
+    for t in tasks:
+        chance = results["floors"][t]["majority"]
+        means = [statistics.mean(r["eval"][t]["test"]["accuracy"] for r in runs)
+                 for runs in groups_of(results).values()]  # fmt: skip
+        if any(abs(m - chance) > CHANCE_MARGIN + 1e-9 for m in means):  # 3 points is within
+            out.append(t)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -268,23 +294,31 @@ def _spread(values: list[float]) -> str:
 
 
 def markdown(results: dict, tasks: list[str]) -> str:
-    """Test accuracy (%) per task and on average: mean ± half the seeds' range."""
+    """Test accuracy (%) per task and on average over the separating tasks (``separating``):
+    mean ± half the seeds' range."""
+    kept = separating(results, tasks) or tasks
     head = ["method", "budget", "params", *tasks, "average"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     floors = results["floors"]
     for name in ("majority", "zero_shot"):
         cells = [f"{100 * floors[t][name]:.1f}" for t in tasks]
-        avg = statistics.mean(floors[t][name] for t in tasks)
+        avg = statistics.mean(floors[t][name] for t in kept)
         lines.append(f"| base ({name.replace('_', '-')}) | - | 0 | {' | '.join(cells)} | "
                      f"{100 * avg:.1f} |")  # fmt: skip
-    groups: dict[tuple[str, int], list[dict]] = {}
-    for r in results["runs"]:
-        groups.setdefault((r["method"], r["budget_rank"]), []).append(r)
-    for (m, rank), runs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+    for (m, rank), runs in sorted(groups_of(results).items(), key=lambda kv: kv[0][::-1]):
         cells = [_spread([r["eval"][t]["test"]["accuracy"] for r in runs]) for t in tasks]
-        avg = _spread([mean_acc(r["eval"], "test") for r in runs])
+        avg = _spread([mean_acc(r["eval"], "test", kept) for r in runs])
         lines.append(f"| {m} | lora-{rank} | {runs[0]['trainable_params']:,} | "
                      f"{' | '.join(cells)} | {avg} |")  # fmt: skip
+    left_out = [t for t in tasks if t not in kept]
+    lines.append("")
+    lines.append(
+        f"Not separating (every method within {100 * CHANCE_MARGIN:.0f} points of the majority "
+        f"class), left out of the average: {', '.join(left_out)}."
+        if left_out
+        else "Every task separates (some method is more than "
+        f"{100 * CHANCE_MARGIN:.0f} points from the majority class); the average is over all."
+    )
     return "\n".join(lines)
 
 
@@ -298,12 +332,13 @@ def plot(results: dict, tasks: list[str], path: Path) -> None:
     panels = [*tasks, "average"]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2), squeeze=False)
     methods = sorted({r["method"] for r in results["runs"]})
+    kept = separating(results, tasks) or tasks
     for ax, panel in zip(axes[0], panels, strict=True):
         for m in methods:
             pts: dict[int, list[float]] = {}
             for r in results["runs"]:
                 if r["method"] == m:
-                    acc = (mean_acc(r["eval"], "test") if panel == "average"
+                    acc = (mean_acc(r["eval"], "test", kept) if panel == "average"
                            else r["eval"][panel]["test"]["accuracy"])  # fmt: skip
                     pts.setdefault(r["trainable_params"], []).append(acc)
             xs = sorted(pts)
@@ -311,7 +346,7 @@ def plot(results: dict, tasks: list[str], path: Path) -> None:
         if panel != "average":
             ax.axhline(100 * results["floors"][panel]["zero_shot"], color="gray", ls="--")
         ax.set_xscale("log")
-        ax.set_title(panel)
+        ax.set_title(panel if panel != "average" or kept == tasks else f"average of {len(kept)}")
         ax.set_xlabel("trainable parameters")
     axes[0][0].set_ylabel("test accuracy (%)")
     axes[0][-1].legend(fontsize=7)

@@ -204,3 +204,35 @@ def test_real_quality_grid_runs_end_to_end_on_the_tiny_model(tmp_path):
     summary = (out / "summary.md").read_text()
     assert "| moka | lora-1 | 3,584 |" in summary and "| base (zero-shot) |" in summary
     assert (out / "accuracy.png").stat().st_size > 1000
+
+
+def test_real_quality_table_leaves_out_tasks_that_do_not_separate():
+    """A task on which every method stays within 3 points of its majority class is named as
+    not separating and left out of the average; the others are averaged."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import real_quality as rq
+
+    def run(method, seed, near, far):
+        ev = {"near": {"test": {"accuracy": near}}, "far": {"test": {"accuracy": far}}}
+        return {"method": method, "budget_rank": 1, "seed": seed, "trainable_params": 10,
+                "eval": ev}  # fmt: skip
+
+    results = {
+        "floors": {t: {"majority": 0.5, "zero_shot": 0.6} for t in ("near", "far")},
+        "runs": [
+            run("a", 0, 0.52, 0.70),
+            run("a", 1, 0.48, 0.80),
+            run("b", 0, 0.53, 0.6),
+            run("b", 1, 0.53, 0.6),
+        ],  # fmt: skip
+    }
+    assert rq.separating(results, ["near", "far"]) == ["far"]
+    md = rq.markdown(results, ["near", "far"])
+    assert "| a | lora-1 | 10 | 50.0 ± 2.0 | 75.0 ± 5.0 | 75.0 ± 5.0 |" in md
+    assert "| b | lora-1 | 10 | 53.0 ± 0.0 | 60.0 ± 0.0 | 60.0 ± 0.0 |" in md
+    assert "left out of the average: near." in md
+    results["runs"][2]["eval"]["near"]["test"]["accuracy"] = 0.54  # b's mean: 3.5 points off
+    assert rq.separating(results, ["near", "far"]) == ["near", "far"]
+    assert "| a | lora-1 | 10 | 50.0 ± 2.0 | 75.0 ± 5.0 | 62.5 ± 1.5 |" in rq.markdown(
+        results, ["near", "far"]
+    )
