@@ -273,8 +273,9 @@ def main(argv: list[str] | None = None) -> int:
                          for t in tasks}  # fmt: skip
     save()
     # 2. every (method, budget, seed) on the test split
+    # Seed by seed: an interrupted grid has every (method, budget) once before any twice.
     pending = {(m, r, s): pool.submit(job, m, r, s, chosen[m], "test")
-               for r in budgets for m in methods for s in seeds}  # fmt: skip
+               for s in seeds for r in budgets for m in methods}  # fmt: skip
     for fut in pending.values():
         results["runs"].append(fut.result())
         save()
