@@ -298,18 +298,18 @@ def markdown(results: dict, tasks: list[str]) -> str:
     """Test accuracy (%) per task and on average over the separating tasks (``separating``):
     mean ± half the seeds' range."""
     kept = separating(results, tasks) or tasks
-    head = ["method", "budget", "params", *tasks, "average"]
+    head = ["method", "budget", "params", "seeds", *tasks, "average"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     floors = results["floors"]
     for name in ("majority", "zero_shot"):
         cells = [f"{100 * floors[t][name]:.1f}" for t in tasks]
         avg = statistics.mean(floors[t][name] for t in kept)
-        lines.append(f"| base ({name.replace('_', '-')}) | - | 0 | {' | '.join(cells)} | "
+        lines.append(f"| base ({name.replace('_', '-')}) | - | 0 | - | {' | '.join(cells)} | "
                      f"{100 * avg:.1f} |")  # fmt: skip
     for (m, rank), runs in sorted(groups_of(results).items(), key=lambda kv: kv[0][::-1]):
         cells = [_spread([r["eval"][t]["test"]["accuracy"] for r in runs]) for t in tasks]
         avg = _spread([mean_acc(r["eval"], "test", kept) for r in runs])
-        lines.append(f"| {m} | lora-{rank} | {runs[0]['trainable_params']:,} | "
+        lines.append(f"| {m} | lora-{rank} | {runs[0]['trainable_params']:,} | {len(runs)} | "
                      f"{' | '.join(cells)} | {avg} |")  # fmt: skip
     left_out = [t for t in tasks if t not in kept]
     lines.append("")

@@ -228,11 +228,11 @@ def test_real_quality_table_leaves_out_tasks_that_do_not_separate():
     }
     assert rq.separating(results, ["near", "far"]) == ["far"]
     md = rq.markdown(results, ["near", "far"])
-    assert "| a | lora-1 | 10 | 50.0 ± 2.0 | 75.0 ± 5.0 | 75.0 ± 5.0 |" in md
-    assert "| b | lora-1 | 10 | 53.0 ± 0.0 | 60.0 ± 0.0 | 60.0 ± 0.0 |" in md
+    assert "| a | lora-1 | 10 | 2 | 50.0 ± 2.0 | 75.0 ± 5.0 | 75.0 ± 5.0 |" in md
+    assert "| b | lora-1 | 10 | 2 | 53.0 ± 0.0 | 60.0 ± 0.0 | 60.0 ± 0.0 |" in md
     assert "left out of the average: near." in md
     results["runs"][2]["eval"]["near"]["test"]["accuracy"] = 0.54  # b's mean: 3.5 points off
     assert rq.separating(results, ["near", "far"]) == ["near", "far"]
-    assert "| a | lora-1 | 10 | 50.0 ± 2.0 | 75.0 ± 5.0 | 62.5 ± 1.5 |" in rq.markdown(
+    assert "| a | lora-1 | 10 | 2 | 50.0 ± 2.0 | 75.0 ± 5.0 | 62.5 ± 1.5 |" in rq.markdown(
         results, ["near", "far"]
     )
