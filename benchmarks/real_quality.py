@@ -159,14 +159,20 @@ def separating(results: dict, tasks: list[str]) -> list[str]:
     """The tasks on which some (method, budget), averaged over seeds, is more than
     ``CHANCE_MARGIN`` from the majority class on test; the others are reported as not
     separating and left out of the average, by name, never silently."""
-    out = []
+    out, groups = [], groups_of(results).values()
     for t in tasks:
         chance = results["floors"][t]["majority"]
         means = [statistics.mean(r["eval"][t]["test"]["accuracy"] for r in runs)
-                 for runs in groups_of(results).values()]  # fmt: skip
+                 for runs in groups]  # fmt: skip
         if any(abs(m - chance) > CHANCE_MARGIN + 1e-9 for m in means):  # 3 points is within
             out.append(t)
     return out
+
+
+def averaged_tasks(results: dict, tasks: list[str]) -> list[str]:
+    """The tasks the table's and the plot's average is over: the separating ones (all of them
+    when none separates)."""
+    return separating(results, tasks) or tasks
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -297,7 +303,7 @@ def _spread(values: list[float]) -> str:
 def markdown(results: dict, tasks: list[str]) -> str:
     """Test accuracy (%) per task and on average over the separating tasks (``separating``):
     mean ± half the seeds' range."""
-    kept = separating(results, tasks) or tasks
+    kept = averaged_tasks(results, tasks)
     head = ["method", "budget", "params", "seeds", *tasks, "average"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     floors = results["floors"]
@@ -333,7 +339,7 @@ def plot(results: dict, tasks: list[str], path: Path) -> None:
     panels = [*tasks, "average"]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2), squeeze=False)
     methods = sorted({r["method"] for r in results["runs"]})
-    kept = separating(results, tasks) or tasks
+    kept = averaged_tasks(results, tasks)
     for ax, panel in zip(axes[0], panels, strict=True):
         for m in methods:
             pts: dict[int, list[float]] = {}

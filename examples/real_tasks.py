@@ -236,7 +236,7 @@ def batch_choice_logprobs(
         seqs += [(qi, ci, ctx, c) for ci, c in enumerate(conts)]
     out: list[list[list[float]]] = [[[] for _ in q.choices] for q in questions]
     device = next(model.parameters()).device
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][2]) + len(seqs[i][3]))
+    order = sorted(range(len(seqs)), key=lambda i: _seq_len(seqs[i]))
     start = 0
     while start < len(order):
         end = start + 1  # grow the chunk while its padded size fits (one sequence at least)
