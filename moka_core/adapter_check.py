@@ -114,6 +114,12 @@ def update_size_problem(
     for a, b in terms:
         a_norm = 1.0 if a is None else float(torch.linalg.vector_norm(a.double()))
         bound += a_norm * float(torch.linalg.vector_norm(b.double()))
+    return update_bound_problem(module, bound, dtype)
+
+
+def update_bound_problem(module: str, bound: float, dtype: torch.dtype) -> str | None:
+    """:func:`update_size_problem`'s verdict on a bound already computed (the server's loader
+    computes every module's at once, ``moka_core.adapter_format.FoldedGroup.update_bounds``)."""
     limit = math.sqrt(torch.finfo(dtype).max)
     if bound <= limit:
         return None

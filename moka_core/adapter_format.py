@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 from moka_kernels import KronEntry
-from moka_kernels.bank import group_rank_one
+from moka_kernels.bank import group_rank_one, rank_one_shape
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "adapter_config.json"
@@ -369,26 +369,133 @@ class MokaAdapter:
         return kron_sum(spec.components, w.A, w.B, self._constants(w), dtype)
 
     def fold(self, dtype: torch.dtype | None = None) -> dict[str, FoldedModule]:
-        """Fold gates and scaling into the factors for inference.
+        """Fold gates and scaling into the factors for inference, module by module: views of
+        :meth:`fold_groups`' stacks (see there for ``dtype``)."""
+        return {
+            path: module
+            for group in self.fold_groups(dtype)
+            for path, module in group.modules().items()
+        }
 
-        The products are formed in float64 and cast to ``dtype`` (default: each tensor's own
-        dtype, which is what a server wants; pass float64 for an exact reference).
+    def fold_groups(self, dtype: torch.dtype | None = None) -> list[FoldedGroup]:
+        """Fold gates and scaling into the factors, every module of a target at once.
+
+        The products are formed in float64 and cast to ``dtype`` (default: the stored dtype,
+        the widest one where modules mix dtypes; pass float64 for an exact reference). All
+        modules of a target share their component shapes, so each component is one stacked
+        tensor over them: a cold load costs a few ops per target, not per stored tensor.
         """
-        folded = {}
+        by_target: dict[str, list[str]] = {}
         for path in self.modules:
-            w, spec = self._module(path)
-            c = self._constants(w)
+            self._module(path)  # raises for a module no target matches
+            by_target.setdefault(self.config.target_for(path), []).append(path)
+        groups = []
+        for target, paths in by_target.items():
+            ws = [self.modules[p] for p in paths]
+            shapes = self.config.targets[target].components
+            if self.config.gating:
+                if any(w.gate is None for w in ws):
+                    raise ValueError("gating is true but a module has no gate")
+                gates = torch.stack([w.gate for w in ws]).to(torch.float64)
+                c = self.config.scaling * torch.softmax(gates, dim=1)  # (n, k)
+            else:
+                c = torch.full(
+                    (len(ws), len(shapes)), float(self.config.scaling), dtype=torch.float64
+                )
             a_out: list[torch.Tensor | None] = []
             b_out: list[torch.Tensor] = []
-            for i, (a, b) in enumerate(zip(w.A, w.B, strict=True)):
-                if a is None:
+            for i in range(len(shapes)):
+                b = torch.stack([w.B[i] for w in ws])
+                out_dtype = dtype or b.dtype
+                ci = c[:, i, None, None]
+                if ws[0].A[i] is None:
                     a_out.append(None)
-                    b_out.append((c[i] * b.to(torch.float64)).to(dtype or b.dtype))
+                    b_out.append((ci * b.to(torch.float64)).to(out_dtype))
                 else:
-                    a_out.append((c[i] * a.to(torch.float64)).to(dtype or a.dtype))
-                    b_out.append(b.to(dtype or b.dtype))
-            folded[path] = FoldedModule(spec.components, a_out, b_out)
-        return folded
+                    a = torch.stack([w.A[i] for w in ws])
+                    a_out.append((ci * a.to(torch.float64)).to(dtype or a.dtype))
+                    b_out.append(b.to(out_dtype))
+            groups.append(FoldedGroup(paths, shapes, a_out, b_out))
+        return groups
+
+
+@dataclass
+class FoldedGroup:
+    """The folded factors of every module of one target, stacked: ``A[i]`` is component i's
+    ``(modules, m1, n1)`` (None: the identity), ``B[i]`` its ``(modules, m2, n2)``, module j
+    being ``paths[j]`` (:meth:`MokaAdapter.fold_groups`)."""
+
+    paths: list[str]
+    shapes: tuple[ComponentShape, ...]
+    A: list[torch.Tensor | None]
+    B: list[torch.Tensor]
+
+    def modules(self) -> dict[str, FoldedModule]:
+        """Each module's :class:`FoldedModule` (views of the stacks)."""
+        return {
+            path: FoldedModule(
+                self.shapes, [None if a is None else a[j] for a in self.A], [b[j] for b in self.B]
+            )
+            for j, path in enumerate(self.paths)
+        }
+
+    def update_bounds(self) -> torch.Tensor:
+        """Per module, ``sum_i ||A_i||_F ||B_i||_F`` in float64 (the identity's norm is 1): the
+        bound ``moka_core.adapter_check.update_size_problem`` puts on ``|delta_W x|``."""
+        bound = torch.zeros(len(self.paths), dtype=torch.float64)
+        for a, b in zip(self.A, self.B, strict=True):
+            term = torch.linalg.vector_norm(b.to(torch.float64), dim=(1, 2))
+            if a is not None:
+                term = term * torch.linalg.vector_norm(a.to(torch.float64), dim=(1, 2))
+            bound = bound + term
+        return bound
+
+    def kron_entries(
+        self, dtype: torch.dtype, slices: Mapping[str, int] | None = None
+    ) -> dict[str, list[KronEntry]]:
+        """Every module's :meth:`FoldedModule.kron_entries` cast to ``dtype``, with the same
+        grouping of rank-1 components (``group_rank_one``), formed on the stacks: the order,
+        shapes and values are those of the module-by-module path (a test compares them).
+        ``slices`` gives a module's output slice (default 0). Raises ``ValueError`` naming the
+        first module whose factors overflow ``dtype``."""
+        rank_one = [
+            i for i, c in enumerate(self.shapes)
+            if self.A[i] is not None and rank_one_shape(c.m1, c.n1, c.m2, c.n2)
+        ]  # fmt: skip
+        low_rank = None
+        if rank_one:  # U (n, m, r) and V (n, r, in); (1, n) (x) (m, 1) joins as (b, a)
+            cols = [(self.A[i], self.B[i]) if c.n1 == 1 and c.m2 == 1 else (self.B[i], self.A[i])
+                    for i, c in ((i, self.shapes[i]) for i in rank_one)]  # fmt: skip
+            u = torch.cat([col for col, _ in cols], dim=2).to(dtype)
+            v = torch.cat([row for _, row in cols], dim=1).to(dtype)
+            low_rank = (u, v)
+        cast = [
+            (None if a is None else a.to(dtype), b.to(dtype))
+            for i, (a, b) in enumerate(zip(self.A, self.B, strict=True))
+            if i not in rank_one
+        ]  # fmt: skip
+        stacks = [t for pair in cast for t in pair if t is not None] + list(low_rank or ())
+        finite = torch.ones(len(self.paths), dtype=torch.bool)
+        for t in stacks:
+            finite &= torch.isfinite(t).flatten(1).all(dim=1)
+        if not bool(finite.all()):
+            path = self.paths[int((~finite).nonzero()[0])]
+            raise ValueError(f"module {path!r}: folded factors overflow {dtype}")
+        order = [i for i in range(len(self.shapes)) if i not in rank_one[1:]]
+        out = {}
+        for j, path in enumerate(self.paths):
+            s = 0 if slices is None else slices[path]
+            entries, k = [], 0
+            for i in order:
+                if rank_one and i == rank_one[0]:
+                    u, v = low_rank
+                    entries.append(KronEntry(b=v[j], a=u[j], slice=s, rank=len(rank_one)))
+                else:
+                    a, b = cast[k]
+                    k += 1
+                    entries.append(KronEntry(b=b[j], a=None if a is None else a[j], slice=s))
+            out[path] = entries
+        return out
 
 
 # --------------------------------------------------------------------------- tensors <-> adapter

@@ -629,3 +629,109 @@ def test_loaded_adapter_through_kernel_bank_equals_merged_delta(tmp_path, varian
         want = x @ loaded.delta_weight(path).T
         assert torch.allclose(y[[0, 2]], want[[0, 2]], atol=1e-10)
         assert torch.equal(y[[1, 3]], torch.zeros(2, out_f, dtype=torch.float64))
+
+
+def _adapter_with(components: dict[str, list[list[int]]], variant: str, gating: bool, seed: int):
+    targets = {
+        name: TargetSpec(DIMS[name][1], DIMS[name][0], tuple(ComponentShape(*c) for c in comps))
+        for name, comps in components.items()
+    }
+    cfg = MokaConfig(
+        target_modules=list(targets), targets=targets, gating=gating, scaling=0.7,
+        variant=variant, base_model_name_or_path="x",
+    )  # fmt: skip
+    cfg.validate()
+    g = torch.Generator().manual_seed(seed)
+    modules = {}
+    for layer in range(3):
+        for name, comps in cfg.targets.items():
+            modules[f"model.layers.{layer}.self_attn.{name}"] = MokaModuleWeights(
+                A=[
+                    None if cfg.identity_a else torch.randn(c.m1, c.n1, generator=g)
+                    for c in comps.components
+                ],  # fmt: skip
+                B=[torch.randn(c.m2, c.n2, generator=g) for c in comps.components],
+                gate=torch.randn(len(comps.components), generator=g) if gating else None,
+            )
+    return MokaAdapter(cfg, modules)
+
+
+GROUPED_CASES = {
+    # moka-train's mixed family: one balanced term plus 1, 3 and 7 rank-1 terms
+    **{
+        f"mixed-{k}": {
+            "q_proj": [[24, 24, 24, 24]] + [[576, 1, 1, 576]] * k,
+            "v_proj": [[12, 24, 16, 24]] + [[192, 1, 1, 576]] * k,
+        }
+        for k in (1, 3, 7)
+    },
+    # rank-1 terms both ways round ((1, n) (x) (m, 1) joins as (b, a)), first and last
+    "both-ways": {
+        "q_proj": [[576, 1, 1, 576], [24, 24, 24, 24], [1, 576, 576, 1]],
+        "v_proj": [[1, 576, 192, 1], [12, 48, 16, 12], [192, 1, 1, 576]],
+    },
+    "kron": COMPONENTS["moka"] | {"q_proj": [[24, 24, 24, 24], [12, 48, 48, 12]]},
+    "mokas": COMPONENTS["mokas"],
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gating", [True, False])
+@pytest.mark.parametrize("case", sorted(GROUPED_CASES))
+def test_grouped_kron_entries_equal_module_by_module(case, gating, dtype):
+    """The server's stacked path (FoldedGroup.kron_entries) against each module's own
+    FoldedModule.kron_entries cast after grouping: same entries, order, ranks and bits."""
+    import dataclasses
+
+    variant = "mokas" if case == "mokas" else "moka"
+    adapter = _adapter_with(GROUPED_CASES[case], variant, gating, seed=len(case))
+    folded = adapter.fold(dtype=torch.float64)  # grouped module by module, then cast
+    slices = {p: i % 3 for i, p in enumerate(adapter.modules)}
+    groups = adapter.fold_groups(dtype=torch.float64)
+    assert sorted(p for g in groups for p in g.paths) == sorted(adapter.modules)
+    for group in groups:
+        got = group.kron_entries(dtype, slices)
+        for path in group.paths:
+            want = [
+                dataclasses.replace(
+                    e, a=None if e.a is None else e.a.to(dtype), b=e.b.to(dtype)
+                )
+                for e in folded[path].kron_entries(slice=slices[path])
+            ]  # fmt: skip
+            assert len(got[path]) == len(want)
+            for g_, w in zip(got[path], want, strict=True):
+                assert (g_.rank, g_.slice, g_.identity_size) == (w.rank, w.slice, w.identity_size)
+                assert (g_.a is None) == (w.a is None)
+                assert g_.b.dtype == dtype and torch.equal(g_.b, w.b)
+                assert g_.a is None or torch.equal(g_.a, w.a)
+        grouped = case in ("mixed-3", "mixed-7", "both-ways")  # more than one rank-1 term
+        assert any(e.rank > 1 for es in got.values() for e in es) == grouped
+
+
+@pytest.mark.parametrize("case", ["mixed-3", "mokas"])
+def test_fold_groups_match_the_reference_and_bound_each_update(case):
+    variant = "mokas" if case == "mokas" else "moka"
+    adapter = _adapter_with(GROUPED_CASES[case], variant, True, seed=5)
+    for group in adapter.fold_groups(dtype=torch.float64):
+        bounds = group.update_bounds().tolist()
+        for path, module, bound in zip(group.paths, group.modules().values(), bounds, strict=True):
+            ref = adapter.delta_weight(path)
+            torch.testing.assert_close(module.delta_weight(), ref, rtol=0, atol=1e-12)
+            want = sum(
+                (1.0 if a is None else float(torch.linalg.vector_norm(a)))
+                * float(torch.linalg.vector_norm(b))
+                for a, b in zip(module.A, module.B, strict=True)
+            )
+            assert bound == pytest.approx(want, rel=1e-12)
+            assert bound >= float(torch.linalg.matrix_norm(ref, ord=2))
+
+
+def test_grouped_kron_entries_name_the_module_that_overflows():
+    adapter = _adapter_with(GROUPED_CASES["mixed-3"], "moka", True, seed=2)
+    bad = "model.layers.1.self_attn.q_proj"
+    adapter.modules[bad].B[2] = adapter.modules[bad].B[2] * 1e6  # a rank-1 term: in U/V
+    groups = {g.paths[0].rsplit(".", 1)[-1]: g for g in adapter.fold_groups(torch.float64)}
+    groups["v_proj"].kron_entries(torch.float16)  # untouched target: fits
+    with pytest.raises(ValueError, match=rf"module '{bad}': folded factors overflow"):
+        groups["q_proj"].kron_entries(torch.float16)
+    groups["q_proj"].kron_entries(torch.float32)

@@ -208,6 +208,24 @@ def test_base_request_beside_lora_in_last_slot(llm, reference, adapters, prompts
     check_against_reference(reference, prompts[2], adapters["lora-qvdown"][1], outs[1])
 
 
+def test_moka_in_a_slot_a_lora_held_serves_beside_a_lora(llm, reference, adapters, prompts):
+    """The plugin zeroes a slot's LoRA buffers only when a LoRA wrote them; a MoKA adapter
+    taking the slot a LoRA left must still see zeros there when a LoRA in the same batch makes
+    vLLM's LoRA ops run over every token."""
+    a = lora_request("moka-qkv", adapters["moka-qkv"][0])
+    b = lora_request("mokas-o-down", adapters["mokas-o-down"][0])
+    lora = lora_request("lora-qvdown", adapters["lora-qvdown"][0])
+    run(llm, [prompts[0]], [lora])
+    lora_slot = slots(llm).index(lora.lora_int_id)
+    run(llm, [prompts[0]], [a])
+    run(llm, [prompts[0]], [b])  # evicts the LoRA, the least recently used
+    assert slots(llm)[lora_slot] == b.lora_int_id
+    outs = run(llm, [prompts[1], prompts[2]], [b, lora])  # the LoRA evicts a
+    assert set(slots(llm)) == {b.lora_int_id, lora.lora_int_id}
+    check_against_reference(reference, prompts[1], adapters["mokas-o-down"][1], outs[0])
+    check_against_reference(reference, prompts[2], adapters["lora-qvdown"][1], outs[1])
+
+
 def _bad(workdir: Path, adapters, case: str) -> tuple[Path, str]:
     """Build a bad adapter folder; return it and a substring of the expected error."""
     import json

@@ -12,7 +12,6 @@ Activation then only copies tensors.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 from pathlib import Path
@@ -20,7 +19,12 @@ from pathlib import Path
 import torch
 from vllm.lora.lora_model import LoRAModel
 
-from moka_core.adapter_check import lora_shape_problem, moka_limit_problem, update_size_problem
+from moka_core.adapter_check import (
+    lora_shape_problem,
+    moka_limit_problem,
+    update_bound_problem,
+    update_size_problem,
+)
 from moka_core.adapter_format import (
     CONFIG_NAME,
     PEFT_TYPE,
@@ -150,29 +154,24 @@ def load_moka_model(manager, lora_request, path: str) -> MokaLoRAModel:
         if problem := moka_limit_problem(module_path, w.A, w.B):
             raise ValueError(f"{where}: {problem}")
     dtype = manager.lora_config.lora_dtype
-    folded_modules = adapter.fold(dtype=torch.float64)
-    if not folded_modules:
+    groups = adapter.fold_groups(dtype=torch.float64)
+    if not groups:
         raise ValueError(f"{where}: the adapter has no modules")
-    for module_path, folded in folded_modules.items():
-        terms = zip(folded.A, folded.B, strict=True)
-        if problem := update_size_problem(module_path, terms, dtype):
-            raise ValueError(f"{where}: {problem}")
+    for group in groups:
+        for module_path, bound in zip(group.paths, group.update_bounds().tolist(), strict=True):
+            if problem := update_bound_problem(module_path, bound, dtype):
+                raise ValueError(f"{where}: {problem}")
     by_layer: dict[str, list[KronEntry]] = {}
-    factors: dict[str, torch.Tensor] = {}
     terms: list[tuple[str | None, KronEntry]] = []
-    for module_path, folded in folded_modules.items():
-        layer_name, slice_idx, _, _ = targets[module_path]
-        for i, e in enumerate(folded.kron_entries(slice=slice_idx)):
-            a = None if e.a is None else e.a.to(dtype)
-            b = e.b.to(dtype)
-            what = "rank-1 components" if e.rank > 1 else f"term {i}"
-            for name, t in (("A", a), ("B", b)):
-                if t is not None:
-                    factors[f"{module_path!r} ({what}, {name})"] = t
-            terms.append((layer_name, dataclasses.replace(e, a=a, b=b)))
-    bad = first_non_finite(factors)
-    if bad is not None:
-        raise ValueError(f"{where}: module {bad}: folded factors overflow {dtype}")
+    for group in groups:
+        slices = {p: targets[p][1] for p in group.paths}
+        try:
+            entries = group.kron_entries(dtype, slices)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        for module_path in group.paths:
+            layer_name = targets[module_path][0]
+            terms.extend((layer_name, e) for e in entries[module_path])
     for layer_name, term in terms:
         if layer_name is None:  # held by another pipeline stage, which writes it
             continue
