@@ -5,16 +5,20 @@ Every implementation has the same signature, ``f(x, y, token_slots, bank) -> Non
 
 * :func:`moka_apply_naive` (``naive.py``): ``torch.kron`` per token in float64, the ground truth.
 * :func:`moka_apply_torch` (``torch_ops.py``): batched reshape-and-matmul, the CPU fast path.
+* ``moka_apply_cpp`` (``cpu_kernel.py`` over ``cpu_kernel.cpp``): token by token in one C call,
+  the CPU path for small batches (decode steps), once ``cpu_kernel.load`` has built it.
 * ``moka_apply_triton`` (``triton_ops.py``): one Triton launch for the whole batch, the GPU path
   (imported lazily, so this package needs only torch).
 
-:func:`moka_apply` picks the Triton kernel for CUDA tensors and the torch path otherwise.
+:func:`moka_apply` picks the Triton kernel for CUDA tensors, the C++ kernel for the CPU calls it
+supports once loaded, and the torch path otherwise.
 """
 
 from __future__ import annotations
 
 import torch
 
+from . import cpu_kernel
 from .bank import EntryShape, KronEntry, MokaBank, choose_a_first
 from .naive import delta_weight, moka_apply_naive
 from .torch_ops import moka_apply_torch
@@ -37,5 +41,7 @@ def moka_apply(x: torch.Tensor, y: torch.Tensor, token_slots: torch.Tensor, bank
         from .triton_ops import moka_apply_triton
 
         moka_apply_triton(x, y, token_slots, bank)
+    elif cpu_kernel.supports(x, bank):
+        cpu_kernel.moka_apply_cpp(x, y, token_slots, bank)
     else:
         moka_apply_torch(x, y, token_slots, bank)

@@ -482,7 +482,7 @@ class MokaBank:
         if self.pool is not None:
             store, rows = self.pool, self._rows[slot]
             starts = [(r[A_START], r[B_START]) for r in rows]
-        else:  # the CPU path's packed row: the same layout from 0
+        else:  # the CPU path's packed row: the same offsets from 0, some factors transposed
             assert self.cpu is not None
             store, starts, pos = self.cpu.packed[slot], [], 0
             for s in self.entries[slot]:
@@ -490,11 +490,17 @@ class MokaBank:
                 pos += 0 if s.identity_a else s.m1 * s.n1 * s.rank
                 starts.append((a_start, pos))
                 pos += s.m2 * s.n2 * s.rank
+        packed = self.pool is None
         views = []
         for s, (a0, b0) in zip(self.entries[slot], starts, strict=True):
             (am, an), (bm, bn) = s.a_shape, s.b_shape
             a = None if s.identity_a else store[a0 : a0 + am * an].view(am, an)
-            views.append((a, store[b0 : b0 + bm * bn].view(bm, bn), s))
+            b = store[b0 : b0 + bm * bn].view(bm, bn)
+            if packed and s.low_rank:  # U stored transposed (CpuPack)
+                a = store[a0 : a0 + am * an].view(an, am).mT
+            elif packed:  # B stored transposed
+                b = store[b0 : b0 + bm * bn].view(bn, bm).mT
+            views.append((a, b, s))
         return views
 
     def factors(
@@ -505,12 +511,22 @@ class MokaBank:
         return self.views[slot][index]
 
 
+def pack_factors(entry: KronEntry, shape: EntryShape) -> list[torch.Tensor]:
+    """An entry's factors as :class:`CpuPack` stores them, in order (see there)."""
+    if shape.low_rank:
+        return [entry.a.t(), entry.b]
+    return ([] if entry.a is None else [entry.a]) + [entry.b.t()]
+
+
 class CpuPack:
     """What the CPU path keeps beside a bank: packed factors and per-shape plans.
 
     * ``packed``: each slot's used factors back to back (A0, B0, A1, B1, ...), so the CPU path
       gathers all of a token's factors with one copy of exactly the numbers used. Slots with the
-      same ``shape_key`` have the same packing. Grown on demand: nothing on the CPU path is
+      same ``shape_key`` have the same packing. Each factor sits the way the CPU products read
+      it along rows: a Kronecker entry's A as ``(m1, n1)`` and B transposed, ``(n2, m2)``; a
+      low-rank entry's U transposed, ``(r, m)``, and V as ``(r, n)`` (:func:`pack_factors`;
+      the table's offsets hold, the sizes being the same). Grown on demand: nothing on the CPU path is
       captured in a graph. Kept in float32 for half-precision banks: CPUs without native
       bf16/fp16 GEMMs run these tiny products about 7x slower in half precision (vLLM's CPU
       LoRA ops compute in float32 too).
@@ -536,11 +552,8 @@ class CpuPack:
     ) -> bool:
         """Pack ``slot``'s factors; True if ``packed`` was reallocated (views into it moved)."""
         self.shape_key[slot] = self._shape_ids.setdefault(tuple(shapes), len(self._shape_ids))
-        parts = []
-        for e in entries:
-            if e.a is not None:
-                parts.append(e.a.reshape(-1))
-            parts.append(e.b.reshape(-1))
+        parts = [t.reshape(-1) for e, s in zip(entries, shapes, strict=True)
+                 for t in pack_factors(e, s)]  # fmt: skip
         flat = torch.cat(parts).to(bank_dtype) if parts else self.packed.new_zeros(0)
         flat = flat.to(self.packed.dtype)  # rounded to the bank's dtype first, as the GPU sees it
         if flat.numel() > self.packed.shape[1]:

@@ -256,16 +256,19 @@ def _gather_plan(bank: MokaBank, slot: int, n: int) -> _GatherPlan:
     zero_first = []
     entries = []
     pos = 0
-    for s in bank.entries[slot]:
+    for s in bank.entries[slot]:  # factors as CpuPack stores them (bank.pack_factors)
         a = None
         (am, an), (bm, bn) = s.a_shape, s.b_shape
-        if not s.identity_a:
-            a = gathered[:, pos : pos + am * an].view(n, am, an)
+        if not s.identity_a:  # A (n, m1, n1), or U^T (n, r, m)
+            a = gathered[:, pos : pos + am * an].view(n, *((an, am) if s.low_rank else (am, an)))
             pos += am * an
-        bt = gathered[:, pos : pos + bm * bn].view(n, bm, bn).mT
+        if s.low_rank:  # V (n, r, in) -> V^T
+            bt = gathered[:, pos : pos + bm * bn].view(n, bm, bn).mT
+        else:  # B^T (n, n2, m2)
+            bt = gathered[:, pos : pos + bm * bn].view(n, bn, bm)
         pos += bm * bn
         if s.low_rank:
-            order, a, n12, out_shape = LOW_RANK, a.mT, (1, s.n2), (1, s.m1)
+            order, n12, out_shape = LOW_RANK, (1, s.n2), (1, s.m1)
         else:
             order, n12, out_shape = (A_FIRST if s.a_first else B_FIRST), (s.n1, s.n2), (s.m1, s.m2)
         first = s.slice not in outs

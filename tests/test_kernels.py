@@ -84,26 +84,34 @@ def random_entries(
 def poison_unused(bank: MokaBank) -> None:
     """NaN wherever a kernel must never read: the pool outside the slots' regions, unused
     table entries' storage, and the CPU path's packed rows past each slot's own factors."""
-    used = torch.zeros(bank.pool_numel, dtype=torch.bool)
-    for start, n in bank.regions.values():
-        used[start : start + n] = True
-    bank.pool[~used.to(bank.pool.device)] = float("nan")
+    if bank.pool is not None:
+        used = torch.zeros(bank.pool_numel, dtype=torch.bool)
+        for start, n in bank.regions.values():
+            used[start : start + n] = True
+        bank.pool[~used.to(bank.pool.device)] = float("nan")
     if bank.cpu is not None:
         for slot in range(bank.num_slots):
             bank.cpu.packed[slot, bank.cpu.packed_numel[slot] :] = float("nan")
 
 
 def make_bank(
-    layer: str, num_slots: int, dtype: torch.dtype, seed: int, same_shapes: bool = False
+    layer: str,
+    num_slots: int,
+    dtype: torch.dtype,
+    seed: int,
+    same_shapes: bool = False,
+    pooled: bool = True,
 ) -> MokaBank:
+    """``pooled``: the Triton kernel reads the pool (in the interpreter on CPU too); the plugin
+    builds CPU banks without one, the C++ kernel's case."""
     in_features, widths, spec = LAYERS[layer]
     max_entries = sum(len(c) for c in spec.values())
     max_a = max(m1 * n1 for comps in spec.values() for m1, n1, *_ in comps)
     max_b = max(m2 * n2 for comps in spec.values() for _, _, m2, n2, *_ in comps)
     max_rank = max(c[5] if len(c) > 5 else 1 for comps in spec.values() for c in comps)
     bank = MokaBank(
-        num_slots, max_entries, max_a, max_b, in_features, sum(widths), dtype, DEVICE, widths,
-        pooled=True,  # the Triton kernel reads the pool (in the interpreter on CPU too)
+        num_slots, max_entries, max_a, max_b, in_features, sum(widths), dtype,
+        DEVICE if pooled else "cpu", widths, pooled=pooled,
         pool_numel=num_slots * max_entries * max_rank * (max_a + max_b),
     )  # fmt: skip
     gen = torch.Generator().manual_seed(seed)
@@ -160,8 +168,10 @@ def check(y, y0, ref, slots, bank, dtype):
         assert err <= TOL[dtype], f"max relative error {err:.3g} > {TOL[dtype]}"
 
 
-def run_case(impl, layer, mapping, num_tokens, dtype, seed, num_slots=4, same_shapes=False):
-    bank = make_bank(layer, num_slots, dtype, seed, same_shapes)
+def run_case(
+    impl, layer, mapping, num_tokens, dtype, seed, num_slots=4, same_shapes=False, pooled=True
+):
+    bank = make_bank(layer, num_slots, dtype, seed, same_shapes, pooled)
     gen = torch.Generator().manual_seed(seed + 1)
     slots = MAPPINGS[mapping](num_tokens, num_slots).long()
     x = torch.randn(num_tokens, bank.in_features, generator=gen).to(dtype)
@@ -199,6 +209,60 @@ def test_torch_path_slots_with_same_shapes_gathered(layer, mapping, dtype, num_t
     when every token is adapted, through index_select / index_add when some are not; cached
     plans for small batches, one-off ones for large."""
     run_case(moka_apply_torch, layer, mapping, num_tokens, dtype, seed=5, same_shapes=True)
+
+
+@pytest.fixture(scope="module")
+def cpp(tmp_path_factory):
+    """The C++ CPU kernel, built from the project's source into a fresh folder: a machine
+    where it cannot build fails here (the plugin would fall back to the torch path)."""
+    from moka_kernels import cpu_kernel
+
+    assert cpu_kernel.load(tmp_path_factory.mktemp("kernels")) is None
+    return cpu_kernel
+
+
+@pytest.mark.parametrize("layer", list(LAYERS))
+@pytest.mark.parametrize("mapping", list(MAPPINGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("num_tokens", [1, 13, 64])
+def test_cpp_kernel_matches_kron_reference(cpp, layer, mapping, dtype, num_tokens):
+    seed = zlib.crc32(f"cpp/{layer}/{mapping}/{num_tokens}".encode()) % 1000
+    run_case(cpp.moka_apply_cpp, layer, mapping, num_tokens, dtype, seed, pooled=False)
+
+
+@pytest.mark.parametrize("mapping", ["mixed-with-none", "all-adapted"])
+def test_cpp_kernel_same_shapes_and_strided_rows(cpp, mapping):
+    """Slots with identical shapes, and x/y given as column slices of wider tensors (rows
+    with a stride, as a layer's views may be)."""
+    run_case(cpp.moka_apply_cpp, "mixed-family-qkv", mapping, 9, torch.float32, seed=11,
+             same_shapes=True, pooled=False)  # fmt: skip
+    bank = make_bank("qkv-slices", 4, torch.float32, seed=12, pooled=False)
+    gen = torch.Generator().manual_seed(13)
+    slots = MAPPINGS[mapping](6, 4).long()
+    wide_x = torch.randn(6, bank.in_features + 5, generator=gen)
+    wide_y = torch.randn(6, bank.out_features + 3, generator=gen)
+    x, y = wide_x[:, 2 : 2 + bank.in_features], wide_y[:, 1 : 1 + bank.out_features]
+    y0, wide_y0 = y.clone(), wide_y.clone()
+    cpp.moka_apply_cpp(x, y, slots, bank)
+    check(y, y0, reference(x, y0, slots, bank), slots, bank, torch.float32)
+    assert torch.equal(wide_y[:, :1], wide_y0[:, :1]) and torch.equal(
+        wide_y[:, -2:], wide_y0[:, -2:]
+    )
+
+
+def test_cpp_kernel_refuses_what_it_cannot_take(cpp, monkeypatch, tmp_path):
+    pooled = make_bank("qkv-slices", 2, torch.float32, seed=1)  # reads the pool: torch path
+    unpooled = make_bank("qkv-slices", 2, torch.float32, seed=1, pooled=False)
+    x = torch.zeros(cpp.MAX_TOKENS + 1, 48)
+    assert not cpp.supports(x[:4], pooled) and cpp.supports(x[:4], unpooled)
+    assert not cpp.supports(x, unpooled)  # a prefill chunk: the torch path's GEMMs
+    with pytest.raises(RuntimeError, match="cannot take this call"):
+        cpp.moka_apply_cpp(x, torch.zeros(len(x), 40), torch.zeros(len(x), dtype=torch.long),
+                           unpooled)  # fmt: skip
+    monkeypatch.setenv("CXX", "false")  # a compiler that fails: a reason, not an exception
+    with pytest.raises(RuntimeError, match="false failed"):
+        cpp.build(tmp_path)
+    assert not list(tmp_path.iterdir())  # nothing half-written left behind
 
 
 def test_cached_plans_are_reused_and_stay_correct_across_calls():

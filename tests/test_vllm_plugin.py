@@ -96,6 +96,19 @@ def test_engine_compiles_with_adapters_enabled(llm):
     }
 
 
+def _cpu_kernel_loaded(worker) -> bool:
+    from moka_kernels import cpu_kernel
+
+    return cpu_kernel.loaded()
+
+
+def test_engine_serves_decode_steps_with_the_cpp_kernel(llm):
+    """The C++ kernel was built at engine start (CI's cache is empty: built there) and loaded in
+    the worker, so the mixed batch above ran its decode steps through it; prefill chunks over
+    64 tokens take the torch path (``moka_kernels.cpu_kernel.MAX_TOKENS``)."""
+    assert llm.collective_rpc(_cpu_kernel_loaded) == [True]
+
+
 def _count_adapter_calls(worker, reset: bool) -> dict[str, int]:
     """Count ``apply_adapters`` calls per MoKA layer (the body of the custom op)."""
     w = getattr(worker, "worker", worker)

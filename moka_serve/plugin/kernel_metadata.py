@@ -38,6 +38,7 @@ class MokaKernelMeta:
         self.triton = self.device.type == "cuda" if triton is None else triton
         self.token_slots = torch.full((max_num_tokens,), -1, dtype=torch.long, device=device)
         self.num_tokens = 0
+        self._step_slots = self.token_slots[:0]
         self.groups: list[tuple[int, torch.Tensor]] = []
         self.slots_present: frozenset[int] = frozenset()
         if self.triton:
@@ -62,6 +63,7 @@ class MokaKernelMeta:
         self.token_slots[:n].copy_(token_slots)
         self.token_slots[n:].fill_(-1)
         self.num_tokens = n
+        self._step_slots = self.token_slots[:n]
         if self.triton:
             from moka_kernels.triton_ops import PREFILL_BLOCK_T, group_starts
 
@@ -78,6 +80,8 @@ class MokaKernelMeta:
 
     def slots_for(self, num_tokens: int) -> torch.Tensor:
         """Slot of each of the layer's ``num_tokens`` rows (-1 past the step's tokens)."""
+        if num_tokens == self.num_tokens:  # every layer of the step: one view, made once
+            return self._step_slots
         return self.token_slots[:num_tokens]
 
     def groups_for(self, num_tokens: int) -> list[tuple[int, torch.Tensor]]:

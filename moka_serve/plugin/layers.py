@@ -40,7 +40,7 @@ from vllm.lora.layers.vocab_parallel_embedding import VocabParallelEmbeddingWith
 from vllm.utils.torch_utils import direct_register_custom_op
 
 from moka_core.limits import bank_limits, moka_only_engine, slot_numel
-from moka_kernels import EntryShape, KronEntry, MokaBank
+from moka_kernels import EntryShape, KronEntry, MokaBank, cpu_kernel
 from moka_kernels.sharding import LayerShard, Run
 from moka_kernels.torch_ops import moka_apply_torch
 
@@ -175,6 +175,7 @@ class MokaLayerMixin(AdapterLayerMixin):
             pooled=device.type != "cpu",
         )
         self.moka_shard = shard
+        self._cpp_bank = cpu_kernel.bank_supported(self.moka_bank)
 
     def reset_lora(self, index: int) -> None:
         super().reset_lora(index)
@@ -216,12 +217,17 @@ class MokaLayerMixin(AdapterLayerMixin):
         present = meta.slots_present
         if not present:
             return
-        if self.lora_needed(x.device):
+        if self._lora_slots and not self._lora_slots.isdisjoint(present):  # lora_needed on CPU
             self._apply_vllm_lora(x, output)
-        if not self.moka_bank.occupied.isdisjoint(present):
-            x2, y2 = x.reshape(-1, x.shape[-1]), output.view(-1, output.shape[-1])
-            n = x2.shape[0]
-            moka_apply_torch(x2, y2, meta.slots_for(n), self.moka_bank, groups=meta.groups_for(n))
+        bank = self.moka_bank
+        if bank.occupied.isdisjoint(present):
+            return
+        x2, y2 = x.reshape(-1, x.shape[-1]), output.view(-1, output.shape[-1])
+        n = x2.shape[0]
+        if n <= cpu_kernel.MAX_TOKENS and self._cpp_bank and cpu_kernel.loaded():
+            cpu_kernel.run(x2, y2, meta.slots_for(n), bank)
+        else:
+            moka_apply_torch(x2, y2, meta.slots_for(n), bank, groups=meta.groups_for(n))
 
     def _apply_vllm_lora(self, x: torch.Tensor, output: torch.Tensor) -> None:
         result = super()._apply_lora_to_output(x, output)

@@ -60,6 +60,8 @@ class MokaLRUCacheLoRAModelManager(LRUCacheLoRAModelManager):
             forward_context[layer_name] = module
             module.moka_layer_name = layer_name
         _log_slot_memory(self)
+        if self.device.type == "cpu":
+            _load_cpu_kernel()
 
     def moka_layers(self) -> dict[str, MokaLayerMixin]:
         return {n: m for n, m in self.modules.items() if isinstance(m, MokaLayerMixin)}
@@ -128,6 +130,28 @@ def slot_memory(manager) -> dict[str, int]:
         "moka_capacity_bytes": capacity // slots,
         "moka_table_bytes": table // slots,
     }
+
+
+def _load_cpu_kernel() -> None:
+    """Build (first time on this machine) and load the C++ kernel the CPU path uses for small
+    batches (``moka_kernels.cpu_kernel``), unless ``MOKA_CPU_KERNEL=0``; without it, or when it
+    cannot be built, the torch path serves every batch, and the log says why."""
+    from vllm.logger import init_logger
+
+    from moka_core import settings
+    from moka_core.base_models import cache_dir
+    from moka_kernels import cpu_kernel
+
+    log = init_logger(f"vllm.{__name__}")
+    if not settings.get("MOKA_CPU_KERNEL"):
+        log.info("moka-serve: MOKA_CPU_KERNEL=0: the torch path serves every CPU batch")
+        return
+    why = cpu_kernel.load(cache_dir() / "kernels")
+    if why is None:
+        log.info("moka-serve: the C++ CPU kernel serves batches of up to %d tokens",
+                 cpu_kernel.MAX_TOKENS)  # fmt: skip
+    else:
+        log.warning("moka-serve: %s; the torch path serves every CPU batch", why)
 
 
 def _log_slot_memory(manager) -> None:

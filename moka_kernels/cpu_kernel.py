@@ -1,0 +1,164 @@
+"""The CPU path's small-batch kernel (``cpu_kernel.cpp``): built on first use, called by ctypes.
+
+A decode step on CPU gives each adapted layer a handful of tokens; the torch path
+(``torch_ops.py``) then spends more time calling ops than multiplying. :func:`moka_apply_cpp`
+does the same arithmetic in one C call per layer: for every token its slot's entries, straight
+from the bank's table and the CPU pack, no gather, no intermediate tensors. It has the signature
+of every kernel here and is compared with float64 ``torch.kron`` (``naive.py``) by the tests.
+
+The library is compiled from the project's own source with the system's C++ compiler (``c++``
+or ``$CXX``; no torch headers, about a second) into a cache folder, once per source, flags and
+CPU, and loaded with ``ctypes``. :func:`load` reports why it could not build instead of
+raising: callers then keep the torch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .bank import NUM_FIELDS, MokaBank, check_apply_args
+
+SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
+VERSION = 2  # moka_cpu_kernel_version() of the source above
+# -march=native: the library is built on the machine that runs it (the CPU's flags are part of
+# its cache key, so a cache shared between machines never hands one another's build).
+FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fPIC", "-shared", "-std=c++17"]
+# Above this many tokens the torch path's batched GEMMs win (prefill chunks).
+MAX_TOKENS = 64
+
+_lib: ctypes.CDLL | None = None
+_i64, _ptr = ctypes.c_int64, ctypes.c_void_p
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def library_path(cache_dir: Path, compiler: str) -> Path:
+    key = hashlib.sha256(
+        b"\0".join(
+            [SOURCE.read_bytes(), " ".join([compiler, *FLAGS]).encode(), _cpu_flags().encode()]
+        )
+    ).hexdigest()[:16]
+    return cache_dir / f"moka_cpu_kernel_{key}.so"
+
+
+def build(cache_dir: Path) -> Path:
+    """The compiled library for this machine under ``cache_dir``, compiled if missing.
+    ``RuntimeError`` saying why when it cannot be."""
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if not compiler:
+        raise RuntimeError("no C++ compiler found (c++, g++ or $CXX)")
+    out = library_path(cache_dir, compiler)
+    if out.is_file():
+        return out
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    # Written under a temporary name, then renamed: workers building at once never load half a file.
+    fd, tmp = tempfile.mkstemp(prefix=".moka_cpu_kernel.", suffix=".so", dir=cache_dir)
+    os.close(fd)
+    try:
+        done = subprocess.run(
+            [compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-2000:]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def load(cache_dir: Path) -> str | None:
+    """Build (if needed) and load the library for this process; None when it is ready, else
+    why not (the torch path then stays in use)."""
+    global _lib
+    if _lib is not None:
+        return None
+    try:
+        lib = ctypes.CDLL(str(build(cache_dir)))
+        if lib.moka_cpu_kernel_version() != VERSION:
+            return f"the built library is version {lib.moka_cpu_kernel_version()}, not {VERSION}"
+        if lib.moka_cpu_kernel_fields() != NUM_FIELDS:
+            return (
+                f"the library reads {lib.moka_cpu_kernel_fields()} table fields, not {NUM_FIELDS}"
+            )
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        return f"the CPU kernel could not be built or loaded: {e}"
+    lib.moka_apply_f32.restype = None
+    lib.moka_apply_f32.argtypes = [_i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _i64, _ptr, _i64]
+    _lib = lib
+    return None
+
+
+def loaded() -> bool:
+    return _lib is not None
+
+
+def bank_supported(bank: MokaBank) -> bool:
+    """Whether the kernel can read ``bank``: its factors live in the CPU pack (an unpooled bank,
+    what the plugin builds on CPU), float32 whatever the bank's dtype (see ``CpuPack``)."""
+    return bank.pool is None and bank.cpu is not None and bank.cpu.packed.dtype == torch.float32
+
+
+def supports(x: torch.Tensor, bank: MokaBank) -> bool:
+    """Whether :func:`moka_apply_cpp` can take this call: the library is loaded, the batch is
+    small and :func:`bank_supported`."""
+    return (
+        _lib is not None
+        and x.device.type == "cpu"
+        and x.shape[0] <= MAX_TOKENS
+        and bank_supported(bank)
+    )
+
+
+@torch.no_grad()
+def moka_apply_cpp(
+    x: torch.Tensor, y: torch.Tensor, token_slots: torch.Tensor, bank: MokaBank
+) -> None:
+    """``y[t] += delta_W[slot[t]] @ x[t]`` for every token whose slot is not -1 (needs
+    :func:`supports`). ``x`` and ``y`` of other dtypes are converted as the torch path does:
+    x rounded to the bank's dtype, products in float32, added into y once per token."""
+    check_apply_args(x, y, token_slots, bank)
+    if not supports(x, bank):
+        raise RuntimeError("moka_apply_cpp: the library is not loaded or cannot take this call")
+    run(x, y, token_slots, bank)
+
+
+def run(x: torch.Tensor, y: torch.Tensor, token_slots: torch.Tensor, bank: MokaBank) -> None:
+    """:func:`moka_apply_cpp` without its checks and grad mode, for a caller that made them
+    (the plugin's layers, once per adapted layer and step, under vLLM's inference mode): on a
+    decode step these few microseconds are a fair part of the call."""
+    n = x.shape[0]
+    if n == 0:
+        return
+    if x.dtype != torch.float32 or bank.dtype != torch.float32:
+        x = x.to(bank.dtype).to(torch.float32)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    direct = y.dtype == torch.float32 and y.stride(-1) == 1
+    out = y if direct else torch.zeros(n, bank.out_features, dtype=torch.float32)
+    if token_slots.dtype != torch.int64 or not token_slots.is_contiguous():
+        token_slots = token_slots.long().contiguous()
+    packed, table = bank.cpu.packed, bank.table
+    _lib.moka_apply_f32(
+        n, x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), token_slots.data_ptr(),
+        packed.data_ptr(), packed.stride(0), table.data_ptr(), table.shape[1],
+    )  # fmt: skip
+    if not direct:
+        y.add_(out.to(y.dtype))
