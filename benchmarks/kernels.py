@@ -13,6 +13,9 @@ Variants (rows of the table):
 * ``triton-decode`` / ``triton-prefill`` / ``triton-auto``: ``moka_apply_triton`` with that
   ``form`` (CUDA, or CPU through Triton's interpreter with ``--interpret-triton``).
 * ``torch``: ``moka_apply_torch`` (tokens grouped by slot on the host, two matmuls per component).
+* ``cpu-auto``: what the plugin runs on CPU (``moka_apply`` over an unpooled bank): the C++ kernel
+  (``moka_kernels.cpu_kernel``, built into ``$MOKA_CACHE/kernels`` first) up to 64 tokens, the
+  torch path above.
 * ``base-gemm``: the frozen layer itself, ``x @ W.T`` with a dense ``(out, in)`` weight.
 * ``loraR-bgmv``: rank-R LoRA, Punica's BGMV in torch: gather each token's ``A (r, in)`` and
   ``B (out, r)`` by slot, then two ``torch.bmm`` (no host sync; the gather is materialised).
@@ -64,7 +67,14 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run from a checkout without installing the package
     sys.path.insert(0, str(ROOT))
 
-from moka_kernels import KronEntry, MokaBank, moka_apply_naive, moka_apply_torch  # noqa: E402
+from moka_kernels import (  # noqa: E402
+    KronEntry,
+    MokaBank,
+    cpu_kernel,
+    moka_apply,
+    moka_apply_naive,
+    moka_apply_torch,
+)
 from moka_kernels.bank import group_rank_one  # noqa: E402
 from moka_kernels.torch_ops import group_tokens  # noqa: E402
 
@@ -190,6 +200,7 @@ class LayerData:
     lora_a: torch.Tensor  # (S + 1, r, in); the last slot is zero, used for slot -1
     lora_b: torch.Tensor  # (S + 1, out, r)
     weight: torch.Tensor  # (out, in), the base layer
+    cpu_bank: MokaBank | None = None  # CPU: unpooled, as the plugin builds it (C++ kernel)
 
 
 def build_layer(
@@ -218,6 +229,11 @@ def build_layer(
         ref_bank.write_slot(
             slot, [dataclasses.replace(e, a=e.a.double(), b=e.b.double()) for e in entries]
         )
+    cpu_bank = None
+    if torch.device(device).type == "cpu":
+        cpu_bank = MokaBank(*args, dtype=dtype, device=device, pooled=False)
+        for slot, entries in enumerate(slots_terms):
+            cpu_bank.write_slot(slot, entries)
     # Poison the pool outside the slots' factors: a kernel that reads it produces NaN.
     if bank.pool is not None:
         used = torch.zeros(bank.pool_numel, dtype=torch.bool, device=bank.pool.device)
@@ -240,6 +256,7 @@ def build_layer(
         lora_a.to(device=device, dtype=dtype),
         lora_b.to(device=device, dtype=dtype),
         weight.to(device=device, dtype=dtype),
+        cpu_bank,
     )
 
 
@@ -380,6 +397,8 @@ def moka_variants(data: LayerData, use_triton: bool) -> dict[str, Fn]:
                 x, y, s, bank, form=form
             )
     out["torch"] = lambda x, y, s: moka_apply_torch(x, y, s, bank)
+    if data.cpu_bank is not None and cpu_kernel.loaded():  # what the plugin runs on CPU
+        out["cpu-auto"] = lambda x, y, s: moka_apply(x, y, s, data.cpu_bank)
     return out
 
 
@@ -894,6 +913,11 @@ def main(argv=None) -> int:
         else (torch.bfloat16 if device == "cuda" else torch.float32)
     )
     elt = torch.empty((), dtype=dtype).element_size()
+    if device == "cpu":
+        from moka_core.base_models import cache_dir
+
+        if why := cpu_kernel.load(cache_dir() / "kernels"):
+            print(f"# cpu-auto left out: {why}")
     layers = [lay for lay in LAYERS if lay.small] if args.interpret_triton else list(LAYERS)
     if args.layers:
         keys = args.layers.split(",")

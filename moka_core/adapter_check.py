@@ -166,9 +166,10 @@ def _moka_problem(folder: Path, base: tuple[Dims, int] | None) -> str | None:
             return problem
         if problem := moka_limit_problem(module, w.A, w.B):
             return problem
-    for module, folded in adapter.fold(dtype=torch.float64).items():
-        if problem := update_size_problem(module, zip(folded.A, folded.B, strict=True)):
-            return problem
+    for group in adapter.fold_groups(dtype=torch.float64):
+        for module, bound in zip(group.paths, group.update_bounds().tolist(), strict=True):
+            if problem := update_bound_problem(module, bound, torch.float32):
+                return problem
     return None
 
 

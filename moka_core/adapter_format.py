@@ -537,6 +537,7 @@ def _index_tensors(config: MokaConfig, shapes: Mapping[str, tuple[int, ...]]) ->
     """
     modules: dict[str, dict[str, str]] = {}
     expected_by_target: dict[str, dict[str, tuple[int, ...]]] = {}
+    target_of: dict[str, str | None] = {}
     for key in sorted(shapes):
         name = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
         m = _KEY_RE.match(name)
@@ -546,7 +547,9 @@ def _index_tensors(config: MokaConfig, shapes: Mapping[str, tuple[int, ...]]) ->
                 "<module>.moka_B.<i>.weight or <module>.moka_gate"
             )
         module = m["module"]
-        target = config.target_for(module)
+        target = target_of.get(module, "")
+        if target == "":
+            target = target_of[module] = config.target_for(module)
         if target is None:
             raise ValueError(
                 f"unknown tensor {key!r}: module {module!r} does not end in one of "
@@ -602,6 +605,7 @@ def adapter_from_tensors(
     *,
     where: str = "MoKA adapter",
     index: dict | None = None,
+    all_values: torch.Tensor | None = None,
 ) -> MokaAdapter:
     """Build a validated adapter from named tensors (with or without the PEFT prefix).
 
@@ -621,7 +625,10 @@ def adapter_from_tensors(
                 )
         if index is None:
             index = _index_tensors(config, {k: tuple(t.shape) for k, t in tensors.items()})
-        bad = first_non_finite(tensors)
+        # One pass over the file's values when the caller has them in one view (load_adapter);
+        # the tensor is named only when something is wrong.
+        whole_ok = all_values is not None and bool(torch.isfinite(all_values).all())
+        bad = None if whole_ok else first_non_finite(tensors)
         if bad is not None:
             raise ValueError(f"tensor {bad!r} has non-finite values (NaN or Inf)")
     except ValueError as e:
@@ -771,8 +778,12 @@ def _read_header(file: Path) -> dict[str, tuple[int, ...]]:
     return {name: shape for name, (_, shape, _) in entries.items()}
 
 
-def _read_tensors(file: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, torch.Tensor]]:
-    """Read the whole file once, check its header, and return (shapes, tensors).
+def _read_tensors(
+    file: Path,
+) -> tuple[dict[str, tuple[int, ...]], dict[str, torch.Tensor], torch.Tensor | None]:
+    """Read the whole file once, check its header, and return (shapes, tensors, values):
+    ``values`` is every value in one view when the file has one dtype (else None), so the
+    finiteness check is one pass, not one per tensor.
 
     The tensors are views of the one buffer read (``safetensors.load_file`` builds each of a
     MoKA file's thousands of small tensors separately, the larger part of a cold load), and the
@@ -801,7 +812,7 @@ def _read_tensors(file: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, tor
     if sys.byteorder != "little":  # safetensors stores little-endian: let it convert
         from safetensors.torch import load
 
-        return shapes, load(bytes(data))
+        return shapes, load(bytes(data)), None
     tensors = {}
     for name, (tag, shape, begin) in entries.items():
         dtype, itemsize = _ST_DTYPES[tag]
@@ -815,7 +826,15 @@ def _read_tensors(file: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, tor
         else:
             t = torch.frombuffer(data, dtype=dtype, count=numel, offset=offset).view(shape)
         tensors[name] = t
-    return shapes, tensors
+    # Every value in one view when the file has one dtype (the tensors tile the data region).
+    tags = {tag for tag, _, _ in entries.values()}
+    values = None
+    if len(tags) == 1:
+        dtype, itemsize = _ST_DTYPES[tags.pop()]
+        start, nbytes = 8 + header_len, len(data) - 8 - header_len
+        if nbytes and start % itemsize == 0:
+            values = torch.frombuffer(data, dtype=dtype, count=nbytes // itemsize, offset=start)
+    return shapes, tensors, values
 
 
 def _parse_header(read, size: int) -> tuple[dict[str, tuple[str, tuple[int, ...], int]], int]:
@@ -840,15 +859,17 @@ def _parse_header(read, size: int) -> tuple[dict[str, tuple[str, tuple[int, ...]
     header.pop("__metadata__", None)
     shapes, spans = {}, []
     for name, info in header.items():
-        ok = (
-            isinstance(info, dict)
-            and isinstance(info.get("dtype"), str)
-            and isinstance(info.get("shape"), list)
-            and all(_is_int(d) and d >= 0 for d in info["shape"])
-            and isinstance(info.get("data_offsets"), list)
-            and len(info["data_offsets"]) == 2
-            and all(_is_int(o) for o in info["data_offsets"])
-        )
+        # Thousands of entries in a mixed adapter's file: plain type tests (``type(d) is int``
+        # is _is_int: no bool), no generator per entry.
+        ok = type(info) is dict
+        if ok:
+            tag, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+            ok = type(tag) is str and type(shape) is list and type(offsets) is list
+            ok = ok and len(offsets) == 2 and type(offsets[0]) is int and type(offsets[1]) is int
+            for d in shape if ok else ():
+                if type(d) is not int or d < 0:
+                    ok = False
+                    break
         if not ok:
             raise ValueError(f"{WEIGHTS_NAME} header entry {name!r} is malformed: {info!r}")
         if info["dtype"] not in _ST_DTYPES:
@@ -903,13 +924,13 @@ def load_adapter(
     if not file.is_file():
         raise ValueError(f"{where}: missing {WEIGHTS_NAME}")
     try:
-        shapes, tensors = _read_tensors(file)
+        shapes, tensors, values = _read_tensors(file)
         index = _index_tensors(config, shapes)
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
     except Exception as e:  # safetensors/OS errors: report as a corrupt file
         raise ValueError(f"{where}: cannot read {WEIGHTS_NAME} (corrupt file?): {e}") from None
-    adapter = adapter_from_tensors(config, tensors, where=where, index=index)
+    adapter = adapter_from_tensors(config, tensors, where=where, index=index, all_values=values)
     if dtype is not None:
         for w in adapter.modules.values():
             w.A = [None if a is None else a.to(dtype) for a in w.A]

@@ -495,10 +495,13 @@ def test_tensors_are_read_exactly(tmp_path):
         folder = tmp_path / str(dtype)
         write_adapter(folder, make_adapter(dtype=dtype))
         want = load_file(str(folder / af.WEIGHTS_NAME))
-        shapes, got = af._read_tensors(folder / af.WEIGHTS_NAME)
+        shapes, got, values = af._read_tensors(folder / af.WEIGHTS_NAME)
         assert set(got) == set(want) and shapes == {k: tuple(v.shape) for k, v in want.items()}
         for k in want:
             assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+        # every value once, in the one view the finiteness check reads
+        every = torch.cat([t.reshape(-1) for t in want.values()])
+        assert values.dtype == dtype and torch.equal(values.sort().values, every.sort().values)
 
 
 def _add(key, shape=(2, 2)):
