@@ -145,14 +145,18 @@ def load_moka_model(manager, lora_request, path: str) -> MokaLoRAModel:
     # Every check below covers the whole adapter, on every rank and stage alike: a check that
     # failed on one worker only would leave the others waiting for it (tensor and pipeline
     # parallelism). Writing then touches this worker's layers only.
+    limits_checked: set[str | None] = set()  # every module of a target has its shapes
     for module_path, w in adapter.modules.items():
         if module_path not in targets:
             raise ValueError(
                 f"{where}: module {module_path!r} does not exist in this base model (or is not "
                 "a linear layer vLLM can adapt)"
             )
-        if problem := moka_limit_problem(module_path, w.A, w.B):
-            raise ValueError(f"{where}: {problem}")
+        target = adapter.config.target_for(module_path)
+        if target not in limits_checked:
+            if problem := moka_limit_problem(module_path, w.A, w.B):
+                raise ValueError(f"{where}: {problem}")
+            limits_checked.add(target)
     dtype = manager.lora_config.lora_dtype
     groups = adapter.fold_groups(dtype=torch.float64)
     if not groups:
