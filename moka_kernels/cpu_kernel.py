@@ -58,12 +58,18 @@ def library_path(cache_dir: Path, compiler: str) -> Path:
     return cache_dir / f"moka_cpu_kernel_{key}.so"
 
 
-def build(cache_dir: Path) -> Path:
-    """The compiled library for this machine under ``cache_dir``, compiled if missing.
-    ``RuntimeError`` saying why when it cannot be."""
+def find_compiler() -> str:
+    """``$CXX``, else ``c++`` or ``g++`` on the PATH; ``RuntimeError`` when there is none."""
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if not compiler:
         raise RuntimeError("no C++ compiler found (c++, g++ or $CXX)")
+    return compiler
+
+
+def build(cache_dir: Path) -> Path:
+    """The compiled library for this machine under ``cache_dir``, compiled if missing.
+    ``RuntimeError`` saying why when it cannot be."""
+    compiler = find_compiler()
     out = library_path(cache_dir, compiler)
     if out.is_file():
         return out
@@ -84,6 +90,17 @@ def build(cache_dir: Path) -> Path:
     return out
 
 
+def open_library(cache_dir: Path) -> ctypes.CDLL:
+    """The built library, opened; a cached file that does not open (cut short by a full disk,
+    say) is built again once."""
+    path = build(cache_dir)
+    try:
+        return ctypes.CDLL(str(path))
+    except OSError:
+        path.unlink(missing_ok=True)
+        return ctypes.CDLL(str(build(cache_dir)))
+
+
 def load(cache_dir: Path) -> str | None:
     """Build (if needed) and load the library for this process; None when it is ready, else
     why not (the torch path then stays in use)."""
@@ -91,7 +108,7 @@ def load(cache_dir: Path) -> str | None:
     if _lib is not None:
         return None
     try:
-        lib = ctypes.CDLL(str(build(cache_dir)))
+        lib = open_library(cache_dir)
         if lib.moka_cpu_kernel_version() != VERSION:
             return f"the built library is version {lib.moka_cpu_kernel_version()}, not {VERSION}"
         if lib.moka_cpu_kernel_fields() != NUM_FIELDS:

@@ -263,6 +263,10 @@ def test_cpp_kernel_refuses_what_it_cannot_take(cpp, monkeypatch, tmp_path):
     with pytest.raises(RuntimeError, match="false failed"):
         cpp.build(tmp_path)
     assert not list(tmp_path.iterdir())  # nothing half-written left behind
+    monkeypatch.delenv("CXX")
+    broken = cpp.library_path(tmp_path, cpp.find_compiler())
+    broken.write_bytes(b"not a shared library")  # a cached build cut short
+    assert cpp.open_library(tmp_path).moka_cpu_kernel_version() == cpp.VERSION
 
 
 def test_cached_plans_are_reused_and_stay_correct_across_calls():
