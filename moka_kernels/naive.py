@@ -16,10 +16,12 @@ def delta_weight(bank: MokaBank, slot: int, dtype: torch.dtype = torch.float64) 
     """Dense ``(out, in)`` update of ``slot``: the sum of each entry's ``kron(A, B)`` in place."""
     delta = torch.zeros(bank.out_features, bank.in_features, dtype=dtype, device=bank.device)
     for i in range(len(bank.entries[slot])):
-        a, b, s = bank.factors(slot, i)  # views, some transposed (CpuPack): kron wants copies
-        b = b.to(dtype).contiguous()
+        # Views, some transposed (CpuPack): kron wants row-major copies (``contiguous`` keeps a
+        # transposed (m, 1) column's strides, which it counts as contiguous).
+        a, b, s = bank.factors(slot, i)
+        b = b.to(dtype).clone(memory_format=torch.contiguous_format)
         a = torch.eye(s.m1, dtype=dtype, device=bank.device) if a is None else a.to(dtype)
-        a = a.contiguous()
+        a = a.clone(memory_format=torch.contiguous_format)
         rows = slice(s.out_offset, s.out_offset + s.m1 * s.m2)
         cols = slice(s.in_offset, s.in_offset + s.n1 * s.n2)
         if s.rank > 1:  # a low-rank entry: the sum of its rank-1 Kronecker terms
