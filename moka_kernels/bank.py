@@ -490,17 +490,17 @@ class MokaBank:
                 pos += 0 if s.identity_a else s.m1 * s.n1 * s.rank
                 starts.append((a_start, pos))
                 pos += s.m2 * s.n2 * s.rank
-        packed = self.pool is None
+        packed = self.pool is None  # CpuPack: U or B stored transposed (pack_factors)
         views = []
         for s, (a0, b0) in zip(self.entries[slot], starts, strict=True):
             (am, an), (bm, bn) = s.a_shape, s.b_shape
-            a = None if s.identity_a else store[a0 : a0 + am * an].view(am, an)
-            b = store[b0 : b0 + bm * bn].view(bm, bn)
-            if packed and s.low_rank:  # U stored transposed (CpuPack)
-                a = store[a0 : a0 + am * an].view(an, am).mT
-            elif packed:  # B stored transposed
-                b = store[b0 : b0 + bm * bn].view(bn, bm).mT
-            views.append((a, b, s))
+            a_t, b_t = packed and s.low_rank, packed and not s.low_rank
+            a = None
+            if not s.identity_a:
+                a = store[a0 : a0 + am * an].view(*((an, am) if a_t else (am, an)))
+                a = a.mT if a_t else a
+            b = store[b0 : b0 + bm * bn].view(*((bn, bm) if b_t else (bm, bn)))
+            views.append((a, b.mT if b_t else b, s))
         return views
 
     def factors(
@@ -526,8 +526,8 @@ class CpuPack:
       same ``shape_key`` have the same packing. Each factor sits the way the CPU products read
       it along rows: a Kronecker entry's A as ``(m1, n1)`` and B transposed, ``(n2, m2)``; a
       low-rank entry's U transposed, ``(r, m)``, and V as ``(r, n)`` (:func:`pack_factors`;
-      the table's offsets hold, the sizes being the same). Grown on demand: nothing on the CPU path is
-      captured in a graph. Kept in float32 for half-precision banks: CPUs without native
+      the table's offsets hold, the sizes being the same). Grown on demand: nothing on the CPU
+      path is captured in a graph. Kept in float32 for half-precision banks: CPUs without native
       bf16/fp16 GEMMs run these tiny products about 7x slower in half precision (vLLM's CPU
       LoRA ops compute in float32 too).
     * ``shape_key``: slots with identical entry shapes get the same small int, so the CPU path

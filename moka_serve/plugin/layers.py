@@ -55,8 +55,8 @@ class AdapterLayerMixin:
       manager); the custom op finds the layer there at run time. None: not registered, the
       layer runs its adapter code directly.
     * ``_lora_slots``: slots whose LoRA buffers may be non-zero in this layer (``set_lora``
-      adds a slot, ``reset_lora`` removes it after zeroing; vLLM creates the buffers zeroed). So the CPU path can skip vLLM's LoRA ops when no token of a step needs
-      them: MoKA and empty slots hold zero LoRA weights, for which those ops would only add
+      adds a slot, ``reset_lora`` removes it after zeroing; vLLM creates the buffers zeroed).
+      So the CPU path can skip vLLM's LoRA ops when no token of a step needs them: MoKA and empty slots hold zero LoRA weights, for which those ops would only add
       zeros at the cost of the whole LoRA path (on CUDA the ops always run: they may be
       captured in a graph). And ``reset_lora`` skips slots that are zero already: vLLM resets
       every layer's slot on each activation, and zeroing the LoRA buffers of 120 layers was a
@@ -217,7 +217,7 @@ class MokaLayerMixin(AdapterLayerMixin):
         present = meta.slots_present
         if not present:
             return
-        if self._lora_slots and not self._lora_slots.isdisjoint(present):  # lora_needed on CPU
+        if self.lora_needed(x.device):
             self._apply_vllm_lora(x, output)
         bank = self.moka_bank
         if bank.occupied.isdisjoint(present):
