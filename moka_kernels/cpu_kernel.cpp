@@ -27,36 +27,81 @@ inline float dot(const float* __restrict__ a, const float* __restrict__ b, int64
   return acc;
 }
 
-// y[0:m] += sum_k w[k] * rows[k * ld : k * ld + m], for k < K: a vector times a matrix, by
-// blocks of W output columns held in registers over the whole sum (the matrices here are a few
-// dozen columns wide: a loop over rows of y would spend its time loading and storing y).
-template <int W>
-inline int64_t vecmat_blocks(const float* __restrict__ w, int64_t K, const float* __restrict__ rows,
-                             int64_t ld, float* __restrict__ y, int64_t c, int64_t m) {
-  for (; c + W <= m; c += W) {
-    float acc[W] = {};
-    for (int64_t k = 0; k < K; ++k) {
-      const float wk = w[k];
-      const float* r = rows + k * ld + c;
-#pragma omp simd
-      for (int j = 0; j < W; ++j) acc[j] += wk * r[j];
+// z[j] = rows[j * ld : j * ld + n] . x for j < count, four rows per pass over x: four independent
+// sums in flight instead of one chain of dependent adds (a decode step is latency-bound).
+inline void dots(const float* __restrict__ rows, int64_t ld, int64_t count,
+                 const float* __restrict__ x, int64_t n, float* __restrict__ z) {
+  int64_t j = 0;
+  for (; j + 4 <= count; j += 4) {
+    const float* r0 = rows + j * ld;
+    const float* r1 = r0 + ld;
+    const float* r2 = r1 + ld;
+    const float* r3 = r2 + ld;
+    float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+    for (int64_t k = 0; k < n; ++k) {
+      a0 += r0[k] * x[k];
+      a1 += r1[k] * x[k];
+      a2 += r2[k] * x[k];
+      a3 += r3[k] * x[k];
     }
-#pragma omp simd
-    for (int j = 0; j < W; ++j) y[c + j] += acc[j];
+    z[j] = a0;
+    z[j + 1] = a1;
+    z[j + 2] = a2;
+    z[j + 3] = a3;
   }
-  return c;
+  for (; j < count; ++j) z[j] = dot(rows + j * ld, x, n);
 }
 
-inline void vecmat(const float* __restrict__ w, int64_t K, const float* __restrict__ rows,
-                   int64_t ld, float* __restrict__ y, int64_t m) {
-  int64_t c = vecmat_blocks<32>(w, K, rows, ld, y, 0, m);
-  c = vecmat_blocks<16>(w, K, rows, ld, y, c, m);
-  c = vecmat_blocks<8>(w, K, rows, ld, y, c, m);
-  for (; c < m; ++c) {
-    float acc = 0.0f;
-    for (int64_t k = 0; k < K; ++k) acc += w[k] * rows[k * ld + c];
-    y[c] += acc;
+// Y[0:RB, c:c+CW] += W[0:RB, 0:K] @ R[0:K, c:c+CW]: RB output rows share every load of R, and
+// RB x CW accumulators stay in registers over the whole sum.
+template <int RB, int CW>
+inline void mm_tile(const float* __restrict__ w, int64_t ldw, int64_t K,
+                    const float* __restrict__ r, int64_t ldr, float* __restrict__ y, int64_t ldy,
+                    int64_t c) {
+  float acc[RB][CW] = {};
+  for (int64_t k = 0; k < K; ++k) {
+    const float* rk = r + k * ldr + c;
+    for (int u = 0; u < RB; ++u) {
+      const float wk = w[u * ldw + k];
+#pragma omp simd
+      for (int j = 0; j < CW; ++j) acc[u][j] += wk * rk[j];
+    }
   }
+  for (int u = 0; u < RB; ++u) {
+#pragma omp simd
+    for (int j = 0; j < CW; ++j) y[u * ldy + c + j] += acc[u][j];
+  }
+}
+
+// RB rows of Y += W @ R over all N columns: tiles of 32 (one row), 16, 8 and 4 columns, then
+// one column at a time.
+template <int RB>
+inline void mm_rows(const float* __restrict__ w, int64_t ldw, int64_t K,
+                    const float* __restrict__ r, int64_t ldr, float* __restrict__ y, int64_t ldy,
+                    int64_t N) {
+  int64_t c = 0;
+  if (RB == 1)
+    for (; c + 32 <= N; c += 32) mm_tile<RB, 32>(w, ldw, K, r, ldr, y, ldy, c);
+  for (; c + 16 <= N; c += 16) mm_tile<RB, 16>(w, ldw, K, r, ldr, y, ldy, c);
+  for (; c + 8 <= N; c += 8) mm_tile<RB, 8>(w, ldw, K, r, ldr, y, ldy, c);
+  for (; c + 4 <= N; c += 4) mm_tile<RB, 4>(w, ldw, K, r, ldr, y, ldy, c);
+  for (; c < N; ++c)
+    for (int u = 0; u < RB; ++u) {
+      float acc = 0.0f;
+      for (int64_t k = 0; k < K; ++k) acc += w[u * ldw + k] * r[k * ldr + c];
+      y[u * ldy + c] += acc;
+    }
+}
+
+// Y (M, N) += W (M, K) @ R (K, N), all row-major with leading dimensions ldw, ldr, ldy: four
+// rows at a time, then the rest one by one. Every product of the kernel is one of these.
+inline void matmul_add(int64_t M, int64_t N, int64_t K, const float* __restrict__ w, int64_t ldw,
+                       const float* __restrict__ r, int64_t ldr, float* __restrict__ y,
+                       int64_t ldy) {
+  int64_t i = 0;
+  for (; i + 4 <= M; i += 4) mm_rows<4>(w + i * ldw, ldw, K, r, ldr, y + i * ldy, ldy, N);
+  for (; i < M; ++i) mm_rows<1>(w + i * ldw, ldw, K, r, ldr, y + i * ldy, ldy, N);
 }
 
 struct Scratch {
@@ -65,7 +110,7 @@ struct Scratch {
 
 // One entry for one token. Factors as the CPU pack stores them (moka_kernels.bank.CpuPack):
 // A (m1, n1) and B^T (n2, m2); a low-rank entry's U^T (r, m) and V (r, n). Every product then
-// reads contiguous rows: long dot products, or a vector times a matrix (vecmat).
+// reads contiguous rows: dot products (dots), or small row-major products (matmul_add).
 void apply_entry(const int32_t* r, const float* pack, const float* xt, float* yt, Scratch& s) {
   const int64_t m1 = r[0], n1 = r[1], m2 = r[2], n2 = r[3];
   const bool identity = r[4] != 0, a_first = r[5] != 0;
@@ -76,20 +121,20 @@ void apply_entry(const int32_t* r, const float* pack, const float* xt, float* yt
   const int64_t rank = r[11];
   if (!identity && n1 == 1 && m2 == 1) {  // low-rank: z = V x, y += U z = z^T U^T
     s.z.resize(rank);
-    for (int64_t j = 0; j < rank; ++j) s.z[j] = dot(bt + j * n2, x, n2);
-    vecmat(s.z.data(), rank, a, m1, y, m1);
-  } else if (identity) {  // Y (n1, m2) = X B^T: row p is x_p^T B^T
-    for (int64_t p = 0; p < n1; ++p) vecmat(x + p * n2, n2, bt, m2, y + p * m2, m2);
+    dots(bt, n2, rank, x, n2, s.z.data());
+    matmul_add(1, m1, rank, s.z.data(), rank, a, m1, y, m1);
+  } else if (identity) {  // Y (n1, m2) = X B^T
+    matmul_add(n1, m2, n2, x, n2, bt, m2, y, m2);
   } else if (a_first) {  // T (m1, n2) = A X; Y = T B^T
     s.t.assign(m1 * n2, 0.0f);
     float* t = s.t.data();
-    for (int64_t i = 0; i < m1; ++i) vecmat(a + i * n1, n1, x, n2, t + i * n2, n2);
-    for (int64_t i = 0; i < m1; ++i) vecmat(t + i * n2, n2, bt, m2, y + i * m2, m2);
+    matmul_add(m1, n2, n1, a, n1, x, n2, t, n2);
+    matmul_add(m1, m2, n2, t, n2, bt, m2, y, m2);
   } else {  // T (n1, m2) = X B^T; Y = A T
     s.t.assign(n1 * m2, 0.0f);
     float* t = s.t.data();
-    for (int64_t p = 0; p < n1; ++p) vecmat(x + p * n2, n2, bt, m2, t + p * m2, m2);
-    for (int64_t i = 0; i < m1; ++i) vecmat(a + i * n1, n1, t, m2, y + i * m2, m2);
+    matmul_add(n1, m2, n2, x, n2, bt, m2, t, m2);
+    matmul_add(m1, m2, n1, a, n1, t, m2, y, m2);
   }
 }
 
@@ -98,7 +143,7 @@ void apply_entry(const int32_t* r, const float* pack, const float* xt, float* yt
 extern "C" {
 
 // The ABI version moka_kernels/cpu_kernel.py checks after loading the library.
-int moka_cpu_kernel_version() { return 2; }
+int moka_cpu_kernel_version() { return 3; }
 int moka_cpu_kernel_fields() { return kFields; }
 
 // x: (n, x_stride) float32 rows; y: (n, y_stride) float32 rows, added into in place; slots: n

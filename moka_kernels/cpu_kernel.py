@@ -28,7 +28,7 @@ import torch
 from .bank import NUM_FIELDS, MokaBank, check_apply_args
 
 SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
-VERSION = 2  # moka_cpu_kernel_version() of the source above
+VERSION = 3  # moka_cpu_kernel_version() of the source above
 # -march=native: the library is built on the machine that runs it (the CPU's flags are part of
 # its cache key, so a cache shared between machines never hands one another's build).
 FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fPIC", "-shared", "-std=c++17"]

@@ -16,6 +16,7 @@ from moka_serve.bench.compare import (
     moka_shapes,
     plan_configs,
     ratio_rows,
+    server_command,
 )
 from moka_serve.bench.report import markdown, stats, summarize
 from moka_serve.bench.workload import (
@@ -151,6 +152,26 @@ def test_plan_configs_puts_base_first_and_runs_n1_once():
     ]  # fmt: skip
     runs = plan_configs(["moka-kron", "base", "plain"], [1], ["distinct"])
     assert runs == [("plain", 1, "-"), ("base", 1, "-"), ("moka-kron", 1, "distinct")]
+
+
+def test_adapter_engine_adapts_only_the_targets_unless_all_layers(tmp_path):
+    from moka_serve.bench.cli import build_parser
+
+    def option(cmd: list[str], name: str) -> list[str] | None:
+        if name not in cmd:
+            return None
+        at = cmd.index(name) + 1
+        end = next((i for i in range(at, len(cmd)) if cmd[i].startswith("--")), len(cmd))
+        return cmd[at:end]
+
+    base = tmp_path / "base"
+    for extra, want in (([], ["q_proj", "v_proj"]), (["--all-layers"], None)):
+        args = build_parser().parse_args(["compare", "--targets", "q_proj,v_proj", *extra])
+        cmd, env, _ = server_command(args, base, tmp_path, 8000, 16)
+        assert option(cmd, "--lora-target-modules") == want
+        assert "--enable-lora" in cmd and env["MOKA_ADAPTER_DIR"] == str(tmp_path)
+        plain, _, _ = server_command(args, base, None, 8001, 0)
+        assert "--enable-lora" not in plain and "--lora-target-modules" not in plain
 
 
 def test_ratio_rows_divide_by_the_same_repeats_base():

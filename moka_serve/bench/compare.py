@@ -4,7 +4,9 @@ One vLLM server (``moka-serve``, the same engine build and base for every config
 started with LoRA enabled, and a second one without (``moka-serve --plain``: the engine users
 compare with, whose base requests pay nothing for adapters being enabled). The adapter server is
 started and the plugin's resolver pointed at a folder of seeded random adapters
-(random weights cost what trained ones cost). Every adapter is requested once before timing, so
+(random weights cost what trained ones cost); it adapts only the ``--targets`` layers (vLLM's
+``--lora-target-modules``, as one serves adapters that all target them; ``--all-layers`` for
+vLLM's default of every linear layer, whose untargeted layers then run an empty adapter op). Every adapter is requested once before timing, so
 each sits in vLLM's CPU cache (``max_cpu_loras`` holds them all) and timing measures serving, not
 disk. Then, ``--repeats`` times, every configuration runs the same workload in turn (base
 requests first in each block of N, so slow drift of the machine hits all of them alike); each
@@ -84,6 +86,12 @@ def add_compare_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--popularities", default="distinct,skewed")
     g.add_argument("--repeats", type=int, default=3)
     g.add_argument("--targets", default="q_proj,v_proj")
+    g.add_argument(
+        "--all-layers",
+        action="store_true",
+        help="adapt every linear layer (vLLM's default); without it the adapter engine adapts "
+        "only --targets (vLLM's --lora-target-modules), as an engine serving such adapters is run",
+    )
     g.add_argument("--moka-components", type=int, default=4, help="moka-kron's terms")
     g.add_argument("--cold-loads", type=int, default=4, help="never-seen adapters per method")
     g.add_argument("--adapters-dir", type=Path, default=None, help="default: a cache folder")
@@ -194,6 +202,8 @@ def server_command(
     if adapters is not None:
         rest += ["--max-loras", str(args.concurrency), "--max-cpu-loras", str(max_cpu_loras),
                  "--max-lora-rank", str(MAX_LORA_RANK)]  # fmt: skip
+        if not args.all_layers:
+            rest += ["--lora-target-modules", *_csv(args.targets)]
     cmd, env = build_command(serve_args, rest)
     if adapters is not None:
         env["MOKA_ADAPTER_DIR"] = str(adapters)
@@ -346,6 +356,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         "dtype": dtype,
         "tensor_parallel_size": args.tensor_parallel_size,
         "targets": targets,
+        "all_layers": args.all_layers,
+        "adapter_server_command": shlex.join(cmd),
         "moka_shapes": shapes,
         "concurrency": args.concurrency,
         "workload": _workload(args, "distinct", 0).to_dict(),
@@ -443,8 +455,9 @@ def compare_markdown(report: dict) -> str:
         f"{report['machine']['processor']}, {report['machine']['cpus']} cpus; base "
         f"{Path(report['base']).name}, {report['quantize']}, {report['dtype']}, "
         f"TP={report.get('tensor_parallel_size', 1)}; targets "
-        f"{','.join(report['targets'])}; concurrency {report['concurrency']}; median of "
-        f"{report['repeats']} interleaved repeats",
+        f"{','.join(report['targets'])} (adapted layers: "
+        f"{'all' if report.get('all_layers') else 'the targets only'}); concurrency "
+        f"{report['concurrency']}; median of {report['repeats']} interleaved repeats",
         "",
         "| popularity | N | method | TPOT p50 ms | TPOT / base | TPOT / plain | "
         "TPOT / same-size LoRA | TTFT p50 ms | TTFT / base | TTFT / plain | out tok/s |",

@@ -161,6 +161,19 @@ def check_internals() -> None:
         ["self", "lora_model_id", "rank", "loras", "is_3d_lora_weight"],
     )
     _expect_attr(lora_utils, "get_adapter_absolute_path", "vllm.lora.utils")
+    # lora_model.filtered_out_problem: vLLM's own --lora-target-modules rule, with the
+    # manager's packed-module mapping.
+    _expect_params(
+        "vllm.lora.utils.is_in_target_modules",
+        _expect_attr(lora_utils, "is_in_target_modules", "vllm.lora.utils"),
+        ["module_name", "target_modules", "packed_modules_mapping"],
+    )
+    if "self.packed_modules_mapping" not in inspect.getsource(
+        model_manager.LoRAModelManager.__init__
+    ):
+        raise VllmCompatibilityError(
+            "moka-serve plugin: LoRAModelManager no longer keeps packed_modules_mapping"
+        )
 
     _expect_params(
         "LoRAModelManager._set_adapter_mapping",

@@ -133,6 +133,26 @@ def _other_stage_targets(model, present: dict) -> dict[str, tuple[None, int, int
     return out
 
 
+def filtered_out_problem(manager, module_path: str) -> str | None:
+    """Why ``module_path`` (or a bare target such as ``o_proj``) gets no adapter on this engine
+    when vLLM's deployment filter (``--lora-target-modules``, ``LoRAConfig.target_modules``)
+    left its layer unwrapped, else None. vLLM itself would drop such a module's weights and serve the rest of the adapter: a
+    different model than the one trained, without a word."""
+    from vllm.lora.utils import is_in_target_modules
+
+    allowed = manager.lora_config.target_modules
+    if allowed is None or is_in_target_modules(
+        module_path, allowed, manager.packed_modules_mapping
+    ):
+        return None
+    return (
+        f"{module_path!r} is not adapted on this engine: it was started with "
+        f"--lora-target-modules {' '.join(allowed)}; restart it with "
+        f"{module_path.rsplit('.', 1)[-1]!r} in that list (or without the option) to serve "
+        "this adapter"
+    )
+
+
 def load_moka_model(manager, lora_request, path: str) -> MokaLoRAModel:
     """Load, validate and fold a MoKA adapter folder for this engine's layers."""
     where = f"MoKA adapter {lora_request.lora_name!r} ({path})"
@@ -140,6 +160,12 @@ def load_moka_model(manager, lora_request, path: str) -> MokaLoRAModel:
     base_dims: dict[str, tuple[int, int]] = {}
     for sub, (_, _, out_f, in_f) in targets.items():
         base_dims.setdefault(sub.rsplit(".", 1)[-1], (out_f, in_f))
+    if manager.lora_config.target_modules is not None:  # say why a target has no layer here
+        cfg = read_config_json(Path(path) / CONFIG_NAME)
+        for target in cfg.get("target_modules") or ():
+            if isinstance(target, str) and target not in base_dims:
+                if problem := filtered_out_problem(manager, target):
+                    raise ValueError(f"{where}: {problem}")
     adapter = load_adapter(path, base_dims=base_dims)
 
     # Every check below covers the whole adapter, on every rank and stage alike: a check that
@@ -148,6 +174,8 @@ def load_moka_model(manager, lora_request, path: str) -> MokaLoRAModel:
     limits_checked: set[str | None] = set()  # every module of a target has its shapes
     for module_path, w in adapter.modules.items():
         if module_path not in targets:
+            if problem := filtered_out_problem(manager, module_path):
+                raise ValueError(f"{where}: {problem}")
             raise ValueError(
                 f"{where}: module {module_path!r} does not exist in this base model (or is not "
                 "a linear layer vLLM can adapt)"
@@ -248,6 +276,8 @@ def check_lora_model(manager, lora: LoRAModel, where: str) -> None:
     for module, weights in lora.loras.items():
         a, b = weights.lora_a, weights.lora_b
         if module not in targets:
+            if problem := filtered_out_problem(manager, module):
+                raise ValueError(f"{where}: {problem}")
             continue  # embeddings, lm_head: vLLM's own rules
         _, _, out_f, in_f = targets[module]
         a_shape = None if a is None else tuple(a.shape)
