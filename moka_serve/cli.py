@@ -200,6 +200,15 @@ def build_command(
                 "buffers per slot (pass --max-lora-rank 16 to serve LoRA adapters added later)",
                 file=sys.stderr,
             )
+        if folders and not _has_option(rest, "--lora-target-modules"):
+            if targets := _common_targets(folders):
+                print(
+                    f"moka-serve: every adapter in {adapters} targets {' '.join(targets)} only; "
+                    f"--lora-target-modules {' '.join(targets)} leaves the other layers without "
+                    "an adapter op (about 4% of a CPU decode step; adapters with other targets "
+                    "are then refused)",
+                    file=sys.stderr,
+                )
         if args.adapter_memory is not None:
             rest = _size_slots(args, rest, env, base, base_info, list(folders.values()),
                                0 if moka_only else max_rank)  # fmt: skip
@@ -272,6 +281,23 @@ def surfaces(env: dict[str, str], rest: list[str], plain: bool) -> list[str]:
         f"/v1/moka/pools){found}",
         admin_line,
     ]
+
+
+def _common_targets(folders: dict[str, Path]) -> list[str] | None:
+    """The sorted union of the folders' ``target_modules`` lists, or None when one is not a
+    list of names (PEFT's ``"all-linear"``, a regex) or cannot be read."""
+    from moka_core.adapter_format import CONFIG_NAME, read_config_json
+
+    names: set[str] = set()
+    for path in folders.values():
+        try:
+            targets = read_config_json(path / CONFIG_NAME).get("target_modules")
+        except ValueError:
+            return None
+        if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+            return None
+        names.update(targets)
+    return sorted(names) or None
 
 
 def _all_moka(folders: dict[str, Path]) -> bool:

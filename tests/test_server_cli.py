@@ -251,7 +251,9 @@ def test_an_all_moka_folder_gets_a_moka_only_engine_unless_a_rank_is_given(tmp_p
     base = ["--base", str(tiny_llama_dir()), "--adapters", str(ad)]
     cmd, env = _cmd(base)
     assert cmd[cmd.index("--max-lora-rank") + 1] == "1" and env["MOKA_ONLY"] == "1"
-    assert "every adapter in" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "every adapter in" in err
+    assert f"every adapter in {ad} targets q_proj only; --lora-target-modules q_proj" in err
     cmd, env = _cmd([*base, "--max-lora-rank", "16"])
     assert cmd.count("--max-lora-rank") == 1 and cmd[cmd.index("--max-lora-rank") + 1] == "16"
     assert "MOKA_ONLY" not in env
@@ -315,3 +317,22 @@ def test_a_lora_config_without_peft_type_is_a_lora_on_every_route(tmp_path):
     assert described["kind"] == "LORA" and "error" not in described, described
     assert adapter_numel_by_kind(folder) == {}  # a LoRA: no MoKA pool elements
     assert config_kind({"peft_type": "MOKA"}) == "MOKA" and config_kind({"peft_type": 3}) == "3"
+
+
+def test_the_target_filter_hint_names_the_union_of_the_folders_targets(tmp_path, capsys):
+    from moka_core.base_models import tiny_llama_dir
+
+    ad = tmp_path / "ad"
+    write_moka(ad / "moka-q", random_moka({"q_proj": [[16, 16, 16, 16]]}, seed=1))
+    write_random_lora(ad / "lora-v", ["v_proj"], seed=2, dims=TINY_DIMS, layers=TINY_LAYERS)
+    base = ["--base", str(tiny_llama_dir()), "--adapters", str(ad)]
+    _cmd(base)
+    assert "targets q_proj v_proj only; --lora-target-modules q_proj v_proj" in (
+        capsys.readouterr().err
+    )
+    _cmd([*base, "--lora-target-modules", "q_proj", "v_proj"])  # given: no hint
+    assert "--lora-target-modules" not in capsys.readouterr().err
+    cfg = ad / "lora-v" / "adapter_config.json"
+    cfg.write_text(cfg.read_text().replace('["v_proj"]', '"all-linear"'))
+    _cmd(base)  # a target that is not a list of names: no hint
+    assert "--lora-target-modules" not in capsys.readouterr().err

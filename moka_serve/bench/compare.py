@@ -295,7 +295,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     stem = args.out_dir / (args.name or f"compare-{args.quantize}")
     stem.parent.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    cmd, env, dtype = server_command(args, base, adapters, port, len(names) + 8)
+    # vLLM's CPU cache holds every adapter, the cold ones too: a cold load then measures loading,
+    # not the eviction of the least recently used adapter as well.
+    cpu_loras = len(names) + sum(len(c) for c in cold.values()) + 8
+    cmd, env, dtype = server_command(args, base, adapters, port, cpu_loras)
     runs = plan_configs(methods, ns, pops)
     base_name = str(base)
     summaries: dict[tuple, list[dict]] = {r: [] for r in runs}
