@@ -116,9 +116,12 @@ def test_precheck_uses_the_base_dims_limits_and_lora_rank(tmp_path, capsys):
     }.items():
         line = next((x for x in err.splitlines() if f"adapter {name!r}" in x), "")
         assert reason in line, (name, err)
-    # one line per left-out folder, and no other of ours (third-party output is not ours to count)
+    # one line per left-out folder and the target-filter hint for the served ones, no other of
+    # ours (third-party output is not ours to count)
     ours = [x for x in err.splitlines() if x.startswith("moka-serve:")]
-    assert len(ours) == 9, err
+    refused = [x for x in ours if x.startswith("moka-serve: not serving adapter")]
+    hints = [x for x in ours if "--lora-target-modules" in x]
+    assert len(refused) == 9 and len(hints) == 1 and len(ours) == 10, err
     # with --max-lora-rank 32 the rank-32 LoRA is served
     cmd, _ = _cmd(["--base", str(base), "--adapters", str(ad), "--max-lora-rank", "32"])
     assert any(m.startswith("lora-r32=") for m in cmd)
