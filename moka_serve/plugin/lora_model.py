@@ -136,8 +136,8 @@ def _other_stage_targets(model, present: dict) -> dict[str, tuple[None, int, int
 def filtered_out_problem(manager, module_path: str) -> str | None:
     """Why ``module_path`` (or a bare target such as ``o_proj``) gets no adapter on this engine
     when vLLM's deployment filter (``--lora-target-modules``, ``LoRAConfig.target_modules``)
-    left its layer unwrapped, else None. vLLM itself would drop such a module's weights and serve the rest of the adapter: a
-    different model than the one trained, without a word."""
+    left its layer unwrapped, else None. vLLM itself would drop such a module's weights and
+    serve the rest of the adapter: a different model than the one trained, without a word."""
     from vllm.lora.utils import is_in_target_modules
 
     allowed = manager.lora_config.target_modules
@@ -160,7 +160,9 @@ def load_moka_model(manager, lora_request, path: str) -> MokaLoRAModel:
     base_dims: dict[str, tuple[int, int]] = {}
     for sub, (_, _, out_f, in_f) in targets.items():
         base_dims.setdefault(sub.rsplit(".", 1)[-1], (out_f, in_f))
-    if manager.lora_config.target_modules is not None:  # say why a target has no layer here
+    # Say why a target has no layer here (one check per target: the filter goes by the module
+    # name's suffix, so a target it admits has every module path admitted too).
+    if manager.lora_config.target_modules is not None:
         cfg = read_config_json(Path(path) / CONFIG_NAME)
         for target in cfg.get("target_modules") or ():
             if isinstance(target, str) and target not in base_dims:
@@ -174,8 +176,6 @@ def load_moka_model(manager, lora_request, path: str) -> MokaLoRAModel:
     limits_checked: set[str | None] = set()  # every module of a target has its shapes
     for module_path, w in adapter.modules.items():
         if module_path not in targets:
-            if problem := filtered_out_problem(manager, module_path):
-                raise ValueError(f"{where}: {problem}")
             raise ValueError(
                 f"{where}: module {module_path!r} does not exist in this base model (or is not "
                 "a linear layer vLLM can adapt)"
