@@ -6,7 +6,8 @@ Every implementation has the same signature, ``f(x, y, token_slots, bank) -> Non
 * :func:`moka_apply_naive` (``naive.py``): ``torch.kron`` per token in float64, the ground truth.
 * :func:`moka_apply_torch` (``torch_ops.py``): batched reshape-and-matmul, the CPU fast path.
 * ``moka_apply_cpp`` (``cpu_kernel.py`` over ``cpu_kernel.cpp``): token by token in one C call,
-  the CPU path for small batches (decode steps), once ``cpu_kernel.load`` has built it.
+  the CPU path once ``cpu_kernel.load`` has built it: decode steps, and every batch where torch
+  runs on one thread (``cpu_kernel.takes``).
 * ``moka_apply_triton`` (``triton_ops.py``): one Triton launch for the whole batch, the GPU path
   (imported lazily, so this package needs only torch).
 

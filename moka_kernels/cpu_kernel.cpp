@@ -1,4 +1,4 @@
-// The CPU path's small-batch kernel: every token's MoKA entries in one call, no torch op between.
+// The CPU path's kernel: every token's MoKA entries in one call, no torch op between.
 //
 // On CPU a decode step's adapter work is a few thousand multiply-adds per token and entry; done
 // with torch ops it costs more in calls (dispatch, views, gathers) than in arithmetic. This file

@@ -230,6 +230,25 @@ def test_cpp_kernel_matches_kron_reference(cpp, layer, mapping, dtype, num_token
     run_case(cpp.moka_apply_cpp, layer, mapping, num_tokens, dtype, seed, pooled=False)
 
 
+@pytest.mark.parametrize("layer", ["mixed-family-qkv", "smollm-q_proj", "smollm-v_proj-mixed-8"])
+@pytest.mark.parametrize("mapping", ["runs", "identical", "mixed-with-none"])
+def test_cpp_kernel_matches_kron_reference_on_prefill_sized_batches(cpp, layer, mapping):
+    """Batches past MAX_TOKENS (a prefill chunk beside other requests' decode tokens), which
+    the kernel takes where torch runs on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _run_prefill_sized(cpp, layer, mapping)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_prefill_sized(cpp, layer, mapping):
+    seed = zlib.crc32(f"cpp-prefill/{layer}/{mapping}".encode()) % 1000
+    run_case(cpp.moka_apply_cpp, layer, mapping, 3 * cpp.MAX_TOKENS + 5, torch.float32, seed,
+             pooled=False)  # fmt: skip
+
+
 @pytest.mark.parametrize("mapping", ["mixed-with-none", "all-adapted"])
 def test_cpp_kernel_same_shapes_and_strided_rows(cpp, mapping):
     """Slots with identical shapes, and x/y given as column slices of wider tensors (rows
@@ -255,10 +274,19 @@ def test_cpp_kernel_refuses_what_it_cannot_take(cpp, monkeypatch, tmp_path):
     unpooled = make_bank("qkv-slices", 2, torch.float32, seed=1, pooled=False)
     x = torch.zeros(cpp.MAX_TOKENS + 1, 48)
     assert not cpp.supports(x[:4], pooled) and cpp.supports(x[:4], unpooled)
-    assert not cpp.supports(x, unpooled)  # a prefill chunk: the torch path's GEMMs
-    with pytest.raises(RuntimeError, match="cannot take this call"):
-        cpp.moka_apply_cpp(x, torch.zeros(len(x), 40), torch.zeros(len(x), dtype=torch.long),
-                           unpooled)  # fmt: skip
+    threads = torch.get_num_threads()
+    try:
+        # a prefill chunk: the torch path's multi-threaded GEMMs when torch has threads ...
+        torch.set_num_threads(2)
+        assert cpp.supports(x[:-1], unpooled) and not cpp.supports(x, unpooled)
+        with pytest.raises(RuntimeError, match="cannot take this call"):
+            cpp.moka_apply_cpp(x, torch.zeros(len(x), 40), torch.zeros(len(x), dtype=torch.long),
+                               unpooled)  # fmt: skip
+        # ... and the kernel's, faster, when torch runs on one thread
+        torch.set_num_threads(1)
+        assert cpp.takes(100_000) and cpp.supports(x, unpooled)
+    finally:
+        torch.set_num_threads(threads)
     monkeypatch.setenv("CXX", "false")  # a compiler that fails: a reason, not an exception
     with pytest.raises(RuntimeError, match="false failed"):
         cpp.build(tmp_path)

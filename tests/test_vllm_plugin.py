@@ -104,8 +104,8 @@ def _cpu_kernel_loaded(worker) -> bool:
 
 def test_engine_serves_decode_steps_with_the_cpp_kernel(llm):
     """The C++ kernel was built at engine start (CI's cache is empty: built there) and loaded in
-    the worker, so the mixed batch above ran its decode steps through it; prefill chunks over
-    64 tokens take the torch path (``moka_kernels.cpu_kernel.MAX_TOKENS``)."""
+    the worker, so the mixed batch above ran through it (where torch has more than one thread,
+    prefill chunks over 64 tokens take the torch path: ``moka_kernels.cpu_kernel.takes``)."""
     assert llm.collective_rpc(_cpu_kernel_loaded) == [True]
 
 

@@ -224,7 +224,7 @@ class MokaLayerMixin(AdapterLayerMixin):
             return
         x2, y2 = x.reshape(-1, x.shape[-1]), output.view(-1, output.shape[-1])
         n = x2.shape[0]
-        if n <= cpu_kernel.MAX_TOKENS and self._cpp_bank and cpu_kernel.loaded():
+        if self._cpp_bank and cpu_kernel.loaded() and cpu_kernel.takes(n):
             cpu_kernel.run(x2, y2, meta.slots_for(n), bank)
         else:
             moka_apply_torch(x2, y2, meta.slots_for(n), bank, groups=meta.groups_for(n))

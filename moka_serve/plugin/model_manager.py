@@ -148,8 +148,16 @@ def _load_cpu_kernel() -> None:
         return
     why = cpu_kernel.load(cache_dir() / "kernels")
     if why is None:
-        log.info("moka-serve: the C++ CPU kernel serves batches of up to %d tokens",
-                 cpu_kernel.MAX_TOKENS)  # fmt: skip
+        import torch
+
+        threads = torch.get_num_threads()
+        which = (
+            "every batch (torch runs on one thread here)"
+            if threads == 1
+            else f"batches of up to {cpu_kernel.MAX_TOKENS} tokens (torch runs on {threads} "
+            "threads: its GEMMs take larger ones)"
+        )
+        log.info("moka-serve: the C++ CPU kernel serves %s", which)
     else:
         log.warning("moka-serve: %s; the torch path serves every CPU batch", why)
 
