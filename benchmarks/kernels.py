@@ -148,7 +148,7 @@ LAYERS = [
 TOKENS_FULL = [1, 16, 64, 256, 4096]
 TOKENS_QUICK_CPU = [1, 16, 64]
 TOKENS_INTERPRET = [1, 4]
-MAPPINGS = ["distinct", "identical", "uniform"]
+MAPPINGS = ["distinct", "identical", "uniform", "chunk"]
 MOKA_VARIANTS_TRITON = ["triton-decode", "triton-prefill", "triton-auto"]
 # Relative to the reference's max |value|; bf16 as asked, the others a few ulps of headroom.
 TOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-4, torch.float64: 1e-10}
@@ -171,6 +171,10 @@ def mapping_slots(name: str, num_tokens: int, num_slots: int) -> torch.Tensor:
     if name == "uniform":  # about sqrt(T) equal groups
         groups = max(1, min(num_slots, round(math.sqrt(num_tokens))))
         return pos * groups // num_tokens
+    if name == "chunk":  # one request's prefill chunk (slot 0), then 7 decode tokens (1, 2, ...)
+        decodes = min(7, num_tokens - 1, num_slots - 1)
+        first = num_tokens - decodes
+        return torch.where(pos < first, 0, 1 + (pos - first).clamp(min=0) % max(num_slots - 1, 1))
     raise ValueError(name)
 
 
