@@ -92,6 +92,12 @@ def test_from_pretrained_reads_a_format_v1_folder_as_the_reference_merges_it(tmp
     assert (_logits(merged) - want).abs().max() < 1e-5
 
 
+# A model read back from its folder computes the same float32 logits up to a few ulps (1.7e-6 on
+# logits of magnitude 3.2 on an AVX2 machine, where the GEMMs round differently than with
+# AVX-512); two different adapters differ by far more.
+LOGITS_ATOL = 1e-5
+
+
 def test_round_trip_several_adapters_and_disable(tmp_path):
     first = _trained()
     first.save_pretrained(tmp_path / "a")
@@ -101,13 +107,13 @@ def test_round_trip_several_adapters_and_disable(tmp_path):
     want_b = _logits(second)
     model = peft.PeftModel.from_pretrained(_base(), tmp_path / "a", adapter_name="a")
     model.load_adapter(tmp_path / "b", adapter_name="b")
-    assert torch.allclose(_logits(model), want_a, atol=1e-6)
+    assert torch.allclose(_logits(model), want_a, atol=LOGITS_ATOL)
     model.set_adapter("b")
-    assert torch.allclose(_logits(model), want_b, atol=1e-6)
+    assert torch.allclose(_logits(model), want_b, atol=LOGITS_ATOL)
     with model.disable_adapter():
-        assert torch.allclose(_logits(model), _logits(_base()), atol=1e-6)
+        assert torch.allclose(_logits(model), _logits(_base()), atol=LOGITS_ATOL)
     model.delete_adapter("a")
-    assert torch.allclose(_logits(model), want_b, atol=1e-6)
+    assert torch.allclose(_logits(model), want_b, atol=LOGITS_ATOL)
 
 
 def test_over_a_4bit_base_and_merged_into_it():
@@ -149,9 +155,9 @@ def test_transformers_load_adapter_and_auto_peft_model_read_a_moka_folder(tmp_pa
     model.save_pretrained(tmp_path / "ad")
     plain = _base()
     plain.load_adapter(str(tmp_path / "ad"))  # transformers' own PEFT integration
-    assert torch.allclose(_logits(plain), want, atol=1e-6)
+    assert torch.allclose(_logits(plain), want, atol=LOGITS_ATOL)
     auto = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "ad"))  # base from the config
-    assert torch.allclose(_logits(auto.eval()), want, atol=1e-6)
+    assert torch.allclose(_logits(auto.eval()), want, atol=LOGITS_ATOL)
 
 
 def _load_4bit():
