@@ -211,6 +211,14 @@ def test_torch_path_slots_with_same_shapes_gathered(layer, mapping, dtype, num_t
     run_case(moka_apply_torch, layer, mapping, num_tokens, dtype, seed=5, same_shapes=True)
 
 
+@pytest.fixture
+def torch_threads():
+    """Set torch's thread count inside a test (``torch_threads(n)``); restored after it."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def cpp(tmp_path_factory):
     """The C++ CPU kernel, built from the project's source into a fresh folder: a machine
@@ -232,18 +240,12 @@ def test_cpp_kernel_matches_kron_reference(cpp, layer, mapping, dtype, num_token
 
 @pytest.mark.parametrize("layer", ["mixed-family-qkv", "smollm-q_proj", "smollm-v_proj-mixed-8"])
 @pytest.mark.parametrize("mapping", ["runs", "identical", "mixed-with-none"])
-def test_cpp_kernel_matches_kron_reference_on_prefill_sized_batches(cpp, layer, mapping):
+def test_cpp_kernel_matches_kron_reference_on_prefill_sized_batches(
+    cpp, torch_threads, layer, mapping
+):
     """Batches past MAX_TOKENS (a prefill chunk beside other requests' decode tokens), which
     the kernel takes where torch runs on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        _run_prefill_sized(cpp, layer, mapping)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _run_prefill_sized(cpp, layer, mapping):
+    torch_threads(1)
     seed = zlib.crc32(f"cpp-prefill/{layer}/{mapping}".encode()) % 1000
     run_case(cpp.moka_apply_cpp, layer, mapping, 3 * cpp.MAX_TOKENS + 5, torch.float32, seed,
              pooled=False)  # fmt: skip
@@ -269,24 +271,20 @@ def test_cpp_kernel_same_shapes_and_strided_rows(cpp, mapping):
     )
 
 
-def test_cpp_kernel_refuses_what_it_cannot_take(cpp, monkeypatch, tmp_path):
+def test_cpp_kernel_refuses_what_it_cannot_take(cpp, torch_threads, monkeypatch, tmp_path):
     pooled = make_bank("qkv-slices", 2, torch.float32, seed=1)  # reads the pool: torch path
     unpooled = make_bank("qkv-slices", 2, torch.float32, seed=1, pooled=False)
     x = torch.zeros(cpp.MAX_TOKENS + 1, 48)
     assert not cpp.supports(x[:4], pooled) and cpp.supports(x[:4], unpooled)
-    threads = torch.get_num_threads()
-    try:
-        # a prefill chunk: the torch path's multi-threaded GEMMs when torch has threads ...
-        torch.set_num_threads(2)
-        assert cpp.supports(x[:-1], unpooled) and not cpp.supports(x, unpooled)
-        with pytest.raises(RuntimeError, match="cannot take this call"):
-            cpp.moka_apply_cpp(x, torch.zeros(len(x), 40), torch.zeros(len(x), dtype=torch.long),
-                               unpooled)  # fmt: skip
-        # ... and the kernel's, faster, when torch runs on one thread
-        torch.set_num_threads(1)
-        assert cpp.takes(100_000) and cpp.supports(x, unpooled)
-    finally:
-        torch.set_num_threads(threads)
+    # a prefill chunk: the torch path's multi-threaded GEMMs when torch has threads ...
+    torch_threads(2)
+    assert cpp.supports(x[:-1], unpooled) and not cpp.supports(x, unpooled)
+    with pytest.raises(RuntimeError, match="cannot take this call"):
+        cpp.moka_apply_cpp(x, torch.zeros(len(x), 40), torch.zeros(len(x), dtype=torch.long),
+                           unpooled)  # fmt: skip
+    # ... and the kernel's, faster, when torch runs on one thread
+    torch_threads(1)
+    assert cpp.takes(100_000) and cpp.supports(x, unpooled)
     monkeypatch.setenv("CXX", "false")  # a compiler that fails: a reason, not an exception
     with pytest.raises(RuntimeError, match="false failed"):
         cpp.build(tmp_path)

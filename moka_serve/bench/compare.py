@@ -8,8 +8,9 @@ started and the plugin's resolver pointed at a folder of seeded random adapters
 ``--lora-target-modules``, as one serves adapters that all target them; ``--all-layers`` for
 vLLM's default of every linear layer, whose untargeted layers then run an empty adapter op).
 Every adapter is requested once before timing, so each sits in vLLM's CPU cache
-(``max_cpu_loras`` holds them all) and timing measures serving, not disk. Then, ``--repeats`` times, every configuration runs the same workload in turn (base
-requests first in each block of N, so slow drift of the machine hits all of them alike); each
+(``max_cpu_loras`` holds them all) and timing measures serving, not disk. Then, ``--repeats``
+times, every configuration runs the same workload in turn (base requests first in each block
+of N, so slow drift of the machine hits all of them alike); each
 configuration's TPOT and TTFT p50 are divided by the base run of the same repeat (and by the
 plain engine's run of the same repeat), and the reported ratio is the median over repeats.
 
