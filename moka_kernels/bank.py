@@ -235,11 +235,10 @@ class MokaBank:
         self._rows: list[list[list[int]]] = [[] for _ in range(num_slots)]
         # Admitted adapters: key -> pool elements (see the module docstring).
         self.admitted: dict[object, int] = {}
-        # Views of each slot's factors, built once at write time: the CPU path reads them on
-        # every forward, and rebuilding views costs more than the tiny matmuls they feed.
-        self.views: list[list[tuple[torch.Tensor | None, torch.Tensor, EntryShape]]] = [
-            [] for _ in range(num_slots)
-        ]
+        # Views of each slot's factors (``slot_views``), built on first use after a write: the
+        # torch path reads them on every forward, and rebuilding views costs more than the tiny
+        # matmuls they feed; the C++ kernel reads ``table`` and the packed copy, not these.
+        self._views: list[list[FactorViews] | None] = [None] * num_slots
         # CPU only: the torch path's packed copy of the factors and its cached plans.
         self.cpu = CpuPack(num_slots, dtype, device) if device.type == "cpu" else None
         if self.pool is None and self.cpu is None:
@@ -390,40 +389,38 @@ class MokaBank:
     ) -> None:
         """Write an adapter's folded factors into ``slot`` in place (nothing is reallocated).
 
-        ``shapes`` is ``check_entries(entries)`` when the caller already ran it (a loader
-        validates at load time; activation then only copies). Raises ``ValueError`` only if
-        the pool cannot hold the slot, which admission rules out."""
-        shapes = self.check_entries(entries) if shapes is None else list(shapes)
+        ``shapes`` is ``check_entries(entries)`` when the caller already ran it. A loader does
+        more ahead: it builds the :class:`SlotImage` of every layer at load time
+        (:func:`slot_images`) and activation calls :meth:`write_image`, which only copies.
+        Raises ``ValueError`` only if the pool cannot hold the slot, which admission rules out."""
+        shapes = self.check_entries(entries) if shapes is None else shapes
+        self.write_image(slot, slot_images([(self, entries, shapes)])[0])
+
+    @torch.no_grad()
+    def write_image(self, slot: int, image: SlotImage) -> None:
+        """Copy ``image`` (:func:`slot_images`, built for this bank) into ``slot`` in place."""
         self.clear_slot(slot)
-        numel = entries_numel(shapes)
+        numel = image.numel
         start = self._place(numel) if self.pool is not None and numel else 0
-        rows, pos, parts = [], start, []
-        for e, s in zip(entries, shapes, strict=True):
-            a_start = pos
-            if e.a is not None:
-                parts.append(e.a.reshape(-1))
-                pos += e.a.numel()
-            parts.append(e.b.reshape(-1))
-            rows.append(
-                [
-                    *(s.m1, s.n1, s.m2, s.n2, int(s.identity_a), int(s.a_first)),
-                    *(s.out_offset, s.slice, s.in_offset, a_start, pos, s.rank),
-                ]
-            )
-            pos += e.b.numel()
-        if self.pool is not None and parts:
-            flat = torch.cat([p.to(self.pool.dtype) for p in parts])
-            self.pool[start : start + numel].copy_(flat)
+        rows = [list(r) for r in image.rows]
+        if start:
+            for r in rows:
+                r[A_START] += start
+                r[B_START] += start
+        if self.pool is not None and numel:
+            self.pool[start : start + numel].copy_(image.pool_data)
             self.regions[slot] = (start, numel)
         self._rows[slot] = rows
         if rows:
-            self.table[slot, : len(rows)].copy_(torch.tensor(rows, dtype=torch.int32))
-        self.entries[slot] = shapes
-        if shapes:
+            table = image.table_rows if not start else torch.tensor(rows, dtype=torch.int32)
+            self.table[slot, : len(rows)].copy_(table)
+        self.entries[slot] = list(image.shapes)
+        if image.shapes:
             self.occupied.add(slot)
-        grown = self.cpu.write(slot, entries, shapes, self.dtype) if self.cpu is not None else False
-        for s_ in self.occupied if grown and self.pool is None else (slot,):
-            self.views[s_] = self._slot_views(s_)
+        grown = self.cpu is not None and self.cpu.write(slot, image.packed_data, image.shapes)
+        if grown and self.pool is None:  # views of every slot pointed into the old copy
+            self._views = [None] * self.num_slots
+        self._views[slot] = None
 
     @torch.no_grad()
     def clear_slot(self, slot: int) -> None:
@@ -434,7 +431,7 @@ class MokaBank:
         self._rows[slot] = []
         self.entries[slot] = []
         self.occupied.discard(slot)
-        self.views[slot] = []
+        self._views[slot] = None
         if self.cpu is not None:
             self.cpu.clear(slot)
 
@@ -475,10 +472,18 @@ class MokaBank:
                 rows = self._rows[slot]
                 self.table[slot, : len(rows)].copy_(torch.tensor(rows, dtype=torch.int32))
                 self.regions[slot] = (cursor, n)
-                self.views[slot] = self._slot_views(slot)
+                self._views[slot] = None
             cursor += n
 
-    def _slot_views(self, slot: int) -> list[tuple[torch.Tensor | None, torch.Tensor, EntryShape]]:
+    def slot_views(self, slot: int) -> list[FactorViews]:
+        """``(A or None, B, shape)`` views of each entry of ``slot`` (``U``, ``V`` for a
+        low-rank entry), in the layout the kernels read; built once per write."""
+        views = self._views[slot]
+        if views is None:
+            views = self._views[slot] = self._build_views(slot)
+        return views
+
+    def _build_views(self, slot: int) -> list[FactorViews]:
         if self.pool is not None:
             store, rows = self.pool, self._rows[slot]
             starts = [(r[A_START], r[B_START]) for r in rows]
@@ -506,9 +511,8 @@ class MokaBank:
     def factors(
         self, slot: int, index: int
     ) -> tuple[torch.Tensor | None, torch.Tensor, EntryShape]:
-        """Views of entry ``index`` of ``slot``: ``(A or None, B, shape)`` (``U``, ``V`` for a
-        low-rank entry)."""
-        return self.views[slot][index]
+        """Views of entry ``index`` of ``slot`` (:meth:`slot_views`)."""
+        return self.slot_views(slot)[index]
 
 
 def pack_factors(entry: KronEntry, shape: EntryShape) -> list[torch.Tensor]:
@@ -516,6 +520,78 @@ def pack_factors(entry: KronEntry, shape: EntryShape) -> list[torch.Tensor]:
     if shape.low_rank:
         return [entry.a.t(), entry.b]
     return ([] if entry.a is None else [entry.a]) + [entry.b.t()]
+
+
+FactorViews = tuple[torch.Tensor | None, torch.Tensor, EntryShape]
+
+
+@dataclass(frozen=True)
+class SlotImage:
+    """One adapter's entries for one layer, in the form :meth:`MokaBank.write_image` copies:
+    the table rows (``A_START``/``B_START`` counted from the region's start), the factors back
+    to back in the pool's order and dtype (pooled banks) and in :class:`CpuPack`'s (CPU banks).
+
+    Built by :func:`slot_images` when an adapter is loaded, so activating it (inside an engine
+    step) is a few copies per layer instead of a cast, a pack and a table build."""
+
+    shapes: tuple[EntryShape, ...]
+    rows: tuple[tuple[int, ...], ...]
+    table_rows: torch.Tensor  # rows as int32, on the bank's device
+    pool_data: torch.Tensor | None
+    packed_data: torch.Tensor | None
+
+    @property
+    def numel(self) -> int:
+        return entries_numel(self.shapes)
+
+
+def slot_images(
+    layers: Sequence[tuple[MokaBank, Sequence[KronEntry], Sequence[EntryShape]]],
+) -> list[SlotImage]:
+    """The :class:`SlotImage` of each ``(bank, entries, shapes)`` (``shapes`` from the bank's
+    ``check_entries``), every layer's factors cast and packed together: one concatenation per
+    form and dtype for a whole adapter rather than several small ops per layer."""
+    rows_of, pool_parts, packed_parts = [], {}, {}
+    for i, (bank, entries, shapes) in enumerate(layers):
+        rows, pos, pool, packed = [], 0, [], []
+        for e, s in zip(entries, shapes, strict=True):
+            a_start = pos
+            pos += 0 if e.a is None else e.a.numel()
+            rows.append((s.m1, s.n1, s.m2, s.n2, int(s.identity_a), int(s.a_first),
+                         s.out_offset, s.slice, s.in_offset, a_start, pos, s.rank))  # fmt: skip
+            pos += e.b.numel()
+            if bank.pool is not None:
+                pool += [t.reshape(-1) for t in (e.a, e.b) if t is not None]
+            if bank.cpu is not None:
+                packed += [t.reshape(-1) for t in pack_factors(e, s)]
+        rows_of.append(tuple(rows))
+        if bank.pool is not None:
+            pool_parts.setdefault(bank.pool.dtype, []).append((i, pool))
+        if bank.cpu is not None:  # rounded to the bank's dtype first, as a GPU bank holds it
+            packed_parts.setdefault((bank.dtype, bank.cpu.packed.dtype), []).append((i, packed))
+    pool_data = _concat_by_layer(pool_parts, lambda key, flat: flat.to(key))
+    packed_data = _concat_by_layer(packed_parts, lambda key, flat: flat.to(key[0]).to(key[1]))
+    images = []
+    for i, (bank, _, shapes) in enumerate(layers):
+        rows = rows_of[i]
+        table = torch.tensor(rows, dtype=torch.int32).reshape(len(rows), NUM_FIELDS)
+        data = (pool_data.get(i), packed_data.get(i))
+        images.append(SlotImage(tuple(shapes), rows, table.to(bank.device), *data))
+    return images
+
+
+def _concat_by_layer(parts_by_key: dict, cast) -> dict[int, torch.Tensor]:
+    """Layer index -> its parts concatenated and cast (``cast(key, flat)``), one ``cat`` and
+    one cast per key for all layers, split back into views."""
+    out: dict[int, torch.Tensor] = {}
+    for key, layers in parts_by_key.items():
+        flat = [t for _, parts in layers for t in parts]
+        whole = cast(key, torch.cat(flat)) if flat else None
+        sizes = [sum(t.numel() for t in parts) for _, parts in layers]
+        pieces = whole.split(sizes) if whole is not None else [None] * len(layers)
+        for (i, _), size, piece in zip(layers, sizes, pieces, strict=True):
+            out[i] = piece if size else cast(key, torch.zeros(0))
+    return out
 
 
 class CpuPack:
@@ -543,31 +619,23 @@ class CpuPack:
         self._shape_ids: dict[tuple[EntryShape, ...], int] = {}
         self.plans: dict = {}
 
-    def write(
-        self,
-        slot: int,
-        entries: Sequence[KronEntry],
-        shapes: Sequence[EntryShape],
-        bank_dtype: torch.dtype,
-    ) -> bool:
-        """Pack ``slot``'s factors; True if ``packed`` was reallocated (views into it moved)."""
+    def write(self, slot: int, data: torch.Tensor, shapes: Sequence[EntryShape]) -> bool:
+        """Copy ``slot``'s packed factors (a :class:`SlotImage`'s ``packed_data``); True if
+        ``packed`` was reallocated (views into it moved)."""
         self.shape_key[slot] = self._shape_ids.setdefault(tuple(shapes), len(self._shape_ids))
-        parts = [t.reshape(-1) for e, s in zip(entries, shapes, strict=True)
-                 for t in pack_factors(e, s)]  # fmt: skip
-        flat = torch.cat(parts).to(bank_dtype) if parts else self.packed.new_zeros(0)
-        flat = flat.to(self.packed.dtype)  # rounded to the bank's dtype first, as the GPU sees it
-        if flat.numel() > self.packed.shape[1]:
+        n = data.numel()
+        if n > self.packed.shape[1]:
             # A normal tensor even when a slot is written inside an engine step (inference
             # mode): an inference tensor could not be written by a later load outside it.
             with torch.inference_mode(False):
-                grown = self.packed.new_zeros(self.packed.shape[0], flat.numel())
+                grown = self.packed.new_zeros(self.packed.shape[0], n)
                 grown[:, : self.packed.shape[1]] = self.packed
             self.packed = grown
             self.plans.clear()
         else:
             grown = None
-        self.packed[slot, : flat.numel()] = flat
-        self.packed_numel[slot] = flat.numel()
+        self.packed[slot, :n] = data
+        self.packed_numel[slot] = n
         return grown is not None
 
     def clear(self, slot: int) -> None:

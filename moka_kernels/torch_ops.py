@@ -184,7 +184,7 @@ def _apply_one_slot(
     # Add straight into y when the batch is whole and dtypes agree; else into a buffer.
     direct = whole and y.dtype == dtype
     out = y if direct else torch.zeros(n, bank.out_features, dtype=dtype, device=x.device)
-    for a, b, s in bank.views[slot]:
+    for a, b, s in bank.slot_views(slot):
         a = None if a is None else a.to(dtype)
         xc = xs[:, s.in_offset : s.in_offset + s.n1 * s.n2]
         if s.low_rank:  # U @ (V @ x): a LoRA's shrink and expand

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from moka_kernels import KronEntry, MokaBank, delta_weight, moka_apply_naive, moka_apply_torch
+from moka_kernels.bank import slot_images
 from moka_kernels.torch_ops import PLAN_MAX_TOKENS
 
 triton_ops = pytest.importorskip("moka_kernels.triton_ops")
@@ -335,6 +336,44 @@ def test_rewritten_slots_regroup_and_packed_buffer_grows():
     assert torch.equal(y[4:6], y0[4:6])  # the cleared slot and slot -1: untouched
 
 
+def test_slot_images_built_together_write_what_each_layer_writes_alone():
+    """A loader packs all of an adapter's layers at once (``slot_images`` over banks of several
+    dtypes and forms); each slot then holds exactly what ``write_slot`` writes for that layer
+    alone, pool regions that do not start at 0 included (slots 0 and 1 are taken)."""
+    gen = torch.Generator().manual_seed(21)
+    forms = [(torch.float32, False), (torch.bfloat16, True), (torch.float64, True)]
+    items, twins = [], []
+    for layer in LAYERS:
+        for dtype, pooled in forms:
+            bank, twin = (make_bank(layer, 3, dtype, seed=5, pooled=pooled) for _ in range(2))
+            entries = random_entries(LAYERS[layer][2], gen, dtype, variant=1)
+            items.append((bank, entries, bank.check_entries(entries)))
+            twin.write_slot(2, entries)
+            twins.append(twin)
+    for (bank, _, _), image in zip(items, slot_images(items), strict=True):
+        bank.write_image(2, image)
+    for (bank, _, _), twin in zip(items, twins, strict=True):
+        assert torch.equal(bank.table, twin.table) and bank.regions == twin.regions
+        if bank.pool is not None:
+            start, n = bank.regions[2]
+            assert start > 0 and torch.equal(
+                bank.pool[start : start + n], twin.pool[start : start + n]
+            )
+        if bank.cpu is not None:
+            n = bank.cpu.packed_numel[2]
+            assert n > 0 and torch.equal(bank.cpu.packed[2, :n], twin.cpu.packed[2, :n])
+        assert torch.equal(delta_weight(bank, 2), delta_weight(twin, 2))
+    for bank, entries, shapes in items:  # and what the entries say, read off the bank's table
+        want = torch.zeros(bank.out_features, bank.in_features, dtype=torch.float64)
+        for e, s in zip(entries, shapes, strict=True):
+            a = torch.eye(s.m1, dtype=torch.float64) if e.a is None else e.a.double().cpu()
+            b = e.b.double().cpu()
+            rows = slice(s.out_offset, s.out_offset + s.m1 * s.m2)
+            cols = slice(s.in_offset, s.in_offset + s.n1 * s.n2)
+            want[rows, cols] += a @ b if s.low_rank else torch.kron(a, b)
+        assert torch.allclose(delta_weight(bank, 2).cpu(), want, rtol=1e-12, atol=1e-12)
+
+
 def _triton(form):
     def impl(x, y, slots, bank):
         triton_ops.moka_apply_triton(
@@ -608,7 +647,7 @@ def _cpu_copy(bank: MokaBank) -> MokaBank:
     )  # fmt: skip
     for slot in range(bank.num_slots):
         entries = []
-        for a, b, s in bank.views[slot]:
+        for a, b, s in bank.slot_views(slot):
             entries.append(
                 KronEntry(
                     b=b.double().cpu(), a=None if a is None else a.double().cpu(), slice=s.slice

@@ -64,6 +64,30 @@ def test_folder_rewritten_during_the_copy_is_refused(tmp_path, monkeypatch):
     assert store.get((3, str(f))) is None and store.stored_bytes == 0
 
 
+def test_snapshot_holds_the_files_loaders_read_and_ignores_the_rest(tmp_path, monkeypatch):
+    """moka-train's logs and predictions beside the adapter are not copied, and a log still
+    being written while the adapter loads does not refuse it."""
+    monkeypatch.setenv(snapshots.ENV_DIR, str(tmp_path / "store"))
+    store = AdapterSnapshots()
+    f = _folder(tmp_path)
+    (f / "train_log.jsonl").write_text("{}\n" * 5000)
+    (f / "adapter_model.bin").write_bytes(b"b" * 30)  # vLLM's LoRA loader reads this one too
+    copy = shutil.copyfile
+
+    def copy_while_logging(src, dst):
+        out = copy(src, dst)
+        with open(f / "train_log.jsonl", "a") as log:
+            log.write('{"step": 1}\n')
+        return out
+
+    monkeypatch.setattr(snapshots.shutil, "copyfile", copy_while_logging)
+    snap = store.take((5, str(f)), str(f))
+    assert sorted(p.name for p in snap.iterdir()) == [
+        "adapter_config.json", "adapter_model.bin", "adapter_model.safetensors"
+    ]  # fmt: skip
+    assert store.stored_bytes == 1000 + 30 + len('{"peft_type": "MOKA"}')
+
+
 def test_unreadable_folder_is_a_value_error(tmp_path):
     with pytest.raises(ValueError, match="cannot snapshot the adapter folder"):
         AdapterSnapshots().take((4, str(tmp_path / "gone")), str(tmp_path / "gone"))

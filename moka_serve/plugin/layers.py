@@ -40,7 +40,8 @@ from vllm.lora.layers.vocab_parallel_embedding import VocabParallelEmbeddingWith
 from vllm.utils.torch_utils import direct_register_custom_op
 
 from moka_core.limits import bank_limits, moka_only_engine, slot_numel
-from moka_kernels import EntryShape, KronEntry, MokaBank, cpu_kernel
+from moka_kernels import MokaBank, cpu_kernel
+from moka_kernels.bank import SlotImage
 from moka_kernels.sharding import LayerShard, Run
 from moka_kernels.torch_ops import moka_apply_torch
 
@@ -185,12 +186,10 @@ class MokaLayerMixin(AdapterLayerMixin):
         if self.moka_bank.entries[index]:
             self.moka_bank.clear_slot(index)
 
-    def set_moka(
-        self, index: int, entries: list[KronEntry], shapes: list[EntryShape] | None = None
-    ) -> None:
-        """Write one adapter's folded factors into slot ``index`` (validated at load time,
-        which gave ``shapes``)."""
-        self.moka_bank.write_slot(index, entries, shapes)
+    def set_moka(self, index: int, image: SlotImage) -> None:
+        """Copy one adapter's entries for this layer into slot ``index`` (validated and packed
+        at load time: ``moka_kernels.bank.slot_images``)."""
+        self.moka_bank.write_image(index, image)
 
     def _apply_lora_to_output(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         self.run_adapters(x, output)

@@ -34,7 +34,7 @@ from moka_core.adapter_format import (
     read_config_json,
 )
 from moka_kernels import EntryShape, KronEntry
-from moka_kernels.bank import entries_numel
+from moka_kernels.bank import SlotImage, entries_numel, slot_images
 
 from .layers import MokaLayerMixin
 
@@ -58,23 +58,17 @@ class MokaLoRAModel(LoRAModel):
     """A MoKA adapter inside vLLM's LoRA machinery: no LoRA weights, folded factors per layer.
 
     Being a ``LoRAModel`` is what lets vLLM's CPU LRU cache, slots, pinning and scheduler treat it
-    like any LoRA. ``moka_entries`` maps a vLLM module name (e.g. ``...self_attn.qkv_proj``) to the
-    kernel entries for that layer, already validated against the layer's bank; ``moka_shapes``
-    their table rows (``MokaBank.check_entries``), so activation only copies.
+    like any LoRA. ``moka_images`` maps a vLLM module name (e.g. ``...self_attn.qkv_proj``) to
+    that layer's entries, validated against the layer's bank and already in the form its slot
+    holds (``moka_kernels.bank.SlotImage``), so activation only copies.
     """
 
-    def __init__(
-        self,
-        lora_model_id: int,
-        moka_entries: dict[str, list[KronEntry]],
-        moka_shapes: dict[str, list[EntryShape]] | None = None,
-    ) -> None:
+    def __init__(self, lora_model_id: int, moka_images: dict[str, SlotImage]) -> None:
         super().__init__(lora_model_id, rank=1, loras={})
-        self.moka_entries = moka_entries
-        self.moka_shapes = moka_shapes or {}
+        self.moka_images = moka_images
 
     def clone(self, lora_model_id: int) -> MokaLoRAModel:
-        return MokaLoRAModel(lora_model_id, dict(self.moka_entries), dict(self.moka_shapes))
+        return MokaLoRAModel(lora_model_id, dict(self.moka_images))
 
 
 def moka_targets(manager) -> dict[str, tuple[str | None, int, int, int]]:
@@ -221,7 +215,9 @@ def load_moka_model(manager, lora_request, path: str) -> MokaLoRAModel:
                 "MOKA_MAX_FACTOR_NUMEL, MOKA_SLOT_NUMEL)"
             ) from None
     admit_moka_model(manager, lora_request.lora_int_id, by_layer, shapes, terms, where)
-    return MokaLoRAModel(lora_request.lora_int_id, by_layer, shapes)
+    layers = [(manager.modules[n].moka_bank, entries, shapes[n]) for n, entries in by_layer.items()]
+    images = dict(zip(by_layer, slot_images(layers), strict=True))
+    return MokaLoRAModel(lora_request.lora_int_id, images)
 
 
 def admit_moka_model(manager, adapter_id, by_layer, shapes, terms, where: str) -> None:

@@ -88,13 +88,11 @@ class MokaLRUCacheLoRAModelManager(LRUCacheLoRAModelManager):
             return activated
         index = self.lora_index_to_id.index(lora_id)
         adapter = self._registered_adapters[lora_id]
-        is_moka = isinstance(adapter, MokaLoRAModel)
-        entries = adapter.moka_entries if is_moka else {}
-        shapes = adapter.moka_shapes if is_moka else {}
+        images = adapter.moka_images if isinstance(adapter, MokaLoRAModel) else {}
         for name, module in self.moka_layers().items():
-            layer_entries = entries.get(name)
-            if layer_entries:
-                module.set_moka(index, layer_entries, shapes.get(name))
+            image = images.get(name)
+            if image is not None and image.shapes:
+                module.set_moka(index, image)
             else:
                 module.reset_moka(index)
         return activated

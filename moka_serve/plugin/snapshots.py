@@ -3,14 +3,16 @@
 vLLM keeps at most ``max_cpu_loras`` adapters in its CPU cache; an evicted adapter is loaded
 again from its folder when next requested, inside the engine step, where an exception kills the
 engine core. A folder changed on disk in between (re-saved, truncated, deleted) used to take the
-whole server down. So the worker copies an adapter folder's files into a folder of its own the
-first time it loads it, validates the copy, and every later load of the same adapter (same id,
-same path) reads the copy: a change on disk takes effect only through an explicit reload (unload
-+ load, a new name, or vLLM's ``load_inplace``).
+whole server down. So the worker copies the files its loaders read (:data:`LOADED_FILES`) into a
+folder of its own the first time it loads an adapter, validates the copy, and every later load
+of the same adapter (same id, same path) reads the copy: a change on disk takes effect only
+through an explicit reload (unload + load, a new name, or vLLM's ``load_inplace``). The rest of
+a folder (``moka-train``'s logs and predictions, a README) is neither copied nor watched: it was
+a third of a cold load's copying, and a log still being written refused the load.
 
 The copies live in a temporary folder of the worker process (under ``MOKA_SNAPSHOT_DIR`` if set),
-removed when the adapter is unloaded and when the process exits. A copy is checked against the
-folder's file names, sizes and modification times before and after it is taken, so a folder
+removed when the adapter is unloaded and when the process exits. A copy is checked against those
+files' names, sizes and modification times before and after it is taken, so a folder
 re-saved during the copy is refused ("changed while being read") rather than half-read. The
 store is capped (``MOKA_SNAPSHOT_MAX_GIB``, default 20): a first load that would exceed it is
 refused with a clear error, at load time, never in the middle of serving.
@@ -26,10 +28,15 @@ from pathlib import Path
 
 from moka_core import settings
 from moka_core.adapter_dir import folder_signature
+from moka_core.adapter_format import CONFIG_NAME, WEIGHTS_NAME
 
 # Top-level files of an adapter folder bigger than this are not adapter files (the format's own
 # limit for MoKA weights is far lower); they are not copied, and a load that needs one fails.
 MAX_FILE_BYTES = 8 << 30
+# What the worker's loaders open: the MoKA loader (``moka_core.adapter_format``) and vLLM
+# 0.32.0's ``LoRAModel.from_local_checkpoint`` / ``PEFTHelper.from_local_dir`` (the config and
+# the first weights file of safetensors, bin, pt that exists).
+LOADED_FILES = frozenset((CONFIG_NAME, WEIGHTS_NAME, "adapter_model.bin", "adapter_model.pt"))
 ENV_DIR = "MOKA_SNAPSHOT_DIR"
 ENV_MAX_GIB = "MOKA_SNAPSHOT_MAX_GIB"
 
@@ -65,12 +72,12 @@ class AdapterSnapshots:
         return snap if snap is not None and snap.is_dir() else None
 
     def take(self, key: tuple[int, str], folder: str) -> Path:
-        """Copy the regular top-level files of ``folder``; ``ValueError`` if it cannot be read,
-        changes while it is read, or would overfill the store."""
+        """Copy the :data:`LOADED_FILES` of ``folder`` that exist; ``ValueError`` if it cannot be
+        read, they change while they are read, or they would overfill the store."""
         self._count += 1
         snap = self._dir() / f"{key[0]}-{self._count}"
         try:
-            before = folder_signature(Path(folder))
+            before = _loaded_files(folder)
             files = [(n, size) for n, size, _ in before if size <= MAX_FILE_BYTES]
             size = sum(s for _, s in files)
             cap = max_store_bytes()
@@ -82,7 +89,7 @@ class AdapterSnapshots:
             snap.mkdir()
             for name, _ in files:
                 shutil.copyfile(Path(folder) / name, snap / name)
-            if folder_signature(Path(folder)) != before:
+            if _loaded_files(folder) != before:
                 raise ValueError(
                     f"the adapter folder {folder!r} changed while it was being read; try again "
                     "once it is written"
@@ -106,6 +113,11 @@ class AdapterSnapshots:
         """Drop every snapshot of adapter ``adapter_id`` (it was unloaded)."""
         for key in [k for k in self._paths if k[0] == adapter_id]:
             self.drop(key)
+
+
+def _loaded_files(folder: str) -> tuple:
+    """``folder_signature`` (names, sizes, modification times) of the files loaders read."""
+    return tuple(f for f in folder_signature(Path(folder)) if f[0] in LOADED_FILES)
 
 
 SNAPSHOTS = AdapterSnapshots()
