@@ -508,9 +508,7 @@ class MokaBank:
             views.append((a, b.mT if b_t else b, s))
         return views
 
-    def factors(
-        self, slot: int, index: int
-    ) -> tuple[torch.Tensor | None, torch.Tensor, EntryShape]:
+    def factors(self, slot: int, index: int) -> FactorViews:
         """Views of entry ``index`` of ``slot`` (:meth:`slot_views`)."""
         return self.slot_views(slot)[index]
 
