@@ -481,20 +481,21 @@ class FoldedGroup:
         if not bool(finite.all()):
             path = self.paths[int((~finite).nonzero()[0])]
             raise ValueError(f"module {path!r}: folded factors overflow {dtype}")
-        order = [i for i in range(len(self.shapes)) if i not in rank_one[1:]]
+        # Each module's views of the stacks, taken with one ``unbind`` per stack (indexing them
+        # module by module costs more than everything else here).
+        n = len(self.paths)
+        columns = []  # per entry: (a views, b views, rank)
+        for i in (i for i in range(len(self.shapes)) if i not in rank_one[1:]):
+            if rank_one and i == rank_one[0]:
+                u, v = low_rank
+                columns.append((u.unbind(0), v.unbind(0), len(rank_one)))
+            else:
+                a, b = cast.pop(0)
+                columns.append(([None] * n if a is None else a.unbind(0), b.unbind(0), 1))
         out = {}
         for j, path in enumerate(self.paths):
             s = 0 if slices is None else slices[path]
-            entries, k = [], 0
-            for i in order:
-                if rank_one and i == rank_one[0]:
-                    u, v = low_rank
-                    entries.append(KronEntry(b=v[j], a=u[j], slice=s, rank=len(rank_one)))
-                else:
-                    a, b = cast[k]
-                    k += 1
-                    entries.append(KronEntry(b=b[j], a=None if a is None else a[j], slice=s))
-            out[path] = entries
+            out[path] = [KronEntry(b=b[j], a=a[j], slice=s, rank=r) for a, b, r in columns]
         return out
 
 
@@ -578,7 +579,7 @@ def _index_tensors(config: MokaConfig, shapes: Mapping[str, tuple[int, ...]]) ->
     if not modules:
         raise ValueError("adapter has no modules (no tensors)")
     for module, got in modules.items():
-        missing = [s for s in _expected_shapes(config, config.target_for(module)) if s not in got]
+        missing = [s for s in expected_by_target[target_of[module]] if s not in got]
         if "gate" in missing:
             raise ValueError(f"module {module!r}: gating is true but its moka_gate is missing")
         if missing:
@@ -611,19 +612,20 @@ def adapter_from_tensors(
 
     ``load_adapter`` and ``MokaAdapter.validate`` both come through here, so in-memory and
     on-disk adapters obey the same rules. ``index`` is ``_index_tensors``' result for these
-    tensors' shapes when the caller has it already (``load_adapter`` checks the header first).
+    tensors' shapes when the caller has it already: ``load_adapter``, whose tensors are views of
+    a file whose header it checked (names, shapes and dtypes), so they are not checked again.
     """
     try:
         config.validate()
-        for key, t in tensors.items():
-            if not isinstance(t, torch.Tensor):
-                raise ValueError(f"tensor {key!r} is a {type(t).__name__}, not a torch.Tensor")
-            if t.dtype not in ALLOWED_DTYPES:
-                raise ValueError(
-                    f"tensor {key!r} has dtype {t.dtype}; allowed dtypes are "
-                    f"{[str(d) for d in ALLOWED_DTYPES]}"
-                )
         if index is None:
+            for key, t in tensors.items():
+                if not isinstance(t, torch.Tensor):
+                    raise ValueError(f"tensor {key!r} is a {type(t).__name__}, not a torch.Tensor")
+                if t.dtype not in ALLOWED_DTYPES:
+                    raise ValueError(
+                        f"tensor {key!r} has dtype {t.dtype}; allowed dtypes are "
+                        f"{[str(d) for d in ALLOWED_DTYPES]}"
+                    )
             index = _index_tensors(config, {k: tuple(t.shape) for k, t in tensors.items()})
         # One pass over the file's values when the caller has them in one view (load_adapter);
         # the tensor is named only when something is wrong.

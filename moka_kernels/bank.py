@@ -569,12 +569,17 @@ def slot_images(
             packed_parts.setdefault((bank.dtype, bank.cpu.packed.dtype), []).append((i, packed))
     pool_data = _concat_by_layer(pool_parts, lambda key, flat: flat.to(key))
     packed_data = _concat_by_layer(packed_parts, lambda key, flat: flat.to(key[0]).to(key[1]))
+    # Every layer's table rows in one tensor, split into views (moved once per device).
+    counts = [len(rows) for rows in rows_of]
+    table = torch.tensor([row for rows in rows_of for row in rows], dtype=torch.int32)
+    table = table.reshape(-1, NUM_FIELDS)
+    tables: dict[torch.device, tuple[torch.Tensor, ...]] = {}
     images = []
     for i, (bank, _, shapes) in enumerate(layers):
-        rows = rows_of[i]
-        table = torch.tensor(rows, dtype=torch.int32).reshape(len(rows), NUM_FIELDS)
+        if bank.device not in tables:
+            tables[bank.device] = table.to(bank.device).split(counts)
         data = (pool_data.get(i), packed_data.get(i))
-        images.append(SlotImage(tuple(shapes), rows, table.to(bank.device), *data))
+        images.append(SlotImage(tuple(shapes), rows_of[i], tables[bank.device][i], *data))
     return images
 
 

@@ -202,8 +202,9 @@ def load_moka_model(manager, lora_request, path: str) -> MokaLoRAModel:
         if layer_name is None:  # held by another pipeline stage, which writes it
             continue
         # This tensor-parallel rank's part of the term (the term itself at TP=1).
-        layer = manager.modules[layer_name]
-        by_layer.setdefault(layer_name, []).extend(layer.moka_shard.shard(term))
+        shard = manager.modules[layer_name].moka_shard
+        pieces = [term] if shard.is_whole else shard.shard(term)
+        by_layer.setdefault(layer_name, []).extend(pieces)
     shapes: dict[str, list[EntryShape]] = {}
     for layer_name, entries in by_layer.items():
         bank = manager.modules[layer_name].moka_bank
