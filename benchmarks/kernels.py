@@ -21,6 +21,9 @@ Variants (rows of the table):
   ``B (out, r)`` by slot, then two ``torch.bmm`` (no host sync; the gather is materialised).
 * ``loraR-grouped``: rank-R LoRA, tokens grouped by slot on the host, two matmuls per slot
   (the same scheme as the MoKA torch path).
+* ``loraR-cpp``: rank-R LoRA through the plugin's CPU path (``cpu-auto``): each slot holds the
+  LoRA as one low-rank entry, ``U = B (out, R)``, ``V = A (R, in)``: what serving LoRA adapters
+  through the MoKA op on CPU would run (issue #21; not served that way yet).
 * ``loraR-vllm``: rank-R LoRA through vLLM's own ops, called as vLLM 0.32's punica wrapper calls
   them: on CUDA ``lora_shrink`` + ``lora_expand`` (Triton), on the CPU ``bgmv_shrink`` +
   ``bgmv_expand_slice`` (torch). Absent, with a ``#`` line saying why, when vLLM is not importable.
@@ -205,6 +208,7 @@ class LayerData:
     lora_b: torch.Tensor  # (S + 1, out, r)
     weight: torch.Tensor  # (out, in), the base layer
     cpu_bank: MokaBank | None = None  # CPU: unpooled, as the plugin builds it (C++ kernel)
+    lora_cpu_bank: MokaBank | None = None  # CPU: the LoRA as one rank-R entry per slot
 
 
 def build_layer(
@@ -253,6 +257,14 @@ def build_layer(
     lora_b[-1] = 0.0
     weight = torch.randn(layer.out_features, layer.in_features, generator=gen)
     weight /= layer.in_features**0.5
+    lora_cpu_bank = None
+    if cpu_bank is not None:  # U = B (out, r), V = A (r, in): the low-rank entry of the kernels
+        numel = max(layer.out_features, layer.in_features) * r
+        lora_cpu_bank = MokaBank(num_slots, 1, numel, numel, layer.in_features,
+                                 layer.out_features, dtype=dtype, device=device, pooled=False)  # fmt: skip
+        for slot in range(num_slots):
+            u, v = lora_b[slot].to(dtype), lora_a[slot].to(dtype)
+            lora_cpu_bank.write_slot(slot, [KronEntry(b=v, a=u, rank=r)])
     return LayerData(
         layer,
         bank,
@@ -261,6 +273,7 @@ def build_layer(
         lora_b.to(device=device, dtype=dtype),
         weight.to(device=device, dtype=dtype),
         cpu_bank,
+        lora_cpu_bank,
     )
 
 
@@ -415,6 +428,8 @@ def adapter_variants(
     out[f"{lora}-grouped"] = lora_grouped(data.lora_a, data.lora_b)
     if vllm_lora is not None:
         out[f"{lora}-vllm"] = vllm_lora(data.lora_a, data.lora_b)
+    if data.lora_cpu_bank is not None and cpu_kernel.loaded():
+        out[f"{lora}-cpp"] = lambda x, y, s: moka_apply(x, y, s, data.lora_cpu_bank)
     return out
 
 

@@ -106,6 +106,8 @@ SETTINGS: dict[str, Setting] = {
                 "keep adapter-enabled CPU engines compiled"),
         Setting("MOKA_CPU_KERNEL", True, parse_flag, "`1`",
                 "build and use the C++ kernel for CPU batches"),
+        Setting("MOKA_CPU_LORA", True, parse_flag, "`1`",
+                "serve LoRA adapters through the MoKA op on CPU"),
         Setting("MOKA_SNAPSHOT_DIR", None, parse_text, "the system's temp folder",
                 "where workers keep snapshots of the adapter folders they loaded"),
         Setting("MOKA_SNAPSHOT_MAX_GIB", 20.0, parse_positive_float, "20",

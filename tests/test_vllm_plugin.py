@@ -200,7 +200,113 @@ def slots(llm) -> list[int | None]:
     return llm.collective_rpc(_worker_slots)[0]
 
 
-def test_base_request_beside_lora_in_last_slot(llm, reference, adapters, prompts):
+def _worker_adapter_kinds(worker) -> dict[int, str]:
+    """Adapter id -> the class of what the worker's manager holds for it."""
+    w = getattr(worker, "worker", worker)
+    manager = w.model_runner.lora_manager._adapter_manager
+    return {i: type(a).__name__ for i, a in manager._registered_adapters.items()}
+
+
+def _worker_vllm_lora_slots(worker) -> list[int]:
+    """Slots whose vLLM LoRA buffers some adapted layer holds weights in (its LoRA ops run)."""
+    w = getattr(worker, "worker", worker)
+    manager = w.model_runner.lora_manager._adapter_manager
+    return sorted({s for m in manager.moka_layers().values() for s in m._lora_slots})
+
+
+def vllm_path_lora(monkeypatch, adapters):
+    """The mixed batch's LoRA under another name, loaded with ``MOKA_CPU_LORA=0``: vLLM's own
+    CPU LoRA path serves it (the engine is in this process, its loader reads the setting)."""
+    monkeypatch.setenv("MOKA_CPU_LORA", "0")
+    return lora_request("lora-qvdown-vllm", adapters["lora-qvdown"][0])
+
+
+def test_lora_is_served_through_the_moka_op_on_cpu(llm, reference, adapters, prompts):
+    """On CPU a LoRA is one low-rank entry per module in the MoKA banks: vLLM's LoRA buffers
+    stay empty and its LoRA ops never run; the output is the merged reference's, and with
+    ``MOKA_CPU_LORA=0`` the same folder goes through vLLM's path to the same tokens."""
+    lora = lora_request("lora-qvdown", adapters["lora-qvdown"][0])
+    got = run(llm, [prompts[2]], [lora])[0]
+    check_against_reference(reference, prompts[2], adapters["lora-qvdown"][1], got)
+    assert llm.collective_rpc(_worker_adapter_kinds)[0][lora.lora_int_id] == "MokaLoRAModel"
+    assert llm.collective_rpc(_worker_vllm_lora_slots)[0] == []
+
+
+def test_lora_with_moka_cpu_lora_off_takes_vllms_path(
+    llm, reference, adapters, prompts, monkeypatch
+):
+    lora = vllm_path_lora(monkeypatch, adapters)
+    got = run(llm, [prompts[2]], [lora])[0]
+    check_against_reference(reference, prompts[2], adapters["lora-qvdown"][1], got)
+    assert llm.collective_rpc(_worker_adapter_kinds)[0][lora.lora_int_id] == "LoRAModel"
+    assert llm.collective_rpc(_worker_vllm_lora_slots)[0] != []
+
+
+def _worker_lora_decisions(worker, folder: str) -> dict[str, str]:
+    """What :func:`lora_as_moka_model` makes of the LoRA in ``folder`` as it is, with weights
+    outside the adapted linear layers, with modules to save, in pools that admit it but whose
+    slot share it exceeds, and with ``MOKA_CPU_LORA=0`` (admissions are undone)."""
+    import copy
+
+    from vllm.lora.request import LoRARequest
+
+    from moka_serve.plugin import worker_manager
+    from moka_serve.plugin.lora_model import lora_as_moka_model
+
+    w = getattr(worker, "worker", worker)
+    wm = w.model_runner.lora_manager
+    manager = wm._adapter_manager
+    lora = worker_manager._ORIGINAL_LOAD_ADAPTER(wm, LoRARequest("probe", 999, folder))
+
+    def kind(model) -> str:
+        got = lora_as_moka_model(manager, model, "probe")
+        manager.release_moka(999)
+        return type(got).__name__
+
+    held = lora_as_moka_model(manager, lora, "probe")
+    manager.release_moka(999)
+    out = {"as it is": type(held).__name__}
+    outside = copy.copy(lora)
+    first = next(iter(lora.loras.values()))
+    outside.loras = {**lora.loras, "model.embed_tokens": first}
+    out["outside"] = kind(outside)
+    saved = copy.copy(lora)
+    saved.modules_to_save = {"score": object()}
+    out["modules to save"] = kind(saved)
+    # Each pool exactly the LoRA's size, nothing else admitted: it fits the pool (admission
+    # passes) but not one slot's share of it.
+    banks = {n: manager.modules[n].moka_bank for n in held.moka_images}
+    saved_state = {n: (b.pool_numel, b.admitted) for n, b in banks.items()}
+    for n, b in banks.items():
+        b.pool_numel, b.admitted = held.moka_images[n].numel, {}
+    try:
+        out["over a slot's share"] = kind(lora)
+    finally:
+        for n, b in banks.items():
+            b.pool_numel, b.admitted = saved_state[n]
+    previous = os.environ.get("MOKA_CPU_LORA")
+    os.environ["MOKA_CPU_LORA"] = "0"
+    try:
+        out["setting off"] = kind(lora)
+    finally:
+        os.environ.pop("MOKA_CPU_LORA")
+        if previous is not None:
+            os.environ["MOKA_CPU_LORA"] = previous
+    return out
+
+
+def test_loras_the_moka_op_cannot_take_keep_vllms_path(llm, adapters):
+    got = llm.collective_rpc(_worker_lora_decisions, args=(str(adapters["lora-qvdown"][0]),))[0]
+    assert got == {
+        "as it is": "MokaLoRAModel",
+        "outside": "NoneType",
+        "modules to save": "NoneType",
+        "over a slot's share": "NoneType",
+        "setting off": "NoneType",
+    }
+
+
+def test_base_request_beside_lora_in_last_slot(llm, reference, adapters, prompts, monkeypatch):
     """vLLM's CPU ops gave slot -1 tokens the LoRA of the last slot; the plugin fixes that."""
     from vllm.lora.ops.torch_ops import lora_ops
 
@@ -208,7 +314,7 @@ def test_base_request_beside_lora_in_last_slot(llm, reference, adapters, prompts
         assert getattr(lora_ops.bgmv_shrink, "__moka_fixed__", False), "CPU fix not installed"
     a = lora_request("moka-qkv", adapters["moka-qkv"][0])
     b = lora_request("mokas-o-down", adapters["mokas-o-down"][0])
-    lora = lora_request("lora-qvdown", adapters["lora-qvdown"][0])
+    lora = vllm_path_lora(monkeypatch, adapters)
     run(llm, [prompts[0]], [a])
     run(llm, [prompts[0]], [b])
     first = slots(llm)
@@ -221,13 +327,15 @@ def test_base_request_beside_lora_in_last_slot(llm, reference, adapters, prompts
     check_against_reference(reference, prompts[2], adapters["lora-qvdown"][1], outs[1])
 
 
-def test_moka_in_a_slot_a_lora_held_serves_beside_a_lora(llm, reference, adapters, prompts):
+def test_moka_in_a_slot_a_lora_held_serves_beside_a_lora(
+    llm, reference, adapters, prompts, monkeypatch
+):
     """The plugin zeroes a slot's LoRA buffers only when a LoRA wrote them; a MoKA adapter
     taking the slot a LoRA left must still see zeros there when a LoRA in the same batch makes
-    vLLM's LoRA ops run over every token."""
+    vLLM's LoRA ops run over every token (a LoRA on vLLM's path: ``MOKA_CPU_LORA=0``)."""
     a = lora_request("moka-qkv", adapters["moka-qkv"][0])
     b = lora_request("mokas-o-down", adapters["mokas-o-down"][0])
-    lora = lora_request("lora-qvdown", adapters["lora-qvdown"][0])
+    lora = vllm_path_lora(monkeypatch, adapters)
     run(llm, [prompts[0]], [lora])
     lora_slot = slots(llm).index(lora.lora_int_id)
     run(llm, [prompts[0]], [a])

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from vllm.lora.lora_model import LoRAModel
 
+from moka_core import settings
 from moka_core.adapter_check import (
     lora_shape_problem,
     moka_limit_problem,
@@ -55,7 +56,8 @@ def read_peft_type(path: str | os.PathLike) -> str | None:
 
 
 class MokaLoRAModel(LoRAModel):
-    """A MoKA adapter inside vLLM's LoRA machinery: no LoRA weights, folded factors per layer.
+    """A MoKA adapter (or, on CPU, a LoRA: :func:`lora_as_moka_model`) inside vLLM's LoRA
+    machinery: no LoRA weights, the factors of the MoKA banks per layer.
 
     Being a ``LoRAModel`` is what lets vLLM's CPU LRU cache, slots, pinning and scheduler treat it
     like any LoRA. ``moka_images`` maps a vLLM module name (e.g. ``...self_attn.qkv_proj``) to
@@ -187,7 +189,6 @@ def load_moka_model(manager, lora_request, path: str) -> MokaLoRAModel:
         for module_path, bound in zip(group.paths, group.update_bounds().tolist(), strict=True):
             if problem := update_bound_problem(module_path, bound, dtype):
                 raise ValueError(f"{where}: {problem}")
-    by_layer: dict[str, list[KronEntry]] = {}
     terms: list[tuple[str | None, KronEntry]] = []
     for group in groups:
         slices = {p: targets[p][1] for p in group.paths}
@@ -198,6 +199,23 @@ def load_moka_model(manager, lora_request, path: str) -> MokaLoRAModel:
         for module_path in group.paths:
             layer_name = targets[module_path][0]
             terms.extend((layer_name, e) for e in entries[module_path])
+    return model_from_terms(manager, lora_request.lora_int_id, terms, where)
+
+
+def model_from_terms(
+    manager,
+    adapter_id: int,
+    terms: list[tuple[str | None, KronEntry]],
+    where: str,
+    *,
+    within_slot: bool = False,
+) -> MokaLoRAModel:
+    """The :class:`MokaLoRAModel` of whole terms (vLLM module name, entry), each cut to this
+    rank's part, checked against every layer's bank and admitted into its pool (all or none),
+    then packed into slot images. ``ValueError`` when a bank refuses them, or with
+    ``within_slot`` when a layer's part is over one slot's share of its pool (then it can never
+    crowd out the adapters the pool was sized for)."""
+    by_layer: dict[str, list[KronEntry]] = {}
     for layer_name, term in terms:
         if layer_name is None:  # held by another pipeline stage, which writes it
             continue
@@ -215,10 +233,47 @@ def load_moka_model(manager, lora_request, path: str) -> MokaLoRAModel:
                 f"{where}: layer {layer_name!r}: {e} (bank limits: MOKA_MAX_COMPONENTS, "
                 "MOKA_MAX_FACTOR_NUMEL, MOKA_SLOT_NUMEL)"
             ) from None
-    admit_moka_model(manager, lora_request.lora_int_id, by_layer, shapes, terms, where)
+    if within_slot:
+        for layer_name, layer_shapes in shapes.items():
+            bank = manager.modules[layer_name].moka_bank
+            if entries_numel(layer_shapes) > bank.pool_numel // bank.num_slots:
+                raise ValueError(f"{where}: layer {layer_name!r}: over one slot's share")
+    admit_moka_model(manager, adapter_id, by_layer, shapes, terms, where)
     layers = [(manager.modules[n].moka_bank, entries, shapes[n]) for n, entries in by_layer.items()]
     images = dict(zip(by_layer, slot_images(layers), strict=True))
-    return MokaLoRAModel(lora_request.lora_int_id, images)
+    return MokaLoRAModel(adapter_id, images)
+
+
+def lora_as_moka_model(manager, lora: LoRAModel, where: str) -> MokaLoRAModel | None:
+    """On CPU, a checked LoRA as a :class:`MokaLoRAModel`: each module one low-rank entry
+    ``U = scaling * lora_B`` ``(out, r)``, ``V = lora_A`` ``(r, in)``, served by the same op and
+    C++ kernel as MoKA adapters (a rank-8 LoRA costs about a tenth of vLLM's CPU LoRA ops per
+    layer: docs/benchmarks.md), so a CPU engine's steps skip vLLM's LoRA path.
+
+    None keeps vLLM's path: on other devices (its kernels there), with ``MOKA_CPU_LORA=0``, for
+    a LoRA with weights outside the adapted linear layers (embeddings, ``lm_head``, modules to
+    save) and for one over a slot's share of a layer's MoKA pool (``MOKA_SLOT_NUMEL``)."""
+    if manager.device.type != "cpu" or not settings.get("MOKA_CPU_LORA") or lora.modules_to_save:
+        return None
+    targets = moka_targets(manager)
+    dtype = manager.lora_config.lora_dtype
+    terms: list[tuple[str | None, KronEntry]] = []
+    for module, w in lora.loras.items():
+        a, b = w.lora_a, w.lora_b
+        if module not in targets or not isinstance(a, torch.Tensor) or a.dim() != 2:
+            return None
+        layer_name, slice_index, _, _ = targets[module]
+        u = (b.double() * float(w.scaling)).to(dtype)  # vLLM folds the scaling into B too
+        if not bool(torch.isfinite(u).all()):
+            raise ValueError(f"{where}: module {module!r}: scaling * lora_B overflows {dtype}")
+        term = KronEntry(b=a.to(dtype), a=u, slice=slice_index, rank=a.shape[0])
+        terms.append((layer_name, term))
+    if not terms:
+        return None
+    try:
+        return model_from_terms(manager, lora.id, terms, where, within_slot=True)
+    except ValueError:
+        return None  # over the MoKA banks' limits or a slot's share: vLLM's buffers hold it
 
 
 def admit_moka_model(manager, adapter_id, by_layer, shapes, terms, where: str) -> None:

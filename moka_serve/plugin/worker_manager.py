@@ -17,7 +17,13 @@ import msgspec
 from vllm.exceptions import LoRAAdapterNotFoundError
 from vllm.lora.utils import get_adapter_absolute_path
 
-from .lora_model import check_lora_model, check_peft_type, load_moka_model, read_peft_type
+from .lora_model import (
+    check_lora_model,
+    check_peft_type,
+    load_moka_model,
+    lora_as_moka_model,
+    read_peft_type,
+)
 from .model_manager import MokaLRUCacheLoRAModelManager
 from .snapshots import SNAPSHOTS
 
@@ -87,8 +93,9 @@ def _load_folder(self, lora_request):
             f"LoRA adapter {lora_request.lora_name!r}: cannot read its weights (truncated or "
             f"corrupt?): {type(e).__name__}: {e}"
         ) from None
-    check_lora_model(self._adapter_manager, lora, f"LoRA adapter {lora_request.lora_name!r}")
-    return lora
+    where = f"LoRA adapter {lora_request.lora_name!r}"
+    check_lora_model(self._adapter_manager, lora, where)
+    return lora_as_moka_model(self._adapter_manager, lora, where) or lora
 
 
 def remove_adapter_with_snapshot(self, adapter_id: int) -> bool:
