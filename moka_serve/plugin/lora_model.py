@@ -260,8 +260,8 @@ def lora_as_moka_model(manager, lora: LoRAModel, where: str) -> MokaLoRAModel | 
     terms: list[tuple[str | None, KronEntry]] = []
     for module, w in lora.loras.items():
         a, b = w.lora_a, w.lora_b
-        if module not in targets or not isinstance(a, torch.Tensor) or a.dim() != 2:
-            return None
+        if module not in targets or not all(isinstance(t, torch.Tensor) for t in (a, b)):
+            return None  # embeddings, lm_head, a module without both factors: vLLM's rules
         layer_name, slice_index, _, _ = targets[module]
         u = (b.double() * float(w.scaling)).to(dtype)  # vLLM folds the scaling into B too
         if not bool(torch.isfinite(u).all()):
