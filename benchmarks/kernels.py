@@ -22,8 +22,8 @@ Variants (rows of the table):
 * ``loraR-grouped``: rank-R LoRA, tokens grouped by slot on the host, two matmuls per slot
   (the same scheme as the MoKA torch path).
 * ``loraR-cpp``: rank-R LoRA through the plugin's CPU path (``cpu-auto``): each slot holds the
-  LoRA as one low-rank entry, ``U = B (out, R)``, ``V = A (R, in)``: what serving LoRA adapters
-  through the MoKA op on CPU would run (issue #21; not served that way yet).
+  LoRA as one low-rank entry, ``U = B (out, R)``, ``V = A (R, in)``: what a CPU engine runs for
+  a LoRA adapter (``MOKA_CPU_LORA``, ``moka_serve.plugin.lora_model.lora_as_moka_model``).
 * ``loraR-vllm``: rank-R LoRA through vLLM's own ops, called as vLLM 0.32's punica wrapper calls
   them: on CUDA ``lora_shrink`` + ``lora_expand`` (Triton), on the CPU ``bgmv_shrink`` +
   ``bgmv_expand_slice`` (torch). Absent, with a ``#`` line saying why, when vLLM is not importable.
