@@ -43,7 +43,11 @@ FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fPIC", "-shared", "-std=c++1
 MAX_TOKENS = 64
 
 _lib: ctypes.CDLL | None = None
+# The same function through ``ctypes.PyDLL``: it keeps the GIL for the call (the kernel never
+# calls Python), for :class:`LayerCall`'s per-step calls.
+_apply_holding_gil = None
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
+_ARGTYPES = [_i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _i64, _ptr, _i64]
 
 
 def _cpu_flags() -> str:
@@ -111,7 +115,7 @@ def open_library(cache_dir: Path) -> ctypes.CDLL:
 def load(cache_dir: Path) -> str | None:
     """Build (if needed) and load the library for this process; None when it is ready, else
     why not (the torch path then stays in use)."""
-    global _lib
+    global _lib, _apply_holding_gil
     if _lib is not None:
         return None
     try:
@@ -125,8 +129,11 @@ def load(cache_dir: Path) -> str | None:
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         return f"the CPU kernel could not be built or loaded: {e}"
     lib.moka_apply_f32.restype = None
-    lib.moka_apply_f32.argtypes = [_i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _i64, _ptr, _i64]
-    _lib = lib
+    lib.moka_apply_f32.argtypes = _ARGTYPES
+    holding_gil = ctypes.PyDLL(lib._name).moka_apply_f32
+    holding_gil.restype = None
+    holding_gil.argtypes = _ARGTYPES
+    _lib, _apply_holding_gil = lib, holding_gil
     return None
 
 
@@ -190,3 +197,61 @@ def run(x: torch.Tensor, y: torch.Tensor, token_slots: torch.Tensor, bank: MokaB
     )  # fmt: skip
     if not direct:
         y.add_(out.to(y.dtype))
+
+
+class LayerCall:
+    """:func:`run` for one adapted layer of an engine, with what stays fixed read once.
+
+    In a serving step each adapted layer calls the kernel once, right after the model's weights
+    for that layer went through the caches: every Python-side step of the call then runs cold
+    (in the measurement of docs/benchmarks.md, 18 us for :func:`run`'s argument gathering and
+    ``ctypes`` call against 8 for this one). The bank's table and pack pointers and the step's
+    slot buffer (``token_slots``, preallocated for ``max_tokens`` rows with -1 past the step's)
+    are read when the pack was last seen (it grows by reallocation, so its identity is checked
+    per call); per call only ``x`` and ``y`` are read.
+    """
+
+    def __init__(self, bank: MokaBank, token_slots: torch.Tensor) -> None:
+        if not bank_supported(bank) or bank.dtype != torch.float32:
+            raise ValueError("the kernel reads float32 banks only through this call")
+        if token_slots.dtype != torch.int64:
+            raise ValueError("the slot buffer must be int64")
+        if not token_slots.is_contiguous():
+            raise ValueError("the slot buffer must be contiguous")
+        self.bank = bank
+        self.token_slots = token_slots  # kept alive: the kernel reads it by address
+        self._slots_ptr = token_slots.data_ptr()
+        self.max_tokens = token_slots.shape[0]
+        self.in_features = bank.in_features
+        self.out_features = bank.out_features
+        self._packed: torch.Tensor | None = None
+        self._fixed: tuple = ()
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> bool:
+        """Add the step's MoKA delta for the rows of ``x`` (2-D) into ``y`` in place; False,
+        touching nothing, when the kernel cannot take the call (the caller then takes another
+        path): not loaded, not float32 rows, too many tokens (:func:`takes`), or shapes that
+        are not the bank's."""
+        shape = x.shape
+        if _apply_holding_gil is None or len(shape) != 2 or shape[0] > self.max_tokens:
+            return False
+        n = shape[0]
+        if n == 0:
+            return True
+        if x.dtype != torch.float32 or y.dtype != torch.float32 or not takes(n):
+            return False
+        xs, ys = x.stride(), y.stride()
+        if (shape[1] != self.in_features or xs[1] != 1 or ys[1] != 1
+                or y.shape != (n, self.out_features)):  # fmt: skip
+            return False
+        packed = self.bank.cpu.packed
+        if packed is not self._packed:
+            table = self.bank.table
+            self._fixed = (packed.data_ptr(), packed.stride(0), table.data_ptr(), table.shape[1])
+            self._packed = packed
+        pack_ptr, pack_stride, table_ptr, max_entries = self._fixed
+        _apply_holding_gil(
+            n, x.data_ptr(), xs[0], y.data_ptr(), ys[0], self._slots_ptr,
+            pack_ptr, pack_stride, table_ptr, max_entries,
+        )  # fmt: skip
+        return True

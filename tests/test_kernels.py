@@ -102,9 +102,10 @@ def make_bank(
     seed: int,
     same_shapes: bool = False,
     pooled: bool = True,
+    write: bool = True,
 ) -> MokaBank:
     """``pooled``: the Triton kernel reads the pool (in the interpreter on CPU too); the plugin
-    builds CPU banks without one, the C++ kernel's case."""
+    builds CPU banks without one, the C++ kernel's case. ``write=False``: every slot empty."""
     in_features, widths, spec = LAYERS[layer]
     max_entries = sum(len(c) for c in spec.values())
     max_a = max(m1 * n1 for comps in spec.values() for m1, n1, *_ in comps)
@@ -116,7 +117,7 @@ def make_bank(
         pool_numel=num_slots * max_entries * max_rank * (max_a + max_b),
     )  # fmt: skip
     gen = torch.Generator().manual_seed(seed)
-    for slot in range(num_slots - 1):  # the last slot stays empty
+    for slot in range(num_slots - 1 if write else 0):  # the last slot stays empty
         variant = 0 if same_shapes else slot
         bank.write_slot(slot, random_entries(spec, gen, dtype, variant=variant))
     poison_unused(bank)
@@ -294,6 +295,75 @@ def test_cpp_kernel_refuses_what_it_cannot_take(cpp, torch_threads, monkeypatch,
     broken = cpp.library_path(tmp_path, cpp.find_compiler())
     broken.write_bytes(b"not a shared library")  # a cached build cut short
     assert cpp.open_library(tmp_path).moka_cpu_kernel_version() == cpp.VERSION
+
+
+def _layer_call(cpp, max_tokens: int):
+    """``impl(x, y, slots, bank)`` through a :class:`LayerCall` over a step's slot buffer of
+    ``max_tokens`` rows (-1 past the batch's tokens), as the plugin's layers call it."""
+
+    def impl(x, y, slots, bank):
+        buf = torch.full((max_tokens,), -1, dtype=torch.long)
+        buf[: len(slots)] = slots
+        assert cpp.LayerCall(bank, buf)(x, y)
+
+    return impl
+
+
+@pytest.mark.parametrize("layer", ["qkv-slices", "mixed-family-qkv", "smollm-v_proj-mixed-8"])
+@pytest.mark.parametrize("mapping", ["distinct", "mixed-with-none", "runs"])
+@pytest.mark.parametrize("num_tokens", [1, 13])
+def test_layer_call_matches_kron_reference(cpp, layer, mapping, num_tokens):
+    seed = zlib.crc32(f"layer-call/{layer}/{mapping}/{num_tokens}".encode()) % 1000
+    run_case(_layer_call(cpp, 40), layer, mapping, num_tokens, torch.float32, seed, pooled=False)
+
+
+def test_layer_call_follows_a_grown_pack_and_refuses_what_it_cannot_take(cpp, torch_threads):
+    """The pack's address is read again when a larger adapter made it grow; a call the kernel
+    cannot take returns False and leaves y as it was."""
+    layer = "mixed-family-qkv"
+    _, _, spec = LAYERS[layer]
+    bank = make_bank(layer, 4, torch.float32, seed=21, pooled=False, write=False)
+    gen = torch.Generator().manual_seed(22)
+    for slot in range(3):  # smaller adapters first (a component left out of each slice)
+        bank.write_slot(slot, random_entries(spec, gen, torch.float32, variant=1))
+    buf = torch.full((16,), -1, dtype=torch.long)
+    buf[:6] = torch.tensor([0, 3, 1, -1, 3, 2])
+    call = cpp.LayerCall(bank, buf)
+    x = torch.randn(6, bank.in_features, generator=gen)
+    y0 = torch.randn(6, bank.out_features, generator=gen)
+    y = y0.clone()
+    assert call(x, y)  # slot 3 is empty: its rows stay as they were
+    assert torch.equal(y[[1, 3, 4]], y0[[1, 3, 4]])
+    before = bank.cpu.packed
+    # more factors than any slot held: the pack is reallocated
+    bank.write_slot(3, random_entries(spec, gen, torch.float32, variant=0))
+    assert bank.cpu.packed is not before
+    y = y0.clone()
+    assert call(x, y)
+    ref = reference(x, y0, buf[:6], bank)
+    assert torch.allclose(y.double(), ref, rtol=0, atol=1e-4)
+    assert torch.equal(y[3], y0[3]) and not torch.equal(y[[1, 4]], y0[[1, 4]])
+    for bad_x, bad_y in [
+        (x.bfloat16(), y0.clone()),  # not float32
+        (x[None], y0.clone()[None]),  # not 2-D
+        (x[:, :-1], y0.clone()),  # not the bank's width
+        (torch.randn(bank.in_features, 6).t(), y0.clone()),  # columns with a stride
+        (torch.randn(17, bank.in_features), torch.zeros(17, bank.out_features)),  # > buffer
+    ]:
+        kept = bad_y.clone()
+        assert not call(bad_x, bad_y)
+        assert torch.equal(bad_y, kept)
+    torch_threads(2)  # a batch past MAX_TOKENS goes to torch's threads
+    big = cpp.LayerCall(bank, torch.full((cpp.MAX_TOKENS + 1,), -1, dtype=torch.long))
+    assert not big(torch.zeros(cpp.MAX_TOKENS + 1, bank.in_features),
+                   torch.zeros(cpp.MAX_TOKENS + 1, bank.out_features))  # fmt: skip
+    for bank_, slots_ in [
+        (make_bank(layer, 2, torch.float32, seed=1), buf),  # pooled: the torch path's
+        (make_bank(layer, 2, torch.bfloat16, seed=1, pooled=False), buf),  # rounds x first
+        (bank, buf.int()),
+    ]:
+        with pytest.raises(ValueError):
+            cpp.LayerCall(bank_, slots_)
 
 
 def test_cached_plans_are_reused_and_stay_correct_across_calls():

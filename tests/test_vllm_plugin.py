@@ -96,17 +96,22 @@ def test_engine_compiles_with_adapters_enabled(llm):
     }
 
 
-def _cpu_kernel_loaded(worker) -> bool:
+def _cpu_kernel_loaded(worker) -> tuple[bool, set[str]]:
+    """Whether the kernel is loaded, and how the MoKA layers that served adapters call it."""
     from moka_kernels import cpu_kernel
 
-    return cpu_kernel.loaded()
+    w = getattr(worker, "worker", worker)
+    layers = w.model_runner.lora_manager._adapter_manager.moka_layers().values()
+    calls = {type(m._cpu_call).__name__ for m in layers if getattr(m, "_cpu_call", None)}
+    return cpu_kernel.loaded(), calls
 
 
 def test_engine_serves_decode_steps_with_the_cpp_kernel(llm):
     """The C++ kernel was built at engine start (CI's cache is empty: built there) and loaded in
-    the worker, so the mixed batch above ran through it (where torch has more than one thread,
-    prefill chunks over 64 tokens take the torch path: ``moka_kernels.cpu_kernel.takes``)."""
-    assert llm.collective_rpc(_cpu_kernel_loaded) == [True]
+    the worker, so the mixed batch above ran through it, each layer's arguments read once
+    (``LayerCall``; where torch has more than one thread, prefill chunks over 64 tokens take
+    the torch path: ``moka_kernels.cpu_kernel.takes``)."""
+    assert llm.collective_rpc(_cpu_kernel_loaded) == [(True, {"LayerCall"})]
 
 
 def _count_adapter_calls(worker, reset: bool) -> dict[str, int]:

@@ -177,6 +177,7 @@ class MokaLayerMixin(AdapterLayerMixin):
         )
         self.moka_shard = shard
         self._cpp_bank = cpu_kernel.bank_supported(self.moka_bank)
+        self._cpu_call: cpu_kernel.LayerCall | bool | None = None
 
     def reset_lora(self, index: int) -> None:
         super().reset_lora(index)
@@ -216,10 +217,15 @@ class MokaLayerMixin(AdapterLayerMixin):
         present = meta.slots_present
         if not present:
             return
-        if self.lora_needed(x.device):
+        if not self.moka_only and not self._lora_slots.isdisjoint(present):
             self._apply_vllm_lora(x, output)
         bank = self.moka_bank
         if bank.occupied.isdisjoint(present):
+            return
+        call = self._cpu_call
+        if call is None or (call and call.token_slots is not meta.token_slots):
+            call = self._cpu_call = self._new_cpu_call()
+        if call and call(x, output):  # the C++ kernel, arguments read once (LayerCall)
             return
         x2, y2 = x.reshape(-1, x.shape[-1]), output.view(-1, output.shape[-1])
         n = x2.shape[0]
@@ -227,6 +233,14 @@ class MokaLayerMixin(AdapterLayerMixin):
             cpu_kernel.run(x2, y2, meta.slots_for(n), bank)
         else:
             moka_apply_torch(x2, y2, meta.slots_for(n), bank, groups=meta.groups_for(n))
+
+    def _new_cpu_call(self) -> cpu_kernel.LayerCall | bool:
+        """The kernel's call for this layer and the step's slot buffer; False when it cannot
+        read the bank (the calls below it then decide per batch)."""
+        try:
+            return cpu_kernel.LayerCall(self.moka_bank, self.moka_meta.token_slots)
+        except ValueError:
+            return False
 
     def _apply_vllm_lora(self, x: torch.Tensor, output: torch.Tensor) -> None:
         result = super()._apply_lora_to_output(x, output)
