@@ -217,8 +217,7 @@ class MokaLayerMixin(AdapterLayerMixin):
         present = meta.slots_present
         if not present:
             return
-        # lora_needed() for a CPU tensor, inlined: no torch.device built per call
-        if not self.moka_only and not self._lora_slots.isdisjoint(present):
+        if self.lora_needed(x.device):
             self._apply_vllm_lora(x, output)
         bank = self.moka_bank
         if bank.occupied.isdisjoint(present):
