@@ -587,6 +587,20 @@ def _index_tensors(config: MokaConfig, shapes: Mapping[str, tuple[int, ...]]) ->
     return modules
 
 
+def _layout_index(config: MokaConfig, layout: _Layout) -> dict:
+    """``_index_tensors(config, layout.shapes)``, kept in the layout per config (read-only):
+    the index depends on nothing else, and adapters sharing a layout mostly share a config."""
+    key = (tuple(config.target_modules), tuple(config.targets.items()), config.gating,
+           config.identity_a)  # fmt: skip
+    index = layout.indexes.get(key)
+    if index is None:
+        index = _index_tensors(config, layout.shapes)
+        if len(layout.indexes) >= _MAX_LAYOUTS:
+            del layout.indexes[next(iter(layout.indexes))]
+        layout.indexes[key] = index
+    return index
+
+
 def first_non_finite(named: Mapping[str, torch.Tensor]) -> str | None:
     """Name of the first tensor holding NaN or Inf, or None; one pass over all the values
     (a per-tensor check costs more in calls than in arithmetic for thousands of small tensors)."""
@@ -780,12 +794,11 @@ def _read_header(file: Path) -> dict[str, tuple[int, ...]]:
     return {name: shape for name, (_, shape, _) in entries.items()}
 
 
-def _read_tensors(
-    file: Path,
-) -> tuple[dict[str, tuple[int, ...]], dict[str, torch.Tensor], torch.Tensor | None]:
-    """Read the whole file once, check its header, and return (shapes, tensors, values):
-    ``values`` is every value in one view when the file has one dtype (else None), so the
-    finiteness check is one pass, not one per tensor.
+def _read_tensors(file: Path) -> tuple[_Layout, dict[str, torch.Tensor], torch.Tensor | None]:
+    """Read the whole file once, check its header, and return (layout, tensors, values):
+    the header's :class:`_Layout` (shared, read-only), and ``values``, every value in one view
+    when the file has one dtype (else None), so the finiteness check is one pass, not one per
+    tensor.
 
     The tensors are views of the one buffer read (``safetensors.load_file`` builds each of a
     MoKA file's thousands of small tensors separately, the larger part of a cold load), and the
@@ -809,12 +822,12 @@ def _read_tensors(
         pos += len(chunk)
         return chunk
 
-    entries, header_len = _parse_header(read, size)
-    shapes = {name: shape for name, (_, shape, _) in entries.items()}
+    layout = _read_layout(read, size)
+    entries, header_len = layout.entries, layout.header_len
     if sys.byteorder != "little":  # safetensors stores little-endian: let it convert
         from safetensors.torch import load
 
-        return shapes, load(bytes(data)), None
+        return layout, load(bytes(data)), None
     # Every value in one view when the file has one dtype (the tensors tile the data region):
     # the tensors are then strided views of it (a MoKA file holds hundreds of small tensors; one
     # ``frombuffer`` and ``view`` each cost twice as much, a tenth of a cold load).
@@ -826,14 +839,10 @@ def _read_tensors(
         if nbytes and start % itemsize == 0:
             values = torch.frombuffer(data, dtype=dtype, count=nbytes // itemsize, offset=start)
     if values is not None:
-        base, strides = values.storage_offset(), {}
-        tensors = {}
-        for name, (_, shape, begin) in entries.items():
-            stride = strides.get(shape)
-            if stride is None:
-                stride = strides[shape] = _contiguous_strides(shape)
-            tensors[name] = values.as_strided(shape, stride, base + begin // itemsize)
-        return shapes, tensors, values
+        base = values.storage_offset()
+        tensors = {name: values.as_strided(shape, stride, base + offset)
+                   for name, shape, stride, offset in layout.strided(itemsize)}  # fmt: skip
+        return layout, tensors, values
     tensors = {}
     for name, (tag, shape, begin) in entries.items():
         dtype, itemsize = _ST_DTYPES[tag]
@@ -847,7 +856,7 @@ def _read_tensors(
         else:
             t = torch.frombuffer(data, dtype=dtype, count=numel, offset=offset).view(shape)
         tensors[name] = t
-    return shapes, tensors, values
+    return layout, tensors, values
 
 
 def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -858,9 +867,54 @@ def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
+class _Layout:
+    """A checked safetensors header: ``entries`` (name -> (dtype tag, shape, data begin)),
+    ``shapes`` (name -> shape), the header's length and the data bytes it describes, and the
+    tensor index of each config it was checked against (``_index_tensors``). Shared by every
+    file with the same header bytes, so read-only."""
+
+    __slots__ = ("entries", "shapes", "header_len", "data_bytes", "indexes", "_strided")
+
+    def __init__(self, entries: dict, header_len: int, data_bytes: int) -> None:
+        self.entries = entries
+        self.shapes = {name: shape for name, (_, shape, _) in entries.items()}
+        self.header_len = header_len
+        self.data_bytes = data_bytes
+        self.indexes: dict[tuple, dict] = {}
+        self._strided: list[tuple[str, tuple[int, ...], tuple[int, ...], int]] | None = None
+
+    def strided(self, itemsize: int) -> list[tuple[str, tuple[int, ...], tuple[int, ...], int]]:
+        """(name, shape, strides, offset in items) of each tensor as a view of the data region,
+        for a file of one dtype of ``itemsize`` bytes (one dtype: the same for every file)."""
+        if self._strided is None:
+            strides: dict[tuple[int, ...], tuple[int, ...]] = {}
+            self._strided = [
+                (name, shape, strides.setdefault(shape, _contiguous_strides(shape)),
+                 begin // itemsize)
+                for name, (_, shape, begin) in self.entries.items()
+            ]  # fmt: skip
+        return self._strided
+
+
+# Checked headers by their exact bytes: the adapters a server loads mostly share a few layouts
+# (every adapter moka-train writes for one base and one config has the same header), and parsing
+# and checking a header of hundreds of tensors, then indexing it against the config, was a third
+# of a MoKA cold load. Equal bytes give an equal parse, so a hit skips nothing a miss checks but
+# the file's size, which is checked on every read. At most this many layouts are kept.
+_MAX_LAYOUTS = 16
+_LAYOUTS: dict[bytes, _Layout] = {}
+
+
 def _parse_header(read, size: int) -> tuple[dict[str, tuple[str, tuple[int, ...], int]], int]:
     """``(name -> (dtype tag, shape, data begin), header length)`` of a safetensors file of
     ``size`` bytes whose bytes ``read(n)`` returns in order (see :func:`_read_header`)."""
+    layout = _read_layout(read, size)
+    return layout.entries, layout.header_len
+
+
+def _read_layout(read, size: int) -> _Layout:
+    """The checked :class:`_Layout` of a safetensors file of ``size`` bytes whose bytes
+    ``read(n)`` returns in order; from :data:`_LAYOUTS` when its header bytes were seen."""
     head = read(8)
     if len(head) < 8:
         raise ValueError(f"{WEIGHTS_NAME} is {size} bytes: truncated or not safetensors")
@@ -871,6 +925,22 @@ def _parse_header(read, size: int) -> tuple[dict[str, tuple[str, tuple[int, ...]
             "truncated or not safetensors"
         )
     raw = read(n)
+    layout = _LAYOUTS.get(raw)
+    if layout is None:
+        layout = _check_header(raw)
+        if len(_LAYOUTS) >= _MAX_LAYOUTS:
+            del _LAYOUTS[next(iter(_LAYOUTS))]  # the oldest
+        _LAYOUTS[raw] = layout
+    if 8 + n + layout.data_bytes != size:
+        raise ValueError(
+            f"{WEIGHTS_NAME} is {size} bytes but its header describes "
+            f"{8 + n + layout.data_bytes}: truncated or corrupt file"
+        )
+    return layout
+
+
+def _check_header(raw: bytes) -> _Layout:
+    """Parse and check a safetensors header's JSON (see :func:`_read_header`)."""
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
@@ -912,12 +982,7 @@ def _parse_header(read, size: int) -> tuple[dict[str, tuple[str, tuple[int, ...]
         if begin != pos:
             raise ValueError(f"{WEIGHTS_NAME} tensor data overlaps or has holes: corrupt file")
         pos = end
-    if 8 + n + pos != size:
-        raise ValueError(
-            f"{WEIGHTS_NAME} is {size} bytes but its header describes {8 + n + pos}: "
-            "truncated or corrupt file"
-        )
-    return shapes, n
+    return _Layout(shapes, len(raw), pos)
 
 
 def load_adapter(
@@ -945,8 +1010,8 @@ def load_adapter(
     if not file.is_file():
         raise ValueError(f"{where}: missing {WEIGHTS_NAME}")
     try:
-        shapes, tensors, values = _read_tensors(file)
-        index = _index_tensors(config, shapes)
+        layout, tensors, values = _read_tensors(file)
+        index = _layout_index(config, layout)
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
     except Exception as e:  # safetensors/OS errors: report as a corrupt file

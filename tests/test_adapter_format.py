@@ -495,8 +495,9 @@ def test_tensors_are_read_exactly(tmp_path):
         folder = tmp_path / str(dtype)
         write_adapter(folder, make_adapter(dtype=dtype))
         want = load_file(str(folder / af.WEIGHTS_NAME))
-        shapes, got, values = af._read_tensors(folder / af.WEIGHTS_NAME)
-        assert set(got) == set(want) and shapes == {k: tuple(v.shape) for k, v in want.items()}
+        layout, got, values = af._read_tensors(folder / af.WEIGHTS_NAME)
+        shapes = {k: tuple(v.shape) for k, v in want.items()}
+        assert set(got) == set(want) and layout.shapes == shapes
         for k in want:
             assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
         # every value once, in the one view the finiteness check reads
@@ -738,3 +739,38 @@ def test_grouped_kron_entries_name_the_module_that_overflows():
     with pytest.raises(ValueError, match=rf"module '{bad}': folded factors overflow"):
         groups["q_proj"].kron_entries(torch.float16)
     groups["q_proj"].kron_entries(torch.float32)
+
+
+def test_a_header_seen_before_still_checks_everything_else(tmp_path):
+    """Files whose header bytes were checked before (``_LAYOUTS``: every adapter of one config
+    shares them) skip parsing it again, and nothing else: their own values, size, config and
+    finiteness are still read and checked."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    write_adapter(first, make_adapter(seed=1))
+    load_adapter(first)
+    header = weights_path(first).read_bytes()
+    header = header[8 : 8 + int.from_bytes(header[:8], "little")]
+    assert header in af._LAYOUTS  # the next loads take the cached layout
+
+    other = make_adapter(seed=2)
+    write_adapter(second, other)
+    assert_adapters_equal(load_adapter(second), other)  # this file's values, not the first's
+
+    data = weights_path(second).read_bytes()
+    weights_path(second).write_bytes(data[:-4])
+    expect_error(second, "header describes .*truncated")
+    weights_path(second).write_bytes(data + b"\0" * 4)
+    expect_error(second, "header describes")
+
+    weights_path(second).write_bytes(data)
+    cfg = json.loads((second / af.CONFIG_NAME).read_text())
+    cfg["gating"] = False  # the same tensors under another config: indexed against this one
+    (second / af.CONFIG_NAME).write_text(json.dumps(cfg))
+    expect_error(second, "gating is false")
+
+    write_adapter(second, other)
+    tensors = {k: t.clone() for k, t in tensors_from_adapter(make_adapter(seed=3)).items()}
+    tensors[f"base_model.model.{MODULES[0]}.moka_B.0.weight"][0, 0] = float("nan")
+    save_file(tensors, str(weights_path(second)), metadata={"format": "pt"})
+    assert weights_path(second).read_bytes()[8 : 8 + len(header)] == header
+    expect_error(second, "non-finite")
