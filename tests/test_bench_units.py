@@ -317,3 +317,23 @@ def test_soak_verdict_allows_a_404_only_while_its_adapter_is_being_unloaded():
     assert figures["unexpected_failures"] == 2, figures
     figures = verdict(run, {"a"}, FolderHistory(), 12.0)["figures"]
     assert figures["unexpected_failures"] == 3, figures
+
+
+def test_compare_refuses_negative_cold_loads_and_reports_none_as_a_dash():
+    """``--cold-loads 0`` runs no cold load (the table says ``-``); a negative count is refused
+    before any server starts (it used to fail after both had started)."""
+    from moka_serve.bench.cli import build_parser
+    from moka_serve.bench.compare import cmd_compare
+    from moka_serve.bench.serve import BenchError
+
+    args = build_parser().parse_args(["compare", "--methods", "moka-r2", "--cold-loads", "-1"])
+    with pytest.raises(BenchError, match="--cold-loads"):
+        cmd_compare(args)
+    report = {
+        "command": "moka-bench compare", "machine": {"processor": "cpu", "cpus": 2},
+        "base": "/x/base", "quantize": "none", "dtype": "float32", "targets": ["q_proj"],
+        "concurrency": 8, "repeats": 1, "rows": [],
+        "memory_per_adapter": {"moka-r2": {"params": 10, "adapter_bytes": 40}},
+        "cold_loads": {}, "slot_reservation_bytes": {"lora": 1e6, "moka": 2e6},
+    }  # fmt: skip
+    assert "| moka-r2 | 10 | 0.00 MB | - |" in compare_markdown(report)

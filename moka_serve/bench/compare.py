@@ -274,6 +274,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise BenchError(f"--methods: {e}") from None
     if not ns or min(ns) < 1 or args.repeats < 1:
         raise BenchError("--num-adapters and --repeats must be positive")
+    if args.cold_loads < 0:
+        raise BenchError("--cold-loads must be 0 (no cold-load figure) or more")
     base = Path(args.base) if args.base else materialize_default_base()
     dims, layers = llama_dims(base)
     targets = _csv(args.targets)
@@ -331,7 +333,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
             warm_cfg = WorkloadConfig(num_requests=len(names) or 1, batch=args.concurrency,
                                       input_len="8", output_len="2", seed=args.seed)  # fmt: skip
             run_config(url, sorted(names) or [base_name], warm_cfg, args)
-            cold_loads = {m: measure_cold_loads(url, cold[m], args) for m in adapter_methods}
+            cold_loads = {m: measure_cold_loads(url, cold[m], args)
+                          for m in adapter_methods if cold[m]}  # fmt: skip
             for rep in range(args.repeats):
                 for k, (method, n, pop) in enumerate(runs):
                     on_base = method in (PLAIN, "base")
