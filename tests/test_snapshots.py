@@ -34,6 +34,28 @@ def test_snapshot_is_a_copy_dropped_on_unload(tmp_path, monkeypatch):
     assert store.get((7, str(f))) is None and not snap.exists() and store.stored_bytes == 0
 
 
+def test_a_retired_snapshot_lives_until_a_step_without_its_adapter(tmp_path, monkeypatch):
+    """An unload retires the adapter's snapshot: requests still running with it may load it
+    again; the first step (``sweep``) whose adapters do not include it drops it."""
+    monkeypatch.setenv(snapshots.ENV_DIR, str(tmp_path / "store"))
+    store = AdapterSnapshots()
+    f, g = _folder(tmp_path), _folder(tmp_path, "other")
+    snap = store.take((7, str(f)), str(f))
+    other = store.take((8, str(g)), str(g))
+    store.retire_id(9)  # nothing of it stored: nothing to retire
+    assert not store.is_retired(9)
+    store.retire_id(7)
+    assert store.is_retired(7) and not store.is_retired(8)
+    store.sweep({7, 8})  # a step still running adapter 7
+    assert store.get((7, str(f))) == snap
+    store.sweep({8})
+    assert store.get((7, str(f))) is None and not snap.exists() and not store.is_retired(7)
+    assert store.get((8, str(g))) == other  # never retired: a sweep leaves it
+    store.retire_id(8)
+    store.drop_id(8)
+    assert not store.is_retired(8) and store.stored_bytes == 0
+
+
 def test_full_store_refuses_a_new_adapter_with_its_reason(tmp_path, monkeypatch):
     monkeypatch.setenv(snapshots.ENV_DIR, str(tmp_path / "store"))
     monkeypatch.setenv(snapshots.ENV_MAX_GIB, str(2500 / 2**30))

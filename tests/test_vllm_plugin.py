@@ -525,8 +525,9 @@ def _snapshot_ids(worker) -> list[int]:
 
 
 def test_unload_drops_the_snapshot(llm, reference, adapters, prompts, workdir):
-    """An unloaded adapter's snapshot is removed (the store holds what is registered, no more),
-    and loading the folder again under a new id reads what is on disk now."""
+    """An unloaded adapter's snapshot is removed by the first step that runs no request of it
+    (the store holds what is registered or still running, no more), and loading the folder
+    again under a new id reads what is on disk now."""
     folder = workdir / "snap-unload"
     shutil.rmtree(folder, ignore_errors=True)
     shutil.copytree(adapters["moka-qkv"][0], folder)
@@ -534,12 +535,74 @@ def test_unload_drops_the_snapshot(llm, reference, adapters, prompts, workdir):
     run(llm, [prompts[0]], [req])
     assert req.lora_int_id in llm.collective_rpc(_snapshot_ids)[0]
     assert llm.llm_engine.remove_lora(req.lora_int_id)
+    run(llm, [prompts[0]], [None])  # a step without it
     assert req.lora_int_id not in llm.collective_rpc(_snapshot_ids)[0]
     shutil.rmtree(folder)
     shutil.copytree(adapters["lora-qvdown"][0], folder)
     again = lora_request("snap-unload-again", folder)
     out = run(llm, [prompts[1]], [again])[0]
     check_against_reference(reference, prompts[1], adapters["lora-qvdown"][1], out)
+    # Unloaded and loaded again at once under the same id (no step between: its snapshot is
+    # still retired), the folder changed meanwhile: the load reads the folder as it is now.
+    assert llm.llm_engine.remove_lora(again.lora_int_id)
+    shutil.rmtree(folder)
+    shutil.copytree(adapters["mokas-o-down"][0], folder)
+    assert llm.llm_engine.add_lora(again)
+    out = run(llm, [prompts[1]], [again])[0]
+    check_against_reference(reference, prompts[1], adapters["mokas-o-down"][1], out)
+
+
+def test_unloaded_while_running_finishes_with_the_adapter_it_started_with(
+    llm, reference, adapters, prompts, workdir
+):
+    """An adapter unloaded while its request runs, its folder then deleted: the next step loads
+    it again (vLLM lets running requests finish), from the retired snapshot, and the request
+    ends exactly as the adapter it started with gives it. It used to read the folder, and a
+    folder gone or broken by then killed the engine."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    folder = workdir / "unload-running"
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(adapters["moka-qkv"][0], folder)
+    req = lora_request("unload-running", folder)
+    engine = llm.llm_engine
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=0, ignore_eos=True)
+    engine.add_request("unload-running-0", TokensPrompt(prompt_token_ids=prompts[2]), params,
+                       lora_request=req)  # fmt: skip
+    engine.step()  # prefill: the adapter is loaded
+    assert engine.remove_lora(req.lora_int_id)
+    shutil.rmtree(folder)
+    done = []
+    while engine.has_unfinished_requests():
+        done += [o for o in engine.step() if o.finished]
+    (out,) = done
+    c = out.outputs[0]
+    lps = [step[t].logprob for t, step in zip(c.token_ids, c.logprobs, strict=True)]
+    check_against_reference(
+        reference, prompts[2], adapters["moka-qkv"][1], (list(c.token_ids), lps)
+    )
+    run(llm, [prompts[0]], [None])
+    assert req.lora_int_id not in llm.collective_rpc(_snapshot_ids)[0]
+
+
+def test_two_ids_under_one_name_in_one_batch_each_get_their_own_adapter(
+    llm, reference, adapters, prompts
+):
+    """Two adapter ids under one name in one step (what an unload and a load of the same name
+    give while requests of the first load still run): each request gets its own adapter.
+    vLLM 0.32 merged them by name, activated one, and the step died (``same_name_fix``)."""
+    from vllm.lora.request import LoRARequest
+
+    ids = [lora_request(f"same-name-{k}", "-").lora_int_id for k in range(2)]
+    names = ["moka-qkv", "mokas-o-down"]
+    requests = [
+        LoRARequest("same-name", i, str(adapters[n][0])) for i, n in zip(ids, names, strict=True)
+    ]
+    assert not set(ids) & set(llm.llm_engine.list_loras())  # neither is active yet
+    outs = run(llm, prompts[:2], requests)
+    for prompt, name, got in zip(prompts[:2], names, outs, strict=True):
+        check_against_reference(reference, prompt, adapters[name][1], got)
 
 
 def test_a_peft_saved_moka_adapter_is_served_exactly(llm, reference, prompts, base_dir, workdir):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -176,3 +177,30 @@ def test_compile_decision(monkeypatch, moka_compile, enforce_eager, enable_lora,
     ).create_engine_config()
     expected = CompilationMode.DYNAMO_TRACE_ONCE if compiled else CompilationMode.NONE
     assert config.compilation_config.mode == expected
+
+
+def test_same_name_fix_keeps_one_request_per_adapter_id():
+    """vLLM's runners collected a step's adapters into a set, and ``LoRARequest`` compares by
+    name: two ids under one name became one (the engine core then died on the other's tokens).
+    The v2 runner's ``LoraState`` here; the v1 runner in an engine test (test_vllm_plugin.py)."""
+    from vllm.lora.request import LoRARequest
+    from vllm.v1.worker.gpu.lora_utils import LoraState
+
+    from moka_serve.plugin import same_name_fix
+
+    same_name_fix.install()
+    first, second = LoRARequest("a", 1, "/one"), LoRARequest("a", 2, "/two")
+    other = LoRARequest("b", 3, "/three")
+    state = LoraState(max_num_reqs=8)
+    for index, (req_id, request) in enumerate(
+        [("r0", first), ("r1", second), ("r2", first), ("r3", None), ("r4", other)]
+    ):
+        state.add_request(req_id, index, request)
+    got = state.get_activate_loras(["r0", "r1", "r2", "r3", "r4"])
+    assert [r.lora_int_id for r in got] == [1, 2, 3]
+    _, _, requests = state.make_lora_inputs(
+        ["r1", "r4"], np.array([1, 4]), np.array([2, 3], dtype=np.int32)
+    )
+    assert [r.lora_int_id for r in requests] == [2, 3]
+    merged = same_name_fix.ORIGINALS["get_activate_loras"](state, ["r0", "r1"])
+    assert len(merged) == 1  # what the fix is for: vLLM's own collection merges 1 and 2

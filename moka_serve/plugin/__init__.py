@@ -13,6 +13,8 @@ of the project lives in this package:
   ``LRUCacheWorkerLoRAManager._load_adapter``.
 * ``cpu_compile``: compilation kept on for LoRA-enabled CPU engines (``MOKA_COMPILE=0`` opts out).
 * ``cpu_fix``: vLLM's CPU LoRA ops gave slot -1 tokens the last slot's LoRA.
+* ``same_name_fix``: a step with two adapter ids under one name activated only one of them (the
+  engine core died).
 * ``resolver``: adapters of ``MOKA_ADAPTER_DIR`` found by name on first request.
 * ``api``: adapter validation errors answered with 400 (vLLM answers 500).
 * ``inventory``: ``GET /v1/moka/adapters[/{name}]`` for operators.
@@ -46,6 +48,7 @@ def register() -> None:
         layers,
         logs,
         resolver,
+        same_name_fix,
         worker_manager,
     )
 
@@ -54,6 +57,7 @@ def register() -> None:
     cpu_compile.install()
     if not settings.get("MOKA_DISABLE_CPU_LORA_FIX"):
         cpu_fix.install()
+    same_name_fix.install()
     resolver.install()
     api.install()
     inventory.install()

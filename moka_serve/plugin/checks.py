@@ -134,6 +134,11 @@ def check_internals() -> None:
         _expect_attr(lru_worker, "remove_adapter", "LRUCacheWorkerLoRAManager"),
         ["self", "adapter_id"],
     )
+    _expect_params(
+        "LRUCacheWorkerLoRAManager.set_active_adapters",
+        _expect_attr(lru_worker, "set_active_adapters", "LRUCacheWorkerLoRAManager"),
+        ["self", "requests", "mapping"],
+    )
     mgr = model_manager.LRUCacheLoRAModelManager
     _expect_params(
         "LoRAModelManager._add_adapter",
@@ -263,6 +268,29 @@ def check_internals() -> None:
         ["app", "supported_tasks"],
     )
     _expect_attr(WorkerBase, "init_device", "WorkerBase")
+
+    # Each step's adapters, collected one per id (``same_name_fix``).
+    from vllm.v1.worker.gpu.lora_utils import LoraState
+    from vllm.v1.worker.gpu_input_batch import InputBatch
+
+    _expect_params(
+        "InputBatch.make_lora_inputs",
+        _expect_attr(InputBatch, "make_lora_inputs", "InputBatch"),
+        ["self", "num_scheduled_tokens", "num_sampled_tokens"],
+    )
+    _expect_params(
+        "LoraState.get_activate_loras",
+        _expect_attr(LoraState, "get_activate_loras", "LoraState"),
+        ["self", "req_ids"],
+    )
+    for owner, needle in (
+        (InputBatch.__init__, "self.lora_id_to_lora_request"),
+        (LoraState.__init__, "self.lora_requests"),
+    ):
+        if needle not in inspect.getsource(owner):
+            raise VllmCompatibilityError(
+                f"moka-serve plugin: {owner.__qualname__} no longer keeps {needle}"
+            )
 
     # CPU LoRA ops whose -1 handling the plugin fixes.
     for mod in (lora_ops, punica_cpu):

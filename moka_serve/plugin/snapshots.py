@@ -11,7 +11,12 @@ a folder (``moka-train``'s logs and predictions, a README) is neither copied nor
 a third of a cold load's copying, and a log still being written refused the load.
 
 The copies live in a temporary folder of the worker process (under ``MOKA_SNAPSHOT_DIR`` if set),
-removed when the adapter is unloaded and when the process exits. A copy is checked against those
+removed when the process exits and after the adapter is unloaded: an unload (vLLM's
+``/v1/unload_lora_adapter``) lets requests already running finish, and vLLM loads their adapter
+again inside the next step, so an unloaded adapter's copy is kept (*retired*) until the first
+step that runs no request of it (:meth:`AdapterSnapshots.sweep`); until then those requests read
+what they started with, whatever became of the folder. An explicit load of a retired adapter id
+reads the folder again. A copy is checked against those
 files' names, sizes and modification times before and after it is taken, so a folder
 re-saved during the copy is refused ("changed while being read") rather than half-read. The
 store is capped (``MOKA_SNAPSHOT_MAX_GIB``, default 20): a first load that would exceed it is
@@ -53,6 +58,7 @@ class AdapterSnapshots:
         self._paths: dict[tuple[int, str], Path] = {}
         self._bytes: dict[tuple[int, str], int] = {}
         self._count = 0
+        self._retired: set[int] = set()
 
     def _dir(self) -> Path:
         if self._root is None:
@@ -110,9 +116,24 @@ class AdapterSnapshots:
             shutil.rmtree(snap, ignore_errors=True)
 
     def drop_id(self, adapter_id: int) -> None:
-        """Drop every snapshot of adapter ``adapter_id`` (it was unloaded)."""
+        """Drop every snapshot of adapter ``adapter_id``."""
+        self._retired.discard(adapter_id)
         for key in [k for k in self._paths if k[0] == adapter_id]:
             self.drop(key)
+
+    def retire_id(self, adapter_id: int) -> None:
+        """Adapter ``adapter_id`` was unloaded: its snapshots stay for the requests still
+        running with it, until :meth:`sweep` finds a step without them."""
+        if any(k[0] == adapter_id for k in self._paths):
+            self._retired.add(adapter_id)
+
+    def is_retired(self, adapter_id: int) -> bool:
+        return adapter_id in self._retired
+
+    def sweep(self, in_use: set[int]) -> None:
+        """Drop the retired snapshots of every adapter id not in ``in_use`` (a step's)."""
+        for adapter_id in self._retired - in_use:
+            self.drop_id(adapter_id)
 
 
 def _loaded_files(folder: str) -> tuple:

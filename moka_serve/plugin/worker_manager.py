@@ -4,8 +4,9 @@
 ``adapter_config.json``'s ``peft_type`` before vLLM's ``PEFTHelper`` and routes MOKA to
 :func:`~moka_serve.plugin.lora_model.load_moka_model` and checks what vLLM's own loader makes of
 a LoRA folder (:func:`~moka_serve.plugin.lora_model.check_lora_model`); :func:`install` also points
-``_manager_cls`` at :class:`~moka_serve.plugin.model_manager.MokaLRUCacheLoRAModelManager` and
-drops an adapter's snapshot when it is unloaded (``remove_adapter``).
+``_manager_cls`` at :class:`~moka_serve.plugin.model_manager.MokaLRUCacheLoRAModelManager`,
+retires an adapter's snapshot when it is unloaded (``remove_adapter``) and drops retired ones at
+the first step that no longer runs them (``set_active_adapters``; ``snapshots.py`` says why).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from .snapshots import SNAPSHOTS
 
 _ORIGINAL_LOAD_ADAPTER: Callable | None = None
 _ORIGINAL_REMOVE_ADAPTER: Callable | None = None
+_ORIGINAL_SET_ACTIVE_ADAPTERS: Callable | None = None
 
 # Marks validation errors in messages that cross the engine-core process boundary as text, so
 # the API server can answer them with 400 instead of vLLM's 500 (see ``api.py``).
@@ -51,6 +53,8 @@ def _load(self, lora_request):
     time, reused by every reload of the same adapter after eviction."""
     path = get_adapter_absolute_path(lora_request.lora_path)
     key = (lora_request.lora_int_id, path)
+    if SNAPSHOTS.is_retired(key[0]) and not getattr(self, "_moka_in_step", False):
+        SNAPSHOTS.drop_id(key[0])  # loaded again after an unload: the folder as it is now
     snap = None if lora_request.load_inplace else SNAPSHOTS.get(key)
     fresh = snap is None
     if fresh:
@@ -99,13 +103,27 @@ def _load_folder(self, lora_request):
 
 
 def remove_adapter_with_snapshot(self, adapter_id: int) -> bool:
-    """``WorkerLoRAManager.remove_adapter`` (an explicit unload): the snapshot and the
-    adapter's admission into the MoKA pools go too."""
-    SNAPSHOTS.drop_id(adapter_id)
+    """``WorkerLoRAManager.remove_adapter`` (an explicit unload): the adapter's admission into
+    the MoKA pools goes too, and its snapshot is retired (requests already running with it
+    may load it again in the next steps)."""
+    SNAPSHOTS.retire_id(adapter_id)
     manager = getattr(self, "_adapter_manager", None)
     if isinstance(manager, MokaLRUCacheLoRAModelManager):
         manager.release_moka(adapter_id)
     return _ORIGINAL_REMOVE_ADAPTER(self, adapter_id)
+
+
+def set_active_adapters_with_snapshots(self, requests, mapping) -> None:
+    """``WorkerLoRAManager.set_active_adapters`` (once per step): retired snapshots of adapters
+    no request of this step runs are dropped first; loads inside the step may read the others."""
+    assert _ORIGINAL_SET_ACTIVE_ADAPTERS is not None
+    requests = [r for r in requests if r]
+    SNAPSHOTS.sweep({r.lora_int_id for r in requests})
+    self._moka_in_step = True
+    try:
+        _ORIGINAL_SET_ACTIVE_ADAPTERS(self, requests, mapping)
+    finally:
+        self._moka_in_step = False
 
 
 def _is_dir(path: str) -> bool:
@@ -114,7 +132,7 @@ def _is_dir(path: str) -> bool:
 
 def install() -> None:
     """Point vLLM's LRU worker manager at the MoKA manager and loader (idempotent)."""
-    global _ORIGINAL_LOAD_ADAPTER, _ORIGINAL_REMOVE_ADAPTER
+    global _ORIGINAL_LOAD_ADAPTER, _ORIGINAL_REMOVE_ADAPTER, _ORIGINAL_SET_ACTIVE_ADAPTERS
     from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
 
     if LRUCacheWorkerLoRAManager._load_adapter is load_adapter_with_moka:
@@ -124,3 +142,5 @@ def install() -> None:
     LRUCacheWorkerLoRAManager._load_adapter = load_adapter_with_moka
     _ORIGINAL_REMOVE_ADAPTER = LRUCacheWorkerLoRAManager.remove_adapter
     LRUCacheWorkerLoRAManager.remove_adapter = remove_adapter_with_snapshot
+    _ORIGINAL_SET_ACTIVE_ADAPTERS = LRUCacheWorkerLoRAManager.set_active_adapters
+    LRUCacheWorkerLoRAManager.set_active_adapters = set_active_adapters_with_snapshots
