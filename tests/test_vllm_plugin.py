@@ -31,6 +31,7 @@ from vllm_helpers import (  # noqa: E402
     mixed_adapters,
     random_moka,
     run,
+    run_with_a_change_midway,
     tiny_engine,
     tiny_prompts,
     write_moka,
@@ -559,29 +560,17 @@ def test_unloaded_while_running_finishes_with_the_adapter_it_started_with(
     it again (vLLM lets running requests finish), from the retired snapshot, and the request
     ends exactly as the adapter it started with gives it. It used to read the folder, and a
     folder gone or broken by then killed the engine."""
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
     folder = workdir / "unload-running"
     shutil.rmtree(folder, ignore_errors=True)
     shutil.copytree(adapters["moka-qkv"][0], folder)
     req = lora_request("unload-running", folder)
-    engine = llm.llm_engine
-    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=0, ignore_eos=True)
-    engine.add_request("unload-running-0", TokensPrompt(prompt_token_ids=prompts[2]), params,
-                       lora_request=req)  # fmt: skip
-    engine.step()  # prefill: the adapter is loaded
-    assert engine.remove_lora(req.lora_int_id)
-    shutil.rmtree(folder)
-    done = []
-    while engine.has_unfinished_requests():
-        done += [o for o in engine.step() if o.finished]
-    (out,) = done
-    c = out.outputs[0]
-    lps = [step[t].logprob for t, step in zip(c.token_ids, c.logprobs, strict=True)]
-    check_against_reference(
-        reference, prompts[2], adapters["moka-qkv"][1], (list(c.token_ids), lps)
-    )
+
+    def unload_and_delete():
+        assert llm.llm_engine.remove_lora(req.lora_int_id)
+        shutil.rmtree(folder)
+
+    out = run_with_a_change_midway(llm, prompts[2], req, unload_and_delete)
+    check_against_reference(reference, prompts[2], adapters["moka-qkv"][1], out)
     run(llm, [prompts[0]], [None])
     assert req.lora_int_id not in llm.collective_rpc(_snapshot_ids)[0]
 

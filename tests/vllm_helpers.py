@@ -233,6 +233,27 @@ def run(llm, prompt_ids_list, requests, max_tokens: int = MAX_TOKENS):
     return result
 
 
+def run_with_a_change_midway(llm, prompt_ids, request, change, max_tokens: int = MAX_TOKENS):
+    """Greedy ``(tokens, logprobs)`` of one request through the engine's steps, ``change()``
+    called after its first step (the prompt's), while the request still runs."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    engine = llm.llm_engine
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=0, ignore_eos=True)
+    engine.add_request("midway", TokensPrompt(prompt_token_ids=prompt_ids), params,
+                       lora_request=request)  # fmt: skip
+    engine.step()
+    change()
+    done = []
+    while engine.has_unfinished_requests():
+        done += [o for o in engine.step() if o.finished]
+    (out,) = done
+    c = out.outputs[0]
+    lps = [step[t].logprob for t, step in zip(c.token_ids, c.logprobs, strict=True)]
+    return list(c.token_ids), lps
+
+
 def check_against_reference(reference, prompt, deltas, got):
     tokens, lps = got
     ref_tokens, ref_lps = reference.generate(prompt, len(tokens), deltas)

@@ -283,9 +283,17 @@ def check_internals() -> None:
         _expect_attr(LoraState, "get_activate_loras", "LoraState"),
         ["self", "req_ids"],
     )
+    from vllm.v1.core import kv_cache_utils
+
+    _expect_params(
+        "kv_cache_utils._gen_lora_extra_hash_keys",
+        _expect_attr(kv_cache_utils, "_gen_lora_extra_hash_keys", kv_cache_utils.__name__),
+        ["request"],
+    )
     for owner, needle in (
         (InputBatch.__init__, "self.lora_id_to_lora_request"),
         (LoraState.__init__, "self.lora_requests"),
+        (kv_cache_utils.generate_block_hash_extra_keys, "_gen_lora_extra_hash_keys(request)"),
     ):
         if needle not in inspect.getsource(owner):
             raise VllmCompatibilityError(

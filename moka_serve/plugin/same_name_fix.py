@@ -1,17 +1,24 @@
-"""Fix for vLLM 0.32: a step's adapters were collected into a set that merges equal names.
+"""Fixes for vLLM 0.32 telling adapters apart by name where only their ids differ.
 
-The model runners hand each step's adapters to the worker's LoRA manager as a ``set`` of
-``LoRARequest``s (``InputBatch.make_lora_inputs``; ``LoraState.get_activate_loras`` in the v2
-runner), and ``LoRARequest`` hashes and compares by ``lora_name`` alone. Two adapters under one
-name with different ids in one step (an adapter unloaded and loaded again over
-``/v1/unload_lora_adapter`` and ``/v1/load_lora_adapter`` while requests of the first load still
-run; or an offline ``LLM`` given two requests of one name) became one: the other id was never
-activated, its tokens' mapping named it anyway, and ``convert_mapping`` raised ``KeyError``
-inside the step, which kills the engine core (found by ``moka-bench soak``).
+One name can stand for two loads of an adapter: unloaded and loaded again (over
+``/v1/unload_lora_adapter`` and ``/v1/load_lora_adapter``, or through the resolver) while
+requests of the first load still run, or with other weights from the same folder. vLLM gives
+each load its own ``lora_int_id``, but
 
-The fix hands the manager the same requests as a list with one entry per ``lora_int_id`` (what
-``WorkerLoRAManager._apply_adapters`` keys them by anyway). Both runners are patched here, in place,
-at start-up (``checks.py`` checks the names first).
+* the model runners hand each step's adapters to the worker's LoRA manager as a ``set`` of
+  ``LoRARequest``s (``InputBatch.make_lora_inputs``; ``LoraState.get_activate_loras`` in the v2
+  runner), and ``LoRARequest`` hashes and compares by ``lora_name`` alone: two ids under one name
+  became one, the other was never activated, its tokens' mapping named it anyway, and
+  ``convert_mapping`` raised ``KeyError`` inside the step, which kills the engine core (found by
+  ``moka-bench soak``). The fix hands the manager one request per ``lora_int_id`` (what
+  ``WorkerLoRAManager._apply_adapters`` keys them by anyway), as a list;
+* the prefix cache keys an adapter's KV blocks by name and path
+  (``kv_cache_utils._gen_lora_extra_hash_keys``), so a prompt sent after the folder was
+  re-saved and loaded again reused KV computed with the old weights: its tokens were neither
+  adapter's. The fix adds the id to the key. (vLLM's ``load_inplace`` keeps the id: it logs its
+  own warning that such blocks are not invalidated.)
+
+All three are patched here, in place, at start-up (``checks.py`` checks the names first).
 """
 
 from __future__ import annotations
@@ -44,11 +51,21 @@ def get_activate_loras(self, req_ids: list[str]) -> list:
     return one_per_id(self.lora_requests.get(req_id) for req_id in req_ids)
 
 
+def lora_hash_keys(request) -> list:
+    """``kv_cache_utils._gen_lora_extra_hash_keys``: vLLM's key (``"lora"``, name, path), and
+    the adapter's id."""
+    keys = ORIGINALS["_gen_lora_extra_hash_keys"](request)
+    if not keys:
+        return keys
+    return [(*key, request.lora_request.lora_int_id) for key in keys]
+
+
 make_lora_inputs.__moka_fixed__ = True  # type: ignore[attr-defined]
 
 
 def install() -> None:
-    """Patch both runners' collections (idempotent)."""
+    """Patch both runners' collections and the prefix-cache key (idempotent)."""
+    from vllm.v1.core import kv_cache_utils
     from vllm.v1.worker.gpu.lora_utils import LoraState
     from vllm.v1.worker.gpu_input_batch import InputBatch
 
@@ -56,5 +73,7 @@ def install() -> None:
         return
     ORIGINALS["make_lora_inputs"] = InputBatch.make_lora_inputs
     ORIGINALS["get_activate_loras"] = LoraState.get_activate_loras
+    ORIGINALS["_gen_lora_extra_hash_keys"] = kv_cache_utils._gen_lora_extra_hash_keys
     InputBatch.make_lora_inputs = make_lora_inputs
     LoraState.get_activate_loras = get_activate_loras
+    kv_cache_utils._gen_lora_extra_hash_keys = lora_hash_keys

@@ -115,9 +115,17 @@ def remove_adapter_with_snapshot(self, adapter_id: int) -> bool:
 
 def set_active_adapters_with_snapshots(self, requests, mapping) -> None:
     """``WorkerLoRAManager.set_active_adapters`` (once per step): retired snapshots of adapters
-    no request of this step runs are dropped first; loads inside the step may read the others."""
+    no request of this step runs are dropped first; loads inside the step may read the others.
+
+    ``load_inplace`` is dropped from the step's requests: every request sent after an in-place
+    load carries it, and vLLM then loaded the adapter again from its folder in every step (a
+    folder changed by then killed the engine); the in-place load itself read the folder."""
     assert _ORIGINAL_SET_ACTIVE_ADAPTERS is not None
-    requests = [r for r in requests if r]
+    requests = [
+        msgspec.structs.replace(r, load_inplace=False) if r.load_inplace else r
+        for r in requests
+        if r
+    ]
     SNAPSHOTS.sweep({r.lora_int_id for r in requests})
     self._moka_in_step = True
     try:
