@@ -581,14 +581,12 @@ def test_two_ids_under_one_name_in_one_batch_each_get_their_own_adapter(
     """Two adapter ids under one name in one step (what an unload and a load of the same name
     give while requests of the first load still run): each request gets its own adapter.
     vLLM 0.32 merged them by name, activated one, and the step died (``same_name_fix``)."""
-    from vllm.lora.request import LoRARequest
-
-    ids = [lora_request(f"same-name-{k}", "-").lora_int_id for k in range(2)]
     names = ["moka-qkv", "mokas-o-down"]
     requests = [
-        LoRARequest("same-name", i, str(adapters[n][0])) for i, n in zip(ids, names, strict=True)
+        lora_request(f"same-name-{n}", adapters[n][0], served_as="same-name") for n in names
     ]
-    assert not set(ids) & set(llm.llm_engine.list_loras())  # neither is active yet
+    assert len({r.lora_int_id for r in requests}) == 2
+    assert not {r.lora_int_id for r in requests} & set(llm.llm_engine.list_loras())  # not active
     outs = run(llm, prompts[:2], requests)
     for prompt, name, got in zip(prompts[:2], names, outs, strict=True):
         check_against_reference(reference, prompt, adapters[name][1], got)

@@ -66,13 +66,6 @@ def prompt() -> list[int]:
     return [(37 * i + 11) % 900 + 10 for i in range(70)]
 
 
-def _request(name: str, key: str, folder: Path, **kw):
-    """A ``LoRARequest`` named ``name`` with an id of its own (``key``'s)."""
-    from vllm.lora.request import LoRARequest
-
-    return LoRARequest(name, lora_request(key, folder).lora_int_id, str(folder), **kw)
-
-
 def _copy(src: Path, folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
     shutil.copytree(src, folder)
@@ -87,13 +80,13 @@ def test_a_folder_loaded_again_with_other_weights_reuses_no_old_kv(
     only, and served the new weights over the old KV (``same_name_fix``)."""
     folder = workdir / "resaved"
     _copy(adapters["moka-qkv"][0], folder)
-    first = _request("resaved", "resaved-1", folder)
+    first = lora_request("resaved-1", folder, served_as="resaved")
     check_against_reference(
         reference, prompt, adapters["moka-qkv"][1], run(llm, [prompt], [first])[0]
     )
     assert llm.llm_engine.remove_lora(first.lora_int_id)
     _copy(adapters["mokas-o-down"][0], folder)
-    second = _request("resaved", "resaved-2", folder)
+    second = lora_request("resaved-2", folder, served_as="resaved")
     out = run(llm, [prompt], [second])[0]
     check_against_reference(reference, prompt, adapters["mokas-o-down"][1], out)
     # The same adapter again: its own blocks are reused, and still exact.
@@ -110,7 +103,7 @@ def test_requests_after_an_in_place_load_are_not_loaded_again_in_every_step(
     reads the folder; the steps use what it loaded."""
     folder = workdir / "in-place"
     _copy(adapters["moka-qkv"][0], folder)
-    req = _request("in-place", "in-place", folder, load_inplace=True)
+    req = lora_request("in-place", folder, load_inplace=True)
     assert llm.llm_engine.add_lora(req)
     out = run_with_a_change_midway(llm, prompt, req, lambda: shutil.rmtree(folder))
     check_against_reference(reference, prompt, adapters["moka-qkv"][1], out)

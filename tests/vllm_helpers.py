@@ -204,44 +204,48 @@ def tiny_engine(base_dir: Path, engine_args: dict | None = None, **env_vars: str
 _ids: dict[str, int] = {}
 
 
-def lora_request(name: str, path: Path):
-    """A ``LoRARequest`` with one stable id per name (for the whole pytest process)."""
+def lora_request(name: str, path: Path, served_as: str | None = None, **kw):
+    """A ``LoRARequest`` with one stable id per ``name`` (for the whole pytest process), served
+    under ``served_as`` when given (two ids under one served name); ``kw``: more fields."""
     from vllm.lora.request import LoRARequest
 
     if name not in _ids:
         _ids[name] = len(_ids) + 1
-    return LoRARequest(lora_name=name, lora_int_id=_ids[name], lora_path=str(path))
+    return LoRARequest(served_as or name, _ids[name], str(path), **kw)
+
+
+def _greedy(max_tokens: int):
+    from vllm import SamplingParams
+
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=0, ignore_eos=True)
+
+
+def _tokens_and_logprobs(output) -> tuple[list[int], list[float]]:
+    c = output.outputs[0]
+    lps = [step[t].logprob for t, step in zip(c.token_ids, c.logprobs, strict=True)]
+    return list(c.token_ids), lps
 
 
 def run(llm, prompt_ids_list, requests, max_tokens: int = MAX_TOKENS):
     """Greedy ``(tokens, logprobs)`` per prompt from an offline engine."""
-    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=0, ignore_eos=True)
     outs = llm.generate(
         [TokensPrompt(prompt_token_ids=p) for p in prompt_ids_list],
-        params,
+        _greedy(max_tokens),
         lora_request=requests,
         use_tqdm=False,
     )
-    result = []
-    for o in outs:
-        c = o.outputs[0]
-        lps = [step[t].logprob for t, step in zip(c.token_ids, c.logprobs, strict=True)]
-        result.append((list(c.token_ids), lps))
-    return result
+    return [_tokens_and_logprobs(o) for o in outs]
 
 
 def run_with_a_change_midway(llm, prompt_ids, request, change, max_tokens: int = MAX_TOKENS):
     """Greedy ``(tokens, logprobs)`` of one request through the engine's steps, ``change()``
     called after its first step (the prompt's), while the request still runs."""
-    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     engine = llm.llm_engine
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=0, ignore_eos=True)
-    engine.add_request("midway", TokensPrompt(prompt_token_ids=prompt_ids), params,
+    engine.add_request("midway", TokensPrompt(prompt_token_ids=prompt_ids), _greedy(max_tokens),
                        lora_request=request)  # fmt: skip
     engine.step()
     change()
@@ -249,9 +253,7 @@ def run_with_a_change_midway(llm, prompt_ids, request, change, max_tokens: int =
     while engine.has_unfinished_requests():
         done += [o for o in engine.step() if o.finished]
     (out,) = done
-    c = out.outputs[0]
-    lps = [step[t].logprob for t, step in zip(c.token_ids, c.logprobs, strict=True)]
-    return list(c.token_ids), lps
+    return _tokens_and_logprobs(out)
 
 
 def check_against_reference(reference, prompt, deltas, got):

@@ -43,7 +43,7 @@ def make_lora_inputs(self, num_scheduled_tokens, num_sampled_tokens):
     prompt_mapping, token_mapping, _merged = ORIGINALS["make_lora_inputs"](
         self, num_scheduled_tokens, num_sampled_tokens
     )
-    return prompt_mapping, token_mapping, one_per_id(self.lora_id_to_lora_request.values())
+    return prompt_mapping, token_mapping, list(self.lora_id_to_lora_request.values())
 
 
 def get_activate_loras(self, req_ids: list[str]) -> list:
